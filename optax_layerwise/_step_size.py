@@ -1,0 +1,334 @@
+"""Layer-wise adaptive step sizes (Bahamou and Goldfarb, arXiv 2305.13664).
+
+For a first-order direction ``d`` (SGD momentum, Adam's ``m / sqrt(v)``), each
+layer ``l`` takes the step that minimises the quadratic model of the loss
+along ``d_l`` alone (ALGORITHMS.md section 1)::
+
+    b_l = <g, d>_l,   q_l = d_l^T H_ll d_l,   alpha_l = b_l / q_l,
+    update_l = alpha_l * d_l          (negated by the alias's learning-rate stage)
+
+so no learning rate is tuned. ``q_l`` is measured matrix-free along the
+diagonal Hessian block (see :mod:`optax_layerwise._curvature`).
+
+Calling convention: :func:`scale_by_layerwise_step_size` *wraps* the
+first-order transform that makes the direction (``direction=optax.trace(0.9)``
+or ``optax.scale_by_adam()``), so its incoming updates are the gradient ``g``;
+it needs the params and the mini-batch loss ``value_fn``.
+
+Safeguards (the library's reading; the paper's own could not be consulted):
+a layer whose measurement is unusable (``b_l <= 0``, ``q_l <= curvature_floor
+* ||d_l||^2``, or non-finite) keeps its last accepted step (``initial_step``
+until it has one); accepted steps are clipped to ``[0, max_step]`` and
+optionally smoothed by an exponential moving average; ``update_interval``
+re-measures only every k steps under ``lax.cond``. A non-finite gradient or
+direction skips the whole step (zero update, state unchanged but counters).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_layerwise import _curvature
+from optax_layerwise import _layers
+
+PyTree = Any
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+__all__ = [
+    "ScaleByLayerwiseStepSizeState",
+    "scale_by_layerwise_step_size",
+    "layerwise_sgd",
+    "layerwise_adamw",
+]
+
+_NAME = "scale_by_layerwise_step_size"
+
+
+class ScaleByLayerwiseStepSizeState(NamedTuple):
+  """State of :func:`scale_by_layerwise_step_size`; all shapes are fixed.
+
+  Attributes:
+    count: number of ``update`` calls (int32); seeds the Hutchinson probes.
+    direction_state: the wrapped direction transform's state.
+    step_sizes: per-layer steps ``alpha_l`` applied last, ``(L,)`` float32.
+    decreases: last measured ``b_l = <g, d>_l``, ``(L,)`` float32.
+    curvatures: last measured ``q_l ~ d_l^T H_ll d_l``, ``(L,)`` float32.
+    num_accepted: per layer, measurements accepted, ``(L,)`` int32.
+    num_fallbacks: per layer, measurements rejected by the safeguards,
+      ``(L,)`` int32.
+    num_skipped: steps skipped for a non-finite gradient or direction (int32).
+  """
+  count: jax.Array
+  direction_state: optax.OptState
+  step_sizes: jax.Array
+  decreases: jax.Array
+  curvatures: jax.Array
+  num_accepted: jax.Array
+  num_fallbacks: jax.Array
+  num_skipped: jax.Array
+
+
+def _coupled_steps(matrix: jax.Array, decrease: jax.Array,
+                   damping: float) -> jax.Array:
+  """Solves the ``L x L`` subspace Newton system ``(M + damping I) a = b``.
+
+  Returns NaN where the damped matrix is not positive definite, so the
+  caller's safeguards fall back per layer.
+  """
+  damped = matrix + damping * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+  chol = jnp.linalg.cholesky(damped)
+  steps = jax.scipy.linalg.cho_solve((chol, True), decrease)
+  return jnp.where(jnp.all(jnp.isfinite(chol)), steps, jnp.nan)
+
+
+def scale_by_layerwise_step_size(
+    direction: Optional[optax.GradientTransformation] = None,
+    *,
+    estimator: str = "hutchinson",
+    num_probes: int = 1,
+    hvp: str = "forward_over_reverse",
+    max_step: float = 1.0,
+    initial_step: float = 0.0,
+    ema: float = 0.0,
+    update_interval: int = 1,
+    coupled: bool = False,
+    coupled_damping: float = 0.0,
+    curvature_floor: float = 1e-8,
+    fd_scale: float = 1e-3,
+    layers: _layers.LayerGrouping = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Scales a first-order direction by per-layer curvature step sizes.
+
+  Implements the layer-wise step sizes of Bahamou and Goldfarb (2023),
+  "Layer-wise Adaptive Step-Sizes for Stochastic First-Order Methods for
+  Deep Learning", arXiv 2305.13664: ``alpha_l = <g, d>_l / (d_l^T H_ll d_l)``.
+
+  The incoming updates must be the gradient of ``value_fn`` (clipping before
+  it is fine); ``direction`` turns them into ``d``. The output is
+  ``alpha_l * d_l`` (positive); chain a negation, as :func:`layerwise_sgd`
+  and :func:`layerwise_adamw` do.
+
+  Args:
+    direction: the first-order transform making ``d`` from the gradient, e.g.
+      ``optax.trace(0.9)`` or ``optax.scale_by_adam()``; ``None`` uses
+      ``d = g``.
+    estimator: ``"hutchinson"`` (about one extra Hessian-vector product per
+      probe) or ``"exact"`` (one product per layer, vmapped).
+    num_probes: Hutchinson probes averaged per measurement.
+    hvp: ``"forward_over_reverse"`` (exact ``jax.jvp`` of ``jax.grad``) or
+      ``"gradient_difference"`` (one extra gradient; see
+      :func:`optax_layerwise._curvature.make_hvp` for its accuracy).
+    max_step: upper clip of each accepted ``alpha_l``.
+    initial_step: the step of a layer whose measurements were all rejected so
+      far (ALGORITHMS.md suggests ``max_step``; 0 is the safe default because a
+      rejected first measurement may mean ``d_l`` is not a descent direction).
+    ema: moving-average factor for accepted steps (0 = none).
+    update_interval: measure curvature every this many steps and reuse the
+      last steps in between (``lax.cond``, so the extra cost amortises).
+    coupled: solve the ``L x L`` subspace Newton system that also uses the
+      cross-layer blocks (beyond the paper; needs ``estimator="exact"``).
+    coupled_damping: ``damping`` of the coupled system.
+    curvature_floor: ``q_l <= curvature_floor * ||d_l||^2`` is rejected.
+    fd_scale: relative step of ``hvp="gradient_difference"``.
+    layers: the layer grouping (see :func:`optax_layerwise.group_layers`).
+    seed: seeds the Hutchinson probes (probe ``k`` uses
+      ``fold_in(PRNGKey(seed), k)``).
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
+    ``params`` and the keyword argument ``value_fn``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_layerwise as olw
+    >>> params = {'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.ones(2)}}
+    >>> loss = lambda p: jnp.sum(p['a']['w'] ** 2) + 10 * jnp.sum(p['b']['w'] ** 2)
+    >>> tx = optax.chain(olw.scale_by_layerwise_step_size(estimator='exact'),
+    ...                  optax.scale(-1.0))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            value_fn=loss)
+    >>> optax.apply_updates(params, updates)['b']['w']
+    Array([0., 0.], dtype=float32)
+  """
+  if estimator not in _curvature.ESTIMATORS:
+    raise ValueError(f"estimator must be one of {_curvature.ESTIMATORS}, "
+                     f"got {estimator!r}.")
+  if hvp not in _curvature.HVP_METHODS:
+    raise ValueError(f"hvp must be one of {_curvature.HVP_METHODS}, got {hvp!r}.")
+  if coupled and estimator != "exact":
+    raise ValueError("coupled=True needs the full L x L layer matrix: use "
+                     "estimator='exact'.")
+  if int(update_interval) < 1:
+    raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
+  if int(num_probes) < 1:
+    raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+  direction = optax.with_extra_args_support(
+      direction if direction is not None else optax.identity())
+  update_interval = int(update_interval)
+
+  def init_fn(params):
+    num_layers = _layers.group_layers(params, layers).num_layers
+    zeros = jnp.zeros((num_layers,), jnp.float32)
+    counts = jnp.zeros((num_layers,), jnp.int32)
+    return ScaleByLayerwiseStepSizeState(
+        count=jnp.zeros([], jnp.int32),
+        direction_state=direction.init(params),
+        step_sizes=zeros + jnp.asarray(initial_step, jnp.float32),
+        decreases=zeros,
+        curvatures=zeros,
+        num_accepted=counts,
+        num_fallbacks=counts,
+        num_skipped=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    value_fn = _curvature.require_value_fn(value_fn, transform=_NAME)
+    _layers.check_params(params, transform=_NAME)
+    partition = _layers.group_layers(params, layers)
+    partition.check_structure(updates, f"{_NAME}: the updates (gradients)")
+    if partition.num_layers != state.step_sizes.shape[0]:
+      raise ValueError(
+          f"{_NAME}: the params have {partition.num_layers} layers but the "
+          f"state was built for {state.step_sizes.shape[0]}; re-run init.")
+
+    d, direction_state = direction.update(
+        updates, state.direction_state, params, **extra_args)
+
+    def measure(_):
+      oracle = _curvature.make_hvp(
+          value_fn, params, method=hvp, grad=updates, fd_scale=fd_scale,
+          transform=_NAME)
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+      forms = _curvature.layer_quadratic_forms(
+          oracle, d, partition, estimator=estimator, num_probes=num_probes,
+          key=key)
+      if coupled:
+        raw = _coupled_steps(forms.matrix, forms.decrease, coupled_damping)
+        diagonal = forms.decrease / forms.curvature
+        raw = jnp.where(jnp.all(jnp.isfinite(raw)), raw, diagonal)
+      else:
+        raw = forms.decrease / forms.curvature
+      return forms.decrease, forms.curvature, raw
+
+    if update_interval == 1:
+      measured = jnp.asarray(True)
+      b, q, raw = measure(None)
+    else:
+      measured = state.count % update_interval == 0
+      b, q, raw = jax.lax.cond(
+          measured, measure,
+          lambda _: (state.decreases, state.curvatures, state.step_sizes),
+          None)
+
+    sq_norm = partition.sq_norm(d)
+    valid = (measured & jnp.isfinite(raw) & jnp.isfinite(q) & (b > 0)
+             & (q > curvature_floor * sq_norm))
+    seen = state.num_accepted > 0
+    clipped = jnp.clip(jnp.nan_to_num(raw), 0.0, max_step)
+    smoothed = jnp.where(seen, ema * state.step_sizes + (1.0 - ema) * clipped,
+                         clipped)
+    fallback = jnp.where(seen, state.step_sizes, initial_step)
+    step_sizes = jnp.where(valid, smoothed, fallback).astype(jnp.float32)
+    new_updates = partition.scale(d, step_sizes)
+
+    new_state = ScaleByLayerwiseStepSizeState(
+        count=state.count + 1,
+        direction_state=direction_state,
+        step_sizes=step_sizes,
+        decreases=jnp.where(measured, b, state.decreases),
+        curvatures=jnp.where(measured, q, state.curvatures),
+        num_accepted=state.num_accepted + valid.astype(jnp.int32),
+        num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
+            jnp.int32),
+        num_skipped=state.num_skipped)
+    finite = _curvature.tree_all_finite((updates, new_updates))
+    skipped_state = state._replace(count=state.count + 1,
+                                   num_skipped=state.num_skipped + 1)
+    new_state = jax.tree_util.tree_map(
+        lambda a, b_: jnp.where(finite, a, b_), new_state, skipped_state)
+    new_updates = jax.tree_util.tree_map(
+        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def layerwise_sgd(
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    scale: ScalarOrSchedule = 1.0,
+    **step_size_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """SGD with momentum and layer-wise curvature step sizes, no learning rate.
+
+  Bahamou and Goldfarb (2023), arXiv 2305.13664. The direction is
+  ``d = trace(g) + weight_decay * theta`` (optax's ``trace`` momentum buffer
+  plus decoupled weight decay, SGDW-style), and layer ``l`` moves by
+  ``-scale * alpha_l * d_l`` with ``alpha_l = <g, d>_l / d_l^T H_ll d_l``.
+
+  Args:
+    momentum: the momentum decay of :func:`optax.trace` (0 for plain SGD).
+    nesterov: Nesterov momentum.
+    weight_decay: decoupled weight decay added to the direction, so it is
+      scaled by the per-layer step like the rest of the direction.
+    scale: a global multiplier (or schedule) of the steps, default 1.
+    **step_size_kwargs: passed to :func:`scale_by_layerwise_step_size`.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`; call ``update`` with
+    ``params`` and ``value_fn``.
+  """
+  direction = optax.trace(decay=momentum, nesterov=nesterov)
+  if weight_decay:
+    direction = optax.chain(direction, optax.add_decayed_weights(weight_decay))
+  return optax.chain(
+      scale_by_layerwise_step_size(direction, **step_size_kwargs),
+      optax.scale_by_learning_rate(scale))
+
+
+def layerwise_adamw(
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    scale: ScalarOrSchedule = 1.0,
+    max_step: float = 0.1,
+    **step_size_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW with layer-wise curvature step sizes, no learning rate.
+
+  Bahamou and Goldfarb (2023), arXiv 2305.13664. The direction is AdamW's
+  ``d = m_hat / (sqrt(v_hat) + eps) + weight_decay * theta`` (decoupled
+  weight decay, as in :func:`optax.adamw`, where it is multiplied by the
+  learning rate: here by ``alpha_l``), and layer ``l`` moves by
+  ``-scale * alpha_l * d_l``.
+
+  Args:
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: decoupled weight decay.
+    scale: a global multiplier (or schedule) of the steps, default 1.
+    max_step: upper clip of ``alpha_l``; Adam's direction has entries of
+      order 1, so the clip is tighter than for SGD.
+    **step_size_kwargs: passed to :func:`scale_by_layerwise_step_size`.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`; call ``update`` with
+    ``params`` and ``value_fn``.
+  """
+  direction = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  if weight_decay:
+    direction = optax.chain(direction, optax.add_decayed_weights(weight_decay))
+  return optax.chain(
+      scale_by_layerwise_step_size(direction, max_step=max_step,
+                                   **step_size_kwargs),
+      optax.scale_by_learning_rate(scale))
