@@ -95,7 +95,7 @@ def rademacher(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
 
 def _tree_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(
-      jnp.sum(jnp.square(x.astype(jnp.float32)))
+      jnp.sum(jnp.square(x.astype(_layers.stats_dtype(x.dtype))))
       for x in jax.tree_util.tree_leaves(tree)))
 
 
@@ -144,13 +144,16 @@ def make_hvp(
 
   def hvp_fd(v):
     eps = fd_scale * (1.0 + theta_norm) / jnp.maximum(_tree_norm(v), 1e-30)
-    shifted = jax.tree_util.tree_map(
-        lambda p, t: (p.astype(jnp.float32) + eps * t.astype(jnp.float32)
-                      ).astype(p.dtype), params, v)
-    g_shift = grad_fn(shifted)
-    hv = jax.tree_util.tree_map(
-        lambda a, b: ((a.astype(jnp.float32) - b.astype(jnp.float32)) / eps
-                      ).astype(a.dtype), g_shift, grad)
+    def shift(p, t):
+      dtype = _layers.stats_dtype(p.dtype)
+      return (p.astype(dtype) + eps * t.astype(dtype)).astype(p.dtype)
+
+    def difference(a, b):
+      dtype = _layers.stats_dtype(a.dtype)
+      return ((a.astype(dtype) - b.astype(dtype)) / eps).astype(a.dtype)
+
+    g_shift = grad_fn(jax.tree_util.tree_map(shift, params, v))
+    hv = jax.tree_util.tree_map(difference, g_shift, grad)
     return grad, hv
 
   return hvp_fd
@@ -161,8 +164,9 @@ class LayerForms(NamedTuple):
 
   Attributes:
     grad: the gradient ``g`` (params' structure).
-    decrease: ``b_l = <g, d>_l``, shape ``(L,)``, float32.
-    curvature: ``q_l ~ d_l^T H_ll d_l``, shape ``(L,)``, float32.
+    decrease: ``b_l = <g, d>_l``, shape ``(L,)``, float32 (float64 for
+      float64 params).
+    curvature: ``q_l ~ d_l^T H_ll d_l``, shape ``(L,)``.
     matrix: ``M_lm = <d^(l), H d^(m)>``, shape ``(L, L)``, only for
       ``estimator="exact"`` (else ``None``).
   """
@@ -200,13 +204,14 @@ def layer_quadratic_forms(
         f"Unknown curvature estimator {estimator!r}; use one of {ESTIMATORS}.")
   num_layers = layers.num_layers
   if estimator == "exact":
-    coeffs = jnp.eye(num_layers, dtype=jnp.float32)
+    coeffs = jnp.eye(num_layers, dtype=_layers.tree_stats_dtype(direction))
   else:
     if key is None:
       raise ValueError("estimator='hutchinson' needs a PRNG key.")
     if num_probes < 1:
       raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
-    coeffs = rademacher(key, (num_probes, num_layers))
+    coeffs = rademacher(key, (num_probes, num_layers),
+                        _layers.tree_stats_dtype(direction))
 
   def products(c):
     return hvp(layers.scale(direction, c))

@@ -10,7 +10,8 @@ overridden, as in :func:`optax.multi_transform`, by
 * a label pytree with the structure of the params, one hashable label a leaf.
 
 Per-layer scalars are vectors of length ``L`` (layers in first-seen flatten
-order); they are computed in float32 and broadcast back onto the leaves.
+order); they are computed in float32 (float64 for float64 leaves, see
+:func:`stats_dtype`) and broadcast back onto the leaves.
 Everything here is static Python bookkeeping plus a handful of jnp ops over
 leaves, so it traces once under :func:`jax.jit`.
 """
@@ -27,7 +28,22 @@ import optax
 PyTree = Any
 LayerGrouping = Union[None, Callable[[tuple, Any], Hashable], PyTree]
 
-__all__ = ["Layers", "group_layers", "check_params"]
+__all__ = ["Layers", "group_layers", "check_params", "stats_dtype"]
+
+
+def stats_dtype(*dtypes) -> jnp.dtype:
+  """The dtype statistics are kept in: float32, or float64 for float64 data.
+
+  bfloat16 / float16 leaves get float32 statistics; float64 leaves (with
+  ``jax_enable_x64``) keep float64 so nothing is lost.
+  """
+  return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes)
+                           if dtypes else jnp.float32)
+
+
+def tree_stats_dtype(tree: PyTree) -> jnp.dtype:
+  """:func:`stats_dtype` over all leaves of a pytree."""
+  return stats_dtype(*[x.dtype for x in jax.tree_util.tree_leaves(tree)])
 
 
 def _is_masked(x) -> bool:
@@ -64,6 +80,19 @@ def check_params(params: PyTree, *, transform: str) -> None:
           f"{transform} needs real floating-point params, got a leaf of dtype "
           f"{dtype}. Keep integer or complex arrays out of the params pytree "
           "(e.g. in a separate Flax collection), or cast them to float.")
+
+
+def _strip_variable_keys(path: tuple) -> tuple:
+  """Drops Flax NNX ``Variable`` wrappers (a trailing ``.value`` key).
+
+  ``nnx.Optimizer`` initialises the state from an ``nnx.State`` of
+  ``Variable`` objects but updates with plain arrays; both must give the
+  same layers.
+  """
+  while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name == "value"):
+    path = path[:-1]
+  return path
 
 
 def _default_label(path: tuple, leaf) -> str:
@@ -103,20 +132,24 @@ class Layers:
     self._leaves(tree, what)
 
   def reduce(self, leaf_scalars: Sequence[jax.Array]) -> jax.Array:
-    """Sums one float32 scalar per leaf into a length-``L`` vector."""
+    """Sums one scalar per leaf into a length-``L`` vector (float32 or more)."""
     index = jnp.asarray(self.leaf_layer, dtype=jnp.int32)
-    values = jnp.stack([jnp.asarray(s, jnp.float32) for s in leaf_scalars])
-    return jnp.zeros((self.num_layers,), jnp.float32).at[index].add(values)
+    values = jnp.stack([jnp.asarray(s) for s in leaf_scalars])
+    values = values.astype(stats_dtype(values.dtype))
+    return jnp.zeros((self.num_layers,), values.dtype).at[index].add(values)
 
   def inner(self, x: PyTree, y: PyTree) -> jax.Array:
-    """Per-layer inner products ``<x, y>_l`` in float32, shape ``(L,)``."""
-    return self.reduce([
-        jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32))
-        for a, b in zip(self._leaves(x), self._leaves(y))
-    ])
+    """Per-layer inner products ``<x, y>_l`` in float32 (or float64)."""
+
+    def dot(a, b):
+      dtype = stats_dtype(a.dtype, b.dtype)
+      return jnp.sum(a.astype(dtype) * b.astype(dtype))
+
+    return self.reduce(
+        [dot(a, b) for a, b in zip(self._leaves(x), self._leaves(y))])
 
   def sq_norm(self, x: PyTree) -> jax.Array:
-    """Per-layer squared norms ``||x_l||^2`` in float32, shape ``(L,)``."""
+    """Per-layer squared norms ``||x_l||^2``, shape ``(L,)``."""
     return self.inner(x, x)
 
   def per_leaf(self, per_layer: jax.Array) -> list:
@@ -127,7 +160,7 @@ class Layers:
     """Multiplies each leaf by its layer's scalar; keeps leaf dtypes."""
     leaves = self._leaves(tree)
     scaled = [
-        (leaf * c.astype(jnp.float32)).astype(leaf.dtype)
+        (leaf * c.astype(stats_dtype(leaf.dtype))).astype(leaf.dtype)
         for leaf, c in zip(leaves, self.per_leaf(per_layer))
     ]
     return jax.tree_util.tree_unflatten(self.treedef, scaled)
@@ -162,7 +195,8 @@ def group_layers(params: PyTree, layers: LayerGrouping = None) -> Layers:
     raise ValueError("The params pytree has no array leaves to optimise.")
   if layers is None or callable(layers):
     label_fn = _default_label if layers is None else layers
-    labels = [label_fn(path, leaf) for path, leaf in with_path]
+    labels = [label_fn(_strip_variable_keys(path), leaf)
+              for path, leaf in with_path]
   else:
     label_leaves, label_def = jax.tree_util.tree_flatten(
         layers, is_leaf=lambda x: x is None)

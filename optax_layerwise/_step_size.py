@@ -54,9 +54,10 @@ class ScaleByLayerwiseStepSizeState(NamedTuple):
   Attributes:
     count: number of ``update`` calls (int32); seeds the Hutchinson probes.
     direction_state: the wrapped direction transform's state.
-    step_sizes: per-layer steps ``alpha_l`` applied last, ``(L,)`` float32.
-    decreases: last measured ``b_l = <g, d>_l``, ``(L,)`` float32.
-    curvatures: last measured ``q_l ~ d_l^T H_ll d_l``, ``(L,)`` float32.
+    step_sizes: per-layer steps ``alpha_l`` applied last, ``(L,)``; float32
+      (float64 for float64 params, see :func:`optax_layerwise._layers.stats_dtype`).
+    decreases: last measured ``b_l = <g, d>_l``, ``(L,)``.
+    curvatures: last measured ``q_l ~ d_l^T H_ll d_l``, ``(L,)``.
     num_accepted: per layer, measurements accepted, ``(L,)`` int32.
     num_fallbacks: per layer, measurements rejected by the safeguards,
       ``(L,)`` int32.
@@ -70,6 +71,27 @@ class ScaleByLayerwiseStepSizeState(NamedTuple):
   num_accepted: jax.Array
   num_fallbacks: jax.Array
   num_skipped: jax.Array
+
+
+def _concrete_int(value) -> Optional[int]:
+  """``int(value)`` when it is known at trace time, else ``None``."""
+  try:
+    return int(value)
+  except (jax.errors.ConcretizationTypeError, TypeError):
+    return None
+
+
+def _static_num_probes(num_probes) -> int:
+  if num_probes is None:
+    return 1
+  value = _concrete_int(num_probes)
+  if value is None:
+    raise ValueError(
+        "num_probes sets an array shape and must be a Python int. With "
+        "optax.inject_hyperparams, pass static_args=('num_probes',).")
+  if value < 1:
+    raise ValueError(f"num_probes must be >= 1, got {value}.")
+  return value
 
 
 def _coupled_steps(matrix: jax.Array, decrease: jax.Array,
@@ -89,7 +111,7 @@ def scale_by_layerwise_step_size(
     direction: Optional[optax.GradientTransformation] = None,
     *,
     estimator: str = "hutchinson",
-    num_probes: int = 1,
+    num_probes: Optional[int] = None,
     hvp: str = "forward_over_reverse",
     max_step: float = 1.0,
     initial_step: float = 0.0,
@@ -119,7 +141,9 @@ def scale_by_layerwise_step_size(
       ``d = g``.
     estimator: ``"hutchinson"`` (about one extra Hessian-vector product per
       probe) or ``"exact"`` (one product per layer, vmapped).
-    num_probes: Hutchinson probes averaged per measurement.
+    num_probes: Hutchinson probes averaged per measurement (``None`` = 1).
+      It sets an array shape, so under :func:`optax.inject_hyperparams` it
+      must be listed in ``static_args`` when given.
     hvp: ``"forward_over_reverse"`` (exact ``jax.jvp`` of ``jax.grad``) or
       ``"gradient_difference"`` (one extra gradient; see
       :func:`optax_layerwise._curvature.make_hvp` for its accuracy).
@@ -129,7 +153,8 @@ def scale_by_layerwise_step_size(
       rejected first measurement may mean ``d_l`` is not a descent direction).
     ema: moving-average factor for accepted steps (0 = none).
     update_interval: measure curvature every this many steps and reuse the
-      last steps in between (``lax.cond``, so the extra cost amortises).
+      last steps in between (``lax.cond``, so the extra cost amortises). May
+      be traced (e.g. injected by :func:`optax.inject_hyperparams`).
     coupled: solve the ``L x L`` subspace Newton system that also uses the
       cross-layer blocks (beyond the paper; needs ``estimator="exact"``).
     coupled_damping: ``damping`` of the coupled system.
@@ -164,22 +189,21 @@ def scale_by_layerwise_step_size(
   if coupled and estimator != "exact":
     raise ValueError("coupled=True needs the full L x L layer matrix: use "
                      "estimator='exact'.")
-  if int(update_interval) < 1:
+  static_interval = _concrete_int(update_interval)
+  if static_interval is not None and static_interval < 1:
     raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
-  if int(num_probes) < 1:
-    raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+  num_probes = _static_num_probes(num_probes)
   direction = optax.with_extra_args_support(
       direction if direction is not None else optax.identity())
-  update_interval = int(update_interval)
 
   def init_fn(params):
     num_layers = _layers.group_layers(params, layers).num_layers
-    zeros = jnp.zeros((num_layers,), jnp.float32)
+    zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
     counts = jnp.zeros((num_layers,), jnp.int32)
     return ScaleByLayerwiseStepSizeState(
         count=jnp.zeros([], jnp.int32),
         direction_state=direction.init(params),
-        step_sizes=zeros + jnp.asarray(initial_step, jnp.float32),
+        step_sizes=zeros + initial_step,
         decreases=zeros,
         curvatures=zeros,
         num_accepted=counts,
@@ -215,7 +239,7 @@ def scale_by_layerwise_step_size(
         raw = forms.decrease / forms.curvature
       return forms.decrease, forms.curvature, raw
 
-    if update_interval == 1:
+    if static_interval == 1:
       measured = jnp.asarray(True)
       b, q, raw = measure(None)
     else:
@@ -233,15 +257,16 @@ def scale_by_layerwise_step_size(
     smoothed = jnp.where(seen, ema * state.step_sizes + (1.0 - ema) * clipped,
                          clipped)
     fallback = jnp.where(seen, state.step_sizes, initial_step)
-    step_sizes = jnp.where(valid, smoothed, fallback).astype(jnp.float32)
+    dtype = state.step_sizes.dtype
+    step_sizes = jnp.where(valid, smoothed, fallback).astype(dtype)
     new_updates = partition.scale(d, step_sizes)
 
     new_state = ScaleByLayerwiseStepSizeState(
         count=state.count + 1,
         direction_state=direction_state,
         step_sizes=step_sizes,
-        decreases=jnp.where(measured, b, state.decreases),
-        curvatures=jnp.where(measured, q, state.curvatures),
+        decreases=jnp.where(measured, b, state.decreases).astype(dtype),
+        curvatures=jnp.where(measured, q, state.curvatures).astype(dtype),
         num_accepted=state.num_accepted + valid.astype(jnp.int32),
         num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
             jnp.int32),
@@ -258,13 +283,52 @@ def scale_by_layerwise_step_size(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _with_step_sizes(direction, scale, **step_size_kwargs):
+  """``chain(scale_by_layerwise_step_size(direction), -scale)``."""
+  return optax.chain(
+      scale_by_layerwise_step_size(direction, **step_size_kwargs),
+      optax.scale_by_learning_rate(scale))
+
+
+_SHARED_ARGS_DOC = """    estimator: ``"hutchinson"`` or ``"exact"`` (see
+      :func:`scale_by_layerwise_step_size`, which documents every argument
+      below).
+    num_probes: Hutchinson probes per measurement (``None`` = 1; list it in
+      ``static_args`` of :func:`optax.inject_hyperparams` when given).
+    hvp: ``"forward_over_reverse"`` or ``"gradient_difference"``.
+    max_step: upper clip of each per-layer step.
+    initial_step: a layer's step until it has an accepted measurement.
+    ema: moving-average factor of the steps (0 = none).
+    update_interval: measure curvature every this many steps.
+    coupled: solve the ``L x L`` subspace Newton system (exact only).
+    coupled_damping: its damping.
+    curvature_floor: reject ``q_l <= curvature_floor * ||d_l||^2``.
+    fd_scale: relative step of the gradient difference.
+    layers: the layer grouping (a callable must be listed in ``static_args``
+      of :func:`optax.inject_hyperparams`, which treats callables as
+      schedules).
+    seed: seeds the Hutchinson probes."""
+
+
 def layerwise_sgd(
     *,
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
     scale: ScalarOrSchedule = 1.0,
-    **step_size_kwargs,
+    estimator: str = "hutchinson",
+    num_probes: Optional[int] = None,
+    hvp: str = "forward_over_reverse",
+    max_step: float = 1.0,
+    initial_step: float = 0.0,
+    ema: float = 0.0,
+    update_interval: int = 1,
+    coupled: bool = False,
+    coupled_damping: float = 0.0,
+    curvature_floor: float = 1e-8,
+    fd_scale: float = 1e-3,
+    layers: _layers.LayerGrouping = None,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum and layer-wise curvature step sizes, no learning rate.
 
@@ -279,18 +343,32 @@ def layerwise_sgd(
     weight_decay: decoupled weight decay added to the direction, so it is
       scaled by the per-layer step like the rest of the direction.
     scale: a global multiplier (or schedule) of the steps, default 1.
-    **step_size_kwargs: passed to :func:`scale_by_layerwise_step_size`.
+{shared}
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`; call ``update`` with
     ``params`` and ``value_fn``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_layerwise as olw
+    >>> params = {{'w': jnp.ones(4)}}
+    >>> loss = lambda p: jnp.sum((p['w'] - 3.0) ** 2)
+    >>> tx = olw.layerwise_sgd(momentum=0.0, max_step=10.0)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            value_fn=loss)
+    >>> optax.apply_updates(params, updates)['w']
+    Array([3., 3., 3., 3.], dtype=float32)
   """
-  direction = optax.trace(decay=momentum, nesterov=nesterov)
-  if weight_decay:
-    direction = optax.chain(direction, optax.add_decayed_weights(weight_decay))
-  return optax.chain(
-      scale_by_layerwise_step_size(direction, **step_size_kwargs),
-      optax.scale_by_learning_rate(scale))
+  direction = optax.chain(optax.trace(decay=momentum, nesterov=nesterov),
+                          optax.add_decayed_weights(weight_decay))
+  return _with_step_sizes(
+      direction, scale, estimator=estimator, num_probes=num_probes, hvp=hvp,
+      max_step=max_step, initial_step=initial_step, ema=ema,
+      update_interval=update_interval, coupled=coupled,
+      coupled_damping=coupled_damping, curvature_floor=curvature_floor,
+      fd_scale=fd_scale, layers=layers, seed=seed)
 
 
 def layerwise_adamw(
@@ -300,8 +378,19 @@ def layerwise_adamw(
     eps: float = 1e-8,
     weight_decay: float = 1e-4,
     scale: ScalarOrSchedule = 1.0,
+    estimator: str = "hutchinson",
+    num_probes: Optional[int] = None,
+    hvp: str = "forward_over_reverse",
     max_step: float = 0.1,
-    **step_size_kwargs,
+    initial_step: float = 0.0,
+    ema: float = 0.0,
+    update_interval: int = 1,
+    coupled: bool = False,
+    coupled_damping: float = 0.0,
+    curvature_floor: float = 1e-8,
+    fd_scale: float = 1e-3,
+    layers: _layers.LayerGrouping = None,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW with layer-wise curvature step sizes, no learning rate.
 
@@ -309,7 +398,8 @@ def layerwise_adamw(
   ``d = m_hat / (sqrt(v_hat) + eps) + weight_decay * theta`` (decoupled
   weight decay, as in :func:`optax.adamw`, where it is multiplied by the
   learning rate: here by ``alpha_l``), and layer ``l`` moves by
-  ``-scale * alpha_l * d_l``.
+  ``-scale * alpha_l * d_l``. ``max_step`` defaults to 0.1 because Adam's
+  direction has entries of order 1.
 
   Args:
     b1: Adam's first-moment decay.
@@ -317,18 +407,22 @@ def layerwise_adamw(
     eps: Adam's epsilon.
     weight_decay: decoupled weight decay.
     scale: a global multiplier (or schedule) of the steps, default 1.
-    max_step: upper clip of ``alpha_l``; Adam's direction has entries of
-      order 1, so the clip is tighter than for SGD.
-    **step_size_kwargs: passed to :func:`scale_by_layerwise_step_size`.
+{shared}
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`; call ``update`` with
     ``params`` and ``value_fn``.
   """
-  direction = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-  if weight_decay:
-    direction = optax.chain(direction, optax.add_decayed_weights(weight_decay))
-  return optax.chain(
-      scale_by_layerwise_step_size(direction, max_step=max_step,
-                                   **step_size_kwargs),
-      optax.scale_by_learning_rate(scale))
+  direction = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                          optax.add_decayed_weights(weight_decay))
+  return _with_step_sizes(
+      direction, scale, estimator=estimator, num_probes=num_probes, hvp=hvp,
+      max_step=max_step, initial_step=initial_step, ema=ema,
+      update_interval=update_interval, coupled=coupled,
+      coupled_damping=coupled_damping, curvature_floor=curvature_floor,
+      fd_scale=fd_scale, layers=layers, seed=seed)
+
+
+layerwise_sgd.__doc__ = layerwise_sgd.__doc__.format(shared=_SHARED_ARGS_DOC)
+layerwise_adamw.__doc__ = layerwise_adamw.__doc__.format(
+    shared=_SHARED_ARGS_DOC)
