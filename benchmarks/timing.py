@@ -1,0 +1,76 @@
+"""Side-by-side step timing: interleaved rounds, medians, ratios.
+
+This machine is shared and noisy, so methods are timed in interleaved rounds
+(each round times every method once, in a rotating order) and compared by the
+median over rounds of the per-round ratio to a baseline: a slow spell then
+slows both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Mapping
+
+import jax
+import numpy as np
+
+__all__ = ["time_side_by_side"]
+
+
+def time_side_by_side(
+    steps: Mapping[str, Callable[[], object]],
+    *,
+    baseline: str,
+    rounds: int = 7,
+    calls_per_round: int = 5,
+    progress: bool = True,
+) -> Dict[str, dict]:
+  """Times zero-argument step callables in interleaved rounds.
+
+  Each callable runs one (jitted, already compiled or compiled on its first
+  call) training step and returns something to block on. One warm-up call
+  per method is made first and not timed.
+
+  Args:
+    steps: name -> callable running one step.
+    baseline: the name whose time is the denominator of the ratios.
+    rounds: interleaved rounds; medians are over rounds.
+    calls_per_round: consecutive calls timed together in a round.
+    progress: show a tqdm progress bar.
+
+  Returns:
+    name -> ``{"median_ms", "min_ms", "ratio_median", "ratio_min",
+    "samples_ms"}``: per-step milliseconds, and the ratio to the baseline
+    (median over rounds of the per-round ratio, and the ratio of minima).
+  """
+  if baseline not in steps:
+    raise ValueError(f"baseline {baseline!r} is not among {list(steps)}")
+  names = list(steps)
+  for name in names:  # compile + warm up
+    jax.block_until_ready(steps[name]())
+  samples = {name: [] for name in names}
+  iterator = range(rounds)
+  if progress:
+    from tqdm.auto import tqdm
+    iterator = tqdm(iterator, desc="timing rounds", leave=False)
+  for r in iterator:
+    order = names[r % len(names):] + names[:r % len(names)]
+    for name in order:
+      start = time.perf_counter()
+      for _ in range(calls_per_round):
+        out = steps[name]()
+      jax.block_until_ready(out)
+      samples[name].append(1e3 * (time.perf_counter() - start)
+                           / calls_per_round)
+  base = np.asarray(samples[baseline])
+  results = {}
+  for name in names:
+    s = np.asarray(samples[name])
+    results[name] = {
+        "median_ms": float(np.median(s)),
+        "min_ms": float(np.min(s)),
+        "ratio_median": float(np.median(s / base)),
+        "ratio_min": float(np.min(s) / np.min(base)),
+        "samples_ms": [float(x) for x in s],
+    }
+  return results
