@@ -1,0 +1,592 @@
+"""Curvature-based layer-wise learning rates (Gao and Zhong, arXiv 2012.08795).
+
+Large-batch training fails in part because layers see very different
+curvature; CBLR fits each layer's learning rate to its own curvature, and LARS
+is one instance. Only the paper's abstract could be consulted, so this module
+implements the library's reading (ALGORITHMS.md section 2)::
+
+    kappa_l = g_l^T H_ll g_l / ||g_l||^2   (curvature along the layer gradient)
+    lr_l    = scale / kappa_l               (CBLR: a Newton step along g_l)
+    update_l = lr_l * g_l                   (negated by the alias's lr stage)
+
+Curvature estimators (``curvature=``):
+
+* ``"hessian"``: forward-over-reverse (or gradient-difference) Hessian-vector
+  products of ``value_fn`` through the shared oracles of
+  :mod:`optax_layerwise._curvature`, with ``d = g``: ``estimator="exact"``
+  (one product per layer, vmapped) or ``"hutchinson"`` (one per probe).
+* ``"secant"``: free, from successive iterates, ``kappa_l = <s, y>_l /
+  ||s_l||^2`` with ``s = theta_t - theta_{t-1}``, ``y = g_t - g_{t-1}``: the
+  inverse of a per-layer Barzilai-Borwein step. Needs no ``value_fn`` and no
+  extra pass; its state keeps the previous params and gradient.
+* ``"norm_ratio"``: ``kappa_l = ||g_l|| / ||theta_l||``, so ``lr_l = scale *
+  ||theta_l|| / ||g_l||``: LARS's trust ratio with ``trust_coefficient =
+  scale`` (You et al. 2017; :func:`optax.scale_by_trust_ratio`).
+
+Reductions (``reduce=``): ``"rayleigh"`` (CBLR, the quotient above) or
+``"median"`` (MCLR): the median over the layer's entries of an elementwise
+curvature estimate, robust to a few extreme entries: the Hutchinson diagonal
+``|mean_k z_k * H z_k|`` (Rademacher ``z_k`` over every entry, one product per
+probe) for ``"hessian"``, the elementwise secant ratios ``y_i / s_i`` (entries
+with ``s_i = 0`` ignored) for ``"secant"``.
+
+Weight decay ``wd`` (the objective is ``f + wd / 2 ||theta||^2``): the
+transform adds ``wd * theta`` to the gradient and ``wd`` (the exact curvature
+of the L2 term along any direction) to ``kappa_l``. For ``"norm_ratio"`` two
+conventions exist: Optax's ``optax.lars`` takes the norm of the regularised
+gradient, ``||g + wd theta||_l / ||theta_l||`` (``weight_decay_convention=
+"optax"``, the default); You et al. (2017, Algorithm 1) use ``||g_l|| /
+||theta_l|| + wd`` (``"lars_paper"``), which is the additive rule above.
+
+Safeguards (the library's, modelled on the layer-wise step sizes): a layer
+whose measurement is unusable (``kappa_l <= curvature_floor`` or non-finite,
+and the secant estimator's first step, which has no previous iterate) keeps
+its last accepted learning rate (``initial_lr`` until it has one); accepted
+rates are clipped to ``[min_lr, max_lr]`` and optionally smoothed by an
+exponential moving average; ``update_interval`` re-measures only every k steps
+under ``lax.cond``. A non-finite gradient or update skips the whole step (zero
+update, state unchanged but counters). Statistics are float32 (float64 for
+float64 params, :func:`optax_layerwise._layers.stats_dtype`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_layerwise import _curvature
+from optax_layerwise import _layers
+from optax_layerwise import _step_size
+
+PyTree = Any
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+__all__ = [
+    "ScaleByCurvatureLRState",
+    "scale_by_curvature_lr",
+    "cblr",
+    "mclr",
+]
+
+_NAME = "scale_by_curvature_lr"
+CURVATURES = ("hessian", "secant", "norm_ratio")
+REDUCTIONS = ("rayleigh", "median")
+WEIGHT_DECAY_CONVENTIONS = ("optax", "lars_paper")
+
+
+class ScaleByCurvatureLRState(NamedTuple):
+  """State of :func:`scale_by_curvature_lr`; all shapes are fixed.
+
+  Attributes:
+    count: number of ``update`` calls (int32); seeds the Hutchinson probes.
+    lrs: per-layer learning rates ``lr_l`` applied last, ``(L,)``; float32
+      (float64 for float64 params), as every statistic here.
+    curvatures: last measured ``kappa_l`` (weight decay included), ``(L,)``;
+      NaN for the secant warm-up step, 0 for a ``"norm_ratio"`` layer with a
+      zero norm.
+    num_accepted: per layer, measurements accepted, ``(L,)`` int32.
+    num_fallbacks: per layer, measurements rejected by the safeguards
+      (including the secant estimator's warm-up step), ``(L,)`` int32.
+    num_skipped: steps skipped for a non-finite gradient or update (int32).
+    prev_params: ``curvature="secant"`` only: the params of the last step
+      taken, in the statistics dtype (``None`` otherwise).
+    prev_grads: ``curvature="secant"`` only: the gradient of the last step
+      taken, in the statistics dtype (``None`` otherwise).
+  """
+  count: jax.Array
+  lrs: jax.Array
+  curvatures: jax.Array
+  num_accepted: jax.Array
+  num_fallbacks: jax.Array
+  num_skipped: jax.Array
+  prev_params: Optional[PyTree]
+  prev_grads: Optional[PyTree]
+
+
+def _stats(tree: PyTree) -> PyTree:
+  """Casts every leaf to its statistics dtype (float32, or float64)."""
+  return jax.tree_util.tree_map(
+      lambda x: jnp.asarray(x, _layers.stats_dtype(jnp.result_type(x))), tree)
+
+
+def _concrete_float(value) -> Optional[float]:
+  """``float(value)`` when known at trace time (not injected), else ``None``."""
+  try:
+    return float(value)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError, TypeError):
+    return None
+
+
+def elementwise_probes(key: jax.Array, params: PyTree,
+                       num_probes: int) -> PyTree:
+  """Rademacher probes over every entry, with a leading probe axis.
+
+  Leaf ``i`` (flatten order) draws its signs from ``jax.random.split(key,
+  num_leaves)[i]``, shape ``(num_probes,) + leaf.shape``, in the leaf's dtype.
+  The median-curvature estimator uses ``key = fold_in(PRNGKey(seed), count)``.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree_util.tree_unflatten(treedef, [
+      _curvature.rademacher(k, (num_probes,) + jnp.shape(x), jnp.result_type(x))
+      for k, x in zip(keys, leaves)])
+
+
+def _layer_medians(partition: _layers.Layers, tree: PyTree) -> jax.Array:
+  """Per-layer medians of all entries (NaN entries ignored), ``(L,)``."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  medians = []
+  for layer in range(partition.num_layers):  # static, one op per layer
+    entries = jnp.concatenate([
+        jnp.ravel(x).astype(_layers.stats_dtype(x.dtype))
+        for x, i in zip(leaves, partition.leaf_layer) if i == layer])
+    medians.append(jnp.nanmedian(entries))
+  return jnp.stack(medians)
+
+
+def scale_by_curvature_lr(
+    *,
+    curvature: str = "hessian",
+    reduce: str = "rayleigh",
+    scale: float = 1.0,
+    estimator: str = "hutchinson",
+    num_probes: Optional[int] = None,
+    hvp: str = "forward_over_reverse",
+    weight_decay: float = 0.0,
+    weight_decay_convention: str = "optax",
+    initial_lr: float = 1e-3,
+    min_lr: float = 0.0,
+    max_lr: Optional[float] = None,
+    curvature_floor: float = 0.0,
+    ema: float = 0.0,
+    update_interval: int = 1,
+    fd_scale: float = 1e-3,
+    layers: _layers.LayerGrouping = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Scales each layer's gradient by a learning rate fitted to its curvature.
+
+  Implements the library's reading of CBLR and MCLR from Gao and Zhong (2020),
+  "Study on the Large Batch Size Training of Neural Networks Based on the
+  Second Order Gradient", arXiv 2012.08795 (only the abstract could be
+  consulted): ``lr_l = scale / kappa_l`` with
+  ``kappa_l = g_l^T H_ll g_l / ||g_l||^2`` (ALGORITHMS.md section 2), or the
+  median of an elementwise curvature estimate (MCLR). LARS (You et al. 2017,
+  arXiv 1708.03888) is ``curvature="norm_ratio"``.
+
+  The incoming updates must be the gradient of the loss (clipping before it
+  is fine; momentum goes *after* it, as in LARS). The output is ``lr_l *
+  (g_l + weight_decay * theta_l)`` (positive); chain a negation, as
+  :func:`cblr` and :func:`mclr` do.
+
+  Args:
+    curvature: ``"hessian"`` (needs ``value_fn``), ``"secant"`` or
+      ``"norm_ratio"`` (both ignore ``value_fn``).
+    reduce: ``"rayleigh"`` (CBLR) or ``"median"`` (MCLR; ``"hessian"`` with
+      ``estimator="hutchinson"``, or ``"secant"``).
+    scale: the multiplier in ``lr_l = scale / kappa_l`` (LARS's
+      ``trust_coefficient`` for ``"norm_ratio"``).
+    estimator: for ``"hessian"`` with ``"rayleigh"``: ``"hutchinson"`` (one
+      Hessian-vector product a probe) or ``"exact"`` (one a layer, vmapped).
+    num_probes: Hutchinson probes averaged per measurement (``None`` = 1). It
+      sets an array shape: under :func:`optax.inject_hyperparams` list it in
+      ``static_args`` when given.
+    hvp: ``"forward_over_reverse"`` (exact) or ``"gradient_difference"`` (one
+      extra gradient; see :func:`optax_layerwise._curvature.make_hvp`).
+    weight_decay: L2 strength ``wd``: the gradient becomes ``g + wd theta``
+      and ``kappa_l`` gains ``wd``.
+    weight_decay_convention: for ``"norm_ratio"`` only: ``"optax"``
+      (``kappa_l = ||g + wd theta||_l / ||theta_l||``, as ``optax.lars``) or
+      ``"lars_paper"`` (``||g_l|| / ||theta_l|| + wd``, You et al. 2017).
+    initial_lr: the rate of a layer with no accepted measurement yet, in
+      particular the secant estimator's warm-up step (must then be > 0, or
+      the iterate never moves and the secant never measures).
+    min_lr: lower clip of accepted rates.
+    max_lr: upper clip of accepted rates (``None``: no clip, as LARS).
+      Recommended for ``"hessian"`` and ``"secant"`` on noisy mini-batches.
+    curvature_floor: ``kappa_l <= curvature_floor`` (non-positive curvature
+      by default) is rejected.
+    ema: moving-average factor for accepted rates (0 = none).
+    update_interval: measure every this many steps and reuse the last rates
+      in between (``lax.cond``, so a Hessian measurement's cost amortises).
+      May be traced (injected by :func:`optax.inject_hyperparams`), as may
+      every other numeric argument but ``num_probes``.
+    fd_scale: relative step of ``hvp="gradient_difference"``.
+    layers: the layer grouping (see :func:`optax_layerwise.group_layers`).
+      ``optax.lars`` uses one trust ratio per leaf: pass
+      ``layers=lambda path, _: jax.tree_util.keystr(path)`` to match it. (A
+      callable must be listed in ``static_args`` of
+      :func:`optax.inject_hyperparams`, which treats callables as schedules.)
+    seed: seeds the Hutchinson probes (step ``k`` uses
+      ``fold_in(PRNGKey(seed), k)``).
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`; ``update`` needs
+    ``params``, and ``value_fn`` for ``curvature="hessian"``.
+
+  Raises:
+    ValueError: an unknown or unsupported option (``"norm_ratio"`` has no
+      elementwise estimate, so no ``"median"``; the median of the Hessian
+      needs ``estimator="hutchinson"``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_layerwise as olw
+    >>> params = {'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.ones(2)}}
+    >>> loss = lambda p: (jnp.sum(p['a']['w'] ** 2)
+    ...                   + 50 * jnp.sum(p['b']['w'] ** 2))
+    >>> tx = optax.chain(olw.scale_by_curvature_lr(estimator='exact'),
+    ...                  optax.scale(-1.0))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            value_fn=loss)
+    >>> optax.apply_updates(params, updates)['b']['w']
+    Array([0., 0.], dtype=float32)
+  """
+  if curvature not in CURVATURES:
+    raise ValueError(f"curvature must be one of {CURVATURES}, got "
+                     f"{curvature!r}.")
+  if reduce not in REDUCTIONS:
+    raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
+  if estimator not in _curvature.ESTIMATORS:
+    raise ValueError(f"estimator must be one of {_curvature.ESTIMATORS}, "
+                     f"got {estimator!r}.")
+  if hvp not in _curvature.HVP_METHODS:
+    raise ValueError(f"hvp must be one of {_curvature.HVP_METHODS}, got "
+                     f"{hvp!r}.")
+  if weight_decay_convention not in WEIGHT_DECAY_CONVENTIONS:
+    raise ValueError(
+        f"weight_decay_convention must be one of {WEIGHT_DECAY_CONVENTIONS}, "
+        f"got {weight_decay_convention!r}.")
+  if curvature == "norm_ratio" and reduce == "median":
+    raise ValueError(
+        "curvature='norm_ratio' is a per-layer norm ratio (LARS) with no "
+        "elementwise estimate: use reduce='rayleigh', or curvature='hessian' "
+        "or 'secant' with reduce='median' (MCLR).")
+  if (curvature == "hessian" and reduce == "median"
+      and estimator != "hutchinson"):
+    raise ValueError(
+        "reduce='median' needs the elementwise Hessian diagonal, estimated by "
+        "Hutchinson probes: use estimator='hutchinson' (the exact diagonal "
+        "would cost one Hessian-vector product per parameter).")
+  static_initial_lr = _concrete_float(initial_lr)
+  if curvature == "secant" and static_initial_lr is not None and not (
+      static_initial_lr > 0):
+    raise ValueError(
+        "curvature='secant' warms up with `initial_lr` on its first step; it "
+        f"must be > 0 (got {initial_lr}), else the params never move.")
+  # Shared with the layer-wise step sizes (same traced-hyperparameter rules).
+  static_interval = _step_size._concrete_int(update_interval)  # pylint: disable=protected-access
+  if static_interval is not None and static_interval < 1:
+    raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
+  num_probes = _step_size._static_num_probes(num_probes)  # pylint: disable=protected-access
+  no_weight_decay = _concrete_float(weight_decay) == 0.0
+  is_secant = curvature == "secant"
+
+  def init_fn(params):
+    num_layers = _layers.group_layers(params, layers).num_layers
+    zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
+    counts = jnp.zeros((num_layers,), jnp.int32)
+    prev = (_stats(jax.tree_util.tree_map(jnp.zeros_like, params))
+            if is_secant else None)
+    return ScaleByCurvatureLRState(
+        count=jnp.zeros([], jnp.int32),
+        lrs=zeros + initial_lr,
+        curvatures=zeros,
+        num_accepted=counts,
+        num_fallbacks=counts,
+        num_skipped=jnp.zeros([], jnp.int32),
+        prev_params=prev,
+        prev_grads=prev)
+
+  def measure_hessian(value_fn, grads, reg_grads, params, partition, key):
+    oracle = _curvature.make_hvp(
+        value_fn, params, method=hvp, grad=grads, fd_scale=fd_scale,
+        transform=_NAME)
+    if reduce == "rayleigh":
+      forms = _curvature.layer_quadratic_forms(
+          oracle, reg_grads, partition, estimator=estimator,
+          num_probes=num_probes, key=key)
+      return forms.curvature / partition.sq_norm(reg_grads)
+    probes = elementwise_probes(key, params, num_probes)
+    _, hz = jax.vmap(oracle, out_axes=(None, 0))(probes)
+
+    def diagonal_estimate(z, w):
+      dtype = _layers.stats_dtype(z.dtype, w.dtype)
+      return jnp.abs(jnp.mean(z.astype(dtype) * w.astype(dtype), axis=0))
+
+    diagonal = jax.tree_util.tree_map(diagonal_estimate, probes, hz)
+    return _layer_medians(partition, diagonal)
+
+  def measure_secant(grads, params, state, partition):
+    s = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype) - q, params,
+                               state.prev_params)
+    y = jax.tree_util.tree_map(lambda g, h: g.astype(h.dtype) - h, grads,
+                               state.prev_grads)
+    if reduce == "rayleigh":
+      return partition.inner(s, y) / partition.sq_norm(s)
+    ratios = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(a != 0, b / jnp.where(a != 0, a, 1.0), jnp.nan),
+        s, y)
+    return _layer_medians(partition, ratios)
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del extra_args
+    if curvature == "hessian":
+      value_fn = _curvature.require_value_fn(value_fn, transform=_NAME)
+    _layers.check_params(params, transform=_NAME)
+    partition = _layers.group_layers(params, layers)
+    partition.check_structure(updates, f"{_NAME}: the updates (gradients)")
+    if partition.num_layers != state.lrs.shape[0]:
+      raise ValueError(
+          f"{_NAME}: the params have {partition.num_layers} layers but the "
+          f"state was built for {state.lrs.shape[0]}; re-run init.")
+
+    if no_weight_decay:
+      reg_grads = updates
+    else:
+      reg_grads = jax.tree_util.tree_map(
+          lambda g, p: (g + weight_decay * p).astype(g.dtype), updates, params)
+
+    def measure(_):
+      """Returns (kappa, raw lr, forced-valid mask), all ``(L,)``."""
+      forced = jnp.zeros((partition.num_layers,), bool)
+      dtype = state.lrs.dtype
+      if curvature == "norm_ratio":
+        p_norm = jnp.sqrt(partition.sq_norm(params))
+        if weight_decay_convention == "optax":
+          g_norm = jnp.sqrt(partition.sq_norm(reg_grads))
+          denominator = g_norm
+        else:
+          g_norm = jnp.sqrt(partition.sq_norm(updates))
+          denominator = g_norm + weight_decay * p_norm
+        # Optax's convention: a layer with a zero norm gets ratio 1, so that
+        # zero-initialised layers (biases) still move.
+        zero = (p_norm == 0.0) | (g_norm == 0.0)
+        kappa = jnp.where(zero, 0.0, denominator / jnp.where(zero, 1.0, p_norm))
+        raw = jnp.where(zero, 1.0, scale * p_norm / jnp.where(zero, 1.0,
+                                                             denominator))
+        return kappa.astype(dtype), raw.astype(dtype), zero
+      if curvature == "hessian":
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+        kappa = measure_hessian(value_fn, updates, reg_grads, params,
+                                partition, key)
+      else:
+        kappa = measure_secant(updates, params, state, partition)
+        has_prev = (state.count - state.num_skipped) > 0
+        kappa = jnp.where(has_prev, kappa, jnp.nan)  # warm-up: no pair yet
+      kappa = (kappa + weight_decay).astype(dtype)
+      return kappa, (scale / kappa).astype(dtype), forced
+
+    if static_interval == 1:
+      measured = jnp.asarray(True)
+      kappa, raw, forced = measure(None)
+    else:
+      measured = state.count % update_interval == 0
+      kappa, raw, forced = jax.lax.cond(
+          measured, measure,
+          lambda _: (state.curvatures, state.lrs,
+                     jnp.zeros((partition.num_layers,), bool)),
+          None)
+
+    valid = measured & (forced | (
+        jnp.isfinite(kappa) & (kappa > curvature_floor) & jnp.isfinite(raw)))
+    seen = state.num_accepted > 0
+    upper = jnp.inf if max_lr is None else max_lr
+    clipped = jnp.clip(jnp.nan_to_num(raw), min_lr, upper)
+    smoothed = jnp.where(seen, ema * state.lrs + (1.0 - ema) * clipped,
+                         clipped)
+    fallback = jnp.where(seen, state.lrs, initial_lr)
+    lrs = jnp.where(valid, smoothed, fallback).astype(state.lrs.dtype)
+    new_updates = partition.scale(reg_grads, lrs)
+
+    new_state = ScaleByCurvatureLRState(
+        count=state.count + 1,
+        lrs=lrs,
+        curvatures=jnp.where(measured, kappa, state.curvatures).astype(
+            state.curvatures.dtype),
+        num_accepted=state.num_accepted + valid.astype(jnp.int32),
+        num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
+            jnp.int32),
+        num_skipped=state.num_skipped,
+        prev_params=_stats(params) if is_secant else None,
+        prev_grads=_stats(updates) if is_secant else None)
+    finite = _curvature.tree_all_finite((updates, new_updates))
+    skipped_state = state._replace(count=state.count + 1,
+                                   num_skipped=state.num_skipped + 1)
+    new_state = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(finite, a, b), new_state, skipped_state)
+    new_updates = jax.tree_util.tree_map(
+        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _chain(reduce: str, learning_rate_scale: ScalarOrSchedule,
+           momentum: float, nesterov: bool, **kwargs):
+  """``chain(scale_by_curvature_lr, -learning_rate_scale, trace(momentum))``."""
+  parts = [
+      scale_by_curvature_lr(reduce=reduce, **kwargs),
+      optax.scale_by_learning_rate(learning_rate_scale),
+  ]
+  if _concrete_float(momentum) != 0.0:  # a traced momentum keeps the trace
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  return optax.chain(*parts)
+
+
+_SHARED_ARGS_DOC = """    scale: the multiplier in ``lr_l = scale / kappa_l`` (see
+      :func:`scale_by_curvature_lr`, which documents every argument below).
+    estimator: ``"hutchinson"`` or ``"exact"``.
+    num_probes: Hutchinson probes per measurement (``None`` = 1; list it in
+      ``static_args`` of :func:`optax.inject_hyperparams` when given).
+    hvp: ``"forward_over_reverse"`` or ``"gradient_difference"``.
+    weight_decay_convention: ``"optax"`` or ``"lars_paper"``
+      (``"norm_ratio"`` only).
+    initial_lr: a layer's rate until it has an accepted measurement (and the
+      secant warm-up step).
+    min_lr: lower clip of the rates.
+    max_lr: upper clip of the rates (``None``: none).
+    curvature_floor: reject ``kappa_l <= curvature_floor``.
+    ema: moving-average factor of the rates (0 = none).
+    update_interval: measure every this many steps.
+    fd_scale: relative step of the gradient difference.
+    layers: the layer grouping (a callable must be listed in ``static_args``
+      of :func:`optax.inject_hyperparams`).
+    seed: seeds the Hutchinson probes."""
+
+
+def cblr(
+    learning_rate_scale: ScalarOrSchedule = 1.0,
+    momentum: float = 0.9,
+    *,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    curvature: str = "hessian",
+    scale: float = 1.0,
+    estimator: str = "hutchinson",
+    num_probes: Optional[int] = None,
+    hvp: str = "forward_over_reverse",
+    weight_decay_convention: str = "optax",
+    initial_lr: float = 1e-3,
+    min_lr: float = 0.0,
+    max_lr: Optional[float] = None,
+    curvature_floor: float = 0.0,
+    ema: float = 0.0,
+    update_interval: int = 1,
+    fd_scale: float = 1e-3,
+    layers: _layers.LayerGrouping = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Curvature-based layer-wise learning rates (CBLR) with momentum.
+
+  Gao and Zhong (2020), arXiv 2012.08795, in the library's reading (see
+  :func:`scale_by_curvature_lr`). Conventions follow LARS (You et al. 2017,
+  Algorithm 1) and ``optax.lars``: weight decay is added to the gradient, the
+  result is scaled by ``lr_l``, by ``-learning_rate_scale``, and only then
+  accumulated by heavy-ball momentum::
+
+      v <- momentum * v - learning_rate_scale * lr_l * (g_l + wd * theta_l)
+      theta <- theta + v
+
+  So ``cblr(lr, m, weight_decay=wd, curvature="norm_ratio", scale=tc,
+  layers=<one layer per leaf>)`` is ``optax.lars(lr, wd, trust_coefficient=tc,
+  momentum=m)`` (``weight_decay_convention="lars_paper"`` gives You et al.'s
+  trust ratio ``tc ||theta|| / (||g|| + wd ||theta||)`` instead).
+
+  Args:
+    learning_rate_scale: a global multiplier of the per-layer rates, a float
+      or an Optax schedule (warm-up, decay).
+    momentum: heavy-ball momentum decay (0 = none).
+    nesterov: Nesterov momentum.
+    weight_decay: L2 strength (see :func:`scale_by_curvature_lr`).
+    curvature: ``"hessian"`` (call ``update`` with ``value_fn``),
+      ``"secant"`` or ``"norm_ratio"``.
+{shared}
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_layerwise as olw
+    >>> params = {{'a': {{'w': jnp.ones(3)}}, 'b': {{'w': jnp.ones(2)}}}}
+    >>> loss = lambda p: (jnp.sum(p['a']['w'] ** 2)
+    ...                   + 50 * jnp.sum(p['b']['w'] ** 2))
+    >>> tx = olw.cblr(0.5, momentum=0.0, estimator='exact')
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            value_fn=loss)
+    >>> optax.apply_updates(params, updates)['b']['w']
+    Array([0.5, 0.5], dtype=float32)
+  """
+  return _chain(
+      "rayleigh", learning_rate_scale, momentum, nesterov,
+      curvature=curvature, weight_decay=weight_decay, scale=scale,
+      estimator=estimator, num_probes=num_probes, hvp=hvp,
+      weight_decay_convention=weight_decay_convention, initial_lr=initial_lr,
+      min_lr=min_lr, max_lr=max_lr, curvature_floor=curvature_floor, ema=ema,
+      update_interval=update_interval, fd_scale=fd_scale, layers=layers,
+      seed=seed)
+
+
+def mclr(
+    learning_rate_scale: ScalarOrSchedule = 1.0,
+    momentum: float = 0.9,
+    *,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    curvature: str = "hessian",
+    scale: float = 1.0,
+    estimator: str = "hutchinson",
+    num_probes: Optional[int] = None,
+    hvp: str = "forward_over_reverse",
+    weight_decay_convention: str = "optax",
+    initial_lr: float = 1e-3,
+    min_lr: float = 0.0,
+    max_lr: Optional[float] = None,
+    curvature_floor: float = 0.0,
+    ema: float = 0.0,
+    update_interval: int = 1,
+    fd_scale: float = 1e-3,
+    layers: _layers.LayerGrouping = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Median-curvature layer-wise learning rates (MCLR) with momentum.
+
+  Gao and Zhong (2020), arXiv 2012.08795, in the library's reading: as
+  :func:`cblr` (same momentum and weight-decay conventions), but ``kappa_l``
+  is the median over layer ``l``'s entries of an elementwise curvature
+  estimate (the Hutchinson diagonal ``|z * H z|`` for
+  ``curvature="hessian"``, the secant ratios ``y_i / s_i`` for
+  ``"secant"``), robust to a few extreme entries.
+
+  Args:
+    learning_rate_scale: a global multiplier of the per-layer rates, a float
+      or an Optax schedule.
+    momentum: heavy-ball momentum decay (0 = none), after the scaling.
+    nesterov: Nesterov momentum.
+    weight_decay: L2 strength (see :func:`scale_by_curvature_lr`).
+    curvature: ``"hessian"`` (call ``update`` with ``value_fn``) or
+      ``"secant"``.
+{shared}
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+  """
+  return _chain(
+      "median", learning_rate_scale, momentum, nesterov,
+      curvature=curvature, weight_decay=weight_decay, scale=scale,
+      estimator=estimator, num_probes=num_probes, hvp=hvp,
+      weight_decay_convention=weight_decay_convention, initial_lr=initial_lr,
+      min_lr=min_lr, max_lr=max_lr, curvature_floor=curvature_floor, ema=ema,
+      update_interval=update_interval, fd_scale=fd_scale, layers=layers,
+      seed=seed)
+
+
+cblr.__doc__ = cblr.__doc__.format(shared=_SHARED_ARGS_DOC)
+mclr.__doc__ = mclr.__doc__.format(shared=_SHARED_ARGS_DOC)
