@@ -38,7 +38,7 @@ ESTIMATORS = ("exact", "hutchinson")
 
 __all__ = [
     "LayerForms", "make_hvp", "layer_quadratic_forms", "require_value_fn",
-    "rademacher", "tree_all_finite",
+    "rademacher", "tree_all_finite", "concrete_int", "static_num_probes",
 ]
 
 _CALL_EXAMPLE = """
@@ -78,6 +78,32 @@ def _checked_value_fn(value_fn: ValueFn, transform: str) -> ValueFn:
     return value
 
   return wrapped
+
+
+def concrete_int(value) -> Optional[int]:
+  """``int(value)`` when it is known at trace time, else ``None``."""
+  try:
+    return int(value)
+  except (jax.errors.ConcretizationTypeError, TypeError):
+    return None
+
+
+def static_num_probes(num_probes) -> int:
+  """``num_probes`` as a Python int (``None`` means 1), validated.
+
+  It sets an array shape, so a traced value (from
+  :func:`optax.inject_hyperparams`) gets an error that names the fix.
+  """
+  if num_probes is None:
+    return 1
+  value = concrete_int(num_probes)
+  if value is None:
+    raise ValueError(
+        "num_probes sets an array shape and must be a Python int. With "
+        "optax.inject_hyperparams, pass static_args=('num_probes',).")
+  if value < 1:
+    raise ValueError(f"num_probes must be >= 1, got {value}.")
+  return value
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:

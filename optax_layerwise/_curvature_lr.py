@@ -59,7 +59,6 @@ import optax
 
 from optax_layerwise import _curvature
 from optax_layerwise import _layers
-from optax_layerwise import _step_size
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -280,10 +279,10 @@ def scale_by_curvature_lr(
         "curvature='secant' warms up with `initial_lr` on its first step; it "
         f"must be > 0 (got {initial_lr}), else the params never move.")
   # Shared with the layer-wise step sizes (same traced-hyperparameter rules).
-  static_interval = _step_size._concrete_int(update_interval)  # pylint: disable=protected-access
+  static_interval = _curvature.concrete_int(update_interval)
   if static_interval is not None and static_interval < 1:
     raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
-  num_probes = _step_size._static_num_probes(num_probes)  # pylint: disable=protected-access
+  num_probes = _curvature.static_num_probes(num_probes)
   no_weight_decay = _concrete_float(weight_decay) == 0.0
   is_secant = curvature == "secant"
 

@@ -73,27 +73,6 @@ class ScaleByLayerwiseStepSizeState(NamedTuple):
   num_skipped: jax.Array
 
 
-def _concrete_int(value) -> Optional[int]:
-  """``int(value)`` when it is known at trace time, else ``None``."""
-  try:
-    return int(value)
-  except (jax.errors.ConcretizationTypeError, TypeError):
-    return None
-
-
-def _static_num_probes(num_probes) -> int:
-  if num_probes is None:
-    return 1
-  value = _concrete_int(num_probes)
-  if value is None:
-    raise ValueError(
-        "num_probes sets an array shape and must be a Python int. With "
-        "optax.inject_hyperparams, pass static_args=('num_probes',).")
-  if value < 1:
-    raise ValueError(f"num_probes must be >= 1, got {value}.")
-  return value
-
-
 def _coupled_steps(matrix: jax.Array, decrease: jax.Array,
                    damping: float) -> jax.Array:
   """Solves the ``L x L`` subspace Newton system ``(M + damping I) a = b``.
@@ -189,10 +168,10 @@ def scale_by_layerwise_step_size(
   if coupled and estimator != "exact":
     raise ValueError("coupled=True needs the full L x L layer matrix: use "
                      "estimator='exact'.")
-  static_interval = _concrete_int(update_interval)
+  static_interval = _curvature.concrete_int(update_interval)
   if static_interval is not None and static_interval < 1:
     raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
-  num_probes = _static_num_probes(num_probes)
+  num_probes = _curvature.static_num_probes(num_probes)
   direction = optax.with_extra_args_support(
       direction if direction is not None else optax.identity())
 
