@@ -1,0 +1,306 @@
+"""Array-level BFGS machinery for K-BFGS (ALGORITHMS.md section 3, steps 5-7).
+
+Nothing here knows about pytrees or layers: plain vectors and matrices, all
+pure ``jnp`` code with static shapes, so it runs under ``jax.jit``,
+``jax.vmap`` and ``lax.scan``. Conventions follow Goldfarb, Ren and Bahamou,
+"Practical Quasi-Newton Methods for Training Deep Neural Networks", NeurIPS
+2020 (arXiv 2006.08877), and the authors' public code:
+
+* :func:`bfgs_inverse_update`: the BFGS update of an inverse Hessian
+  approximation ``H`` with the authors' skip rule (ALGORITHMS.md step 6).
+* :func:`double_damping`: Powell damping followed by Levenberg-Marquardt-like
+  damping of a pair ``(s, y)`` (the paper's "double damping" (DD);
+  ALGORITHMS.md step 5).
+* :func:`hessian_action_pair`: the pair ``(H_a abar, (A + sqrt(lambda) I)
+  H_a abar)`` that updates ``H_a`` without an explicit inverse (the paper's
+  "Hessian-action" BFGS; ALGORITHMS.md step 7).
+* :class:`LBFGSMemory`, :func:`lbfgs_init`, :func:`lbfgs_append`,
+  :func:`lbfgs_apply`: limited-memory BFGS in a fixed-size chronological
+  buffer of the last ``p`` pairs, applied through the compact representation
+  of Byrd, Nocedal and Schnabel (1994) so that one matrix product
+  applies ``H`` to many vectors at once (K-BFGS(L)).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "POWELL_MU1", "SKIP_TOL", "bfgs_inverse_update", "double_damping",
+    "hessian_action_pair", "LBFGSMemory", "lbfgs_init", "lbfgs_append",
+    "lbfgs_apply",
+]
+
+#: Powell damping threshold ``mu1`` of the authors' code.
+POWELL_MU1 = 0.2
+#: Skip a BFGS update when ``s^T y <= SKIP_TOL * s^T s * ||g||``.
+SKIP_TOL = 1e-4
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den`` with a zero denominator replaced by one (result unused)."""
+  return num / jnp.where(den == 0, jnp.ones_like(den), den)
+
+
+def _mirror_upper(m: jax.Array) -> jax.Array:
+  """``m`` with its upper triangle copied to the lower one.
+
+  The BFGS formula is symmetric, but XLA may round its ``(i, j)`` and ``(j,
+  i)`` entries differently (fused multiply-adds), and the asymmetry would
+  then accumulate over thousands of updates. Mirroring, a pure selection,
+  keeps every update symmetric to the last bit or two, with no drift.
+  """
+  index = jnp.arange(m.shape[0])
+  return jnp.where(index[:, None] <= index[None, :], m, m.T)
+
+
+def _accept_pair(s: jax.Array, y: jax.Array, grad_norm: jax.Array,
+                 skip_tol: float) -> jax.Array:
+  """The skip rule: ``s^T y > skip_tol * s^T s * ||g||`` and all finite."""
+  sy = jnp.vdot(s, y)
+  ss = jnp.vdot(s, s)
+  return (sy > skip_tol * ss * grad_norm) & (sy > 0) & jnp.isfinite(sy) & (
+      jnp.isfinite(ss))
+
+
+def bfgs_inverse_update(
+    h: jax.Array,
+    s: jax.Array,
+    y: jax.Array,
+    *,
+    grad_norm: jax.Array,
+    skip_tol: float = SKIP_TOL,
+    valid: jax.Array = True,
+) -> tuple[jax.Array, jax.Array]:
+  r"""BFGS update of an inverse Hessian approximation, with the skip rule.
+
+  With ``rho = 1 / s^T y`` (Nocedal and Wright, *Numerical Optimization*,
+  eq. (6.17))::
+
+      H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T
+         = H + (rho^2 y^T H y + rho) s s^T - rho (s (H y)^T + (H y) s^T),
+
+  the second, ``O(d^2)`` form being what is computed, then symmetrised
+  (upper triangle mirrored) so round-off asymmetry cannot accumulate. The
+  update is skipped (``H`` returned unchanged) when ``s^T y <= skip_tol *
+  s^T s * grad_norm`` (the authors' rule, ``grad_norm`` being the norm of the
+  mean pre-activation gradient for ``H_g`` and of the mean layer input for
+  ``H_a``) or when the result is not finite.
+
+  Args:
+    h: ``(d, d)`` symmetric positive definite ``H``.
+    s: ``(d,)`` step.
+    y: ``(d,)`` gradient change.
+    grad_norm: scalar of the skip rule.
+    skip_tol: the skip rule's tolerance.
+    valid: a boolean scalar; ``False`` skips the update as well.
+
+  Returns:
+    ``(H+, updated)``: the new matrix and a boolean scalar, ``False`` when the
+    update was skipped.
+  """
+  ok = _accept_pair(s, y, grad_norm, skip_tol) & valid
+  rho = _safe_div(1.0, jnp.where(ok, jnp.vdot(s, y), 1.0))
+  hy = h @ y
+  yhy = jnp.vdot(y, hy)
+  new_h = (h + (rho * rho * yhy + rho) * jnp.outer(s, s)
+           - rho * (jnp.outer(s, hy) + jnp.outer(hy, s)))
+  new_h = _mirror_upper(new_h)
+  ok = ok & jnp.all(jnp.isfinite(new_h))
+  return jnp.where(ok, new_h, h), ok
+
+
+def double_damping(
+    s: jax.Array,
+    y: jax.Array,
+    hy: jax.Array,
+    *,
+    mu1: float = POWELL_MU1,
+    mu2: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  r"""Powell then Levenberg-Marquardt-like damping of a pair (the paper's DD).
+
+  * Powell: if ``s^T y < mu1 y^T H y``, ``t1 = (1 - mu1) y^T H y / (y^T H y -
+    s^T y)`` and ``s <- t1 s + (1 - t1) H y``, which makes ``s^T y = mu1 y^T H
+    y``.
+  * Levenberg-Marquardt: then, if ``s^T y < mu2 s^T s``, ``t2 = (1 - mu2) s^T
+    s / (s^T s - s^T y)`` and ``y <- t2 y + (1 - t2) s``, which makes ``s^T y
+    = mu2 s^T s``.
+
+  Afterwards ``s^T y >= mu2 ||s||^2 > 0`` whenever ``s != 0``, which is what
+  bounds the eigenvalues of the updated ``H`` (see the tests for the bounds).
+
+  Args:
+    s: ``(d,)`` step.
+    y: ``(d,)`` gradient change.
+    hy: ``H y`` with the current ``H`` (a matrix product, or the L-BFGS
+      operator).
+    mu1: Powell threshold (0.2 in the authors' code).
+    mu2: Levenberg-Marquardt threshold (``sqrt(damping)`` in the authors'
+      code).
+
+  Returns:
+    ``(s, y, powell_fired, lm_fired)``.
+  """
+  sy = jnp.vdot(s, y)
+  yhy = jnp.vdot(y, hy)
+  powell = sy < mu1 * yhy
+  t1 = _safe_div((1.0 - mu1) * yhy, yhy - sy)
+  s = jnp.where(powell, t1 * s + (1.0 - t1) * hy, s)
+  sy = jnp.vdot(s, y)
+  ss = jnp.vdot(s, s)
+  lm = sy < mu2 * ss
+  t2 = _safe_div((1.0 - mu2) * ss, ss - sy)
+  y = jnp.where(lm, t2 * y + (1.0 - t2) * s, y)
+  return s, y, powell, lm
+
+
+def hessian_action_pair(h_a: jax.Array, a_damped: jax.Array,
+                        abar: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The Hessian-action pair for ``H_a`` (ALGORITHMS.md step 7).
+
+  ``s_a = H_a abar`` and ``y_a = (A + sqrt(lambda) I) s_a``: a pair whose
+  "Hessian" is exactly the damped ``A``, so BFGS updates of ``H_a`` with it
+  track ``(A + sqrt(lambda) I)^-1`` without ever inverting it.
+
+  Args:
+    h_a: ``(k, k)`` current ``H_a``.
+    a_damped: ``(k, k)`` ``A + sqrt(lambda) I``.
+    abar: ``(k,)`` mean (homogeneous) layer input.
+
+  Returns:
+    ``(s_a, y_a)``.
+  """
+  s_a = h_a @ abar
+  return s_a, a_damped @ s_a
+
+
+class LBFGSMemory(NamedTuple):
+  """The last ``p`` accepted pairs, oldest first (fixed shapes).
+
+  Besides the pairs it keeps the small matrices of the compact form,
+  updated in ``O(p d + p^2)`` per appended pair, so applying ``H`` needs no
+  triangular solve.
+
+  Attributes:
+    s: ``(p, d)`` steps; the last ``num_pairs`` rows are valid, the others 0.
+    y: ``(p, d)`` gradient changes, same layout.
+    r_inv: ``(p, p)`` inverse of ``R = triu(S Y^T)``, with a unit diagonal in
+      the empty slots (upper triangular).
+    yy: ``(p, p)`` ``Y Y^T``.
+    sy: ``(p,)`` ``diag(S Y^T)`` (0 in the empty slots).
+    num_pairs: int32 scalar, the number of valid rows (``<= p``).
+  """
+  s: jax.Array
+  y: jax.Array
+  r_inv: jax.Array
+  yy: jax.Array
+  sy: jax.Array
+  num_pairs: jax.Array
+
+
+def lbfgs_init(memory_size: int, dim: int, dtype=jnp.float32) -> LBFGSMemory:
+  """An empty memory: ``H`` is ``gamma I`` until pairs arrive."""
+  p = memory_size
+  return LBFGSMemory(jnp.zeros((p, dim), dtype), jnp.zeros((p, dim), dtype),
+                     jnp.eye(p, dtype=dtype), jnp.zeros((p, p), dtype),
+                     jnp.zeros((p,), dtype), jnp.zeros([], jnp.int32))
+
+
+def _shift(m: jax.Array, new_row: jax.Array, new_col: jax.Array,
+           corner: jax.Array) -> jax.Array:
+  """Drops row and column 0 of ``m`` and appends a last row and column."""
+  inner = m[1:, 1:]
+  top = jnp.concatenate([inner, new_col[:, None]], axis=1)
+  bottom = jnp.concatenate([new_row, corner[None]])[None]
+  return jnp.concatenate([top, bottom], axis=0)
+
+
+def lbfgs_append(
+    memory: LBFGSMemory,
+    s: jax.Array,
+    y: jax.Array,
+    *,
+    grad_norm: jax.Array,
+    skip_tol: float = SKIP_TOL,
+    valid: jax.Array = True,
+) -> tuple[LBFGSMemory, jax.Array]:
+  """Appends ``(s, y)``, dropping the oldest pair (or empty slot); skip rule.
+
+  The pair is skipped (memory unchanged) under the same rule as
+  :func:`bfgs_inverse_update`: ``s^T y <= skip_tol * s^T s * grad_norm`` or a
+  non-finite pair, or when ``valid`` is ``False``.
+
+  ``R^-1`` is updated without a solve: dropping the first pair keeps the
+  trailing block of the inverse of an upper triangular matrix, and the new
+  column is ``[-R'^-1 u / d; 1 / d]`` with ``u = S' y``, ``d = s^T y`` (as in
+  the authors' code).
+
+  Returns:
+    ``(memory, appended)``.
+  """
+  ok = _accept_pair(s, y, grad_norm, skip_tol) & valid
+  ok = ok & jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(y))
+  dtype = memory.s.dtype
+  s, y = s.astype(dtype), y.astype(dtype)
+  p = memory.s.shape[0]
+  old_s, old_y = memory.s[1:], memory.y[1:]
+  d = jnp.vdot(s, y)
+  d_safe = jnp.where(ok, d, 1.0)
+  u = old_s @ y                      # R's new column: s_i^T y, older pairs
+  r_inv_old = memory.r_inv[1:, 1:]
+  new_col = -(r_inv_old @ u) / d_safe
+  r_inv = _shift(memory.r_inv, jnp.zeros((p - 1,), dtype), new_col,
+                 1.0 / d_safe)
+  yy_col = old_y @ y
+  yy = _shift(memory.yy, yy_col, yy_col, jnp.vdot(y, y))
+  new = LBFGSMemory(
+      s=jnp.concatenate([old_s, s[None]]),
+      y=jnp.concatenate([old_y, y[None]]),
+      r_inv=r_inv, yy=yy,
+      sy=jnp.concatenate([memory.sy[1:], d[None]]),
+      num_pairs=jnp.minimum(memory.num_pairs + 1, p))
+  ok = ok & jnp.all(jnp.isfinite(new_col))
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new,
+                                memory), ok
+
+
+def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
+                gamma: float = 1.0) -> jax.Array:
+  r"""Applies the L-BFGS inverse-Hessian operator ``H`` to ``v``.
+
+  ``v`` is a vector ``(d,)`` or a matrix ``(c, d)`` whose *rows* are the
+  vectors (``H`` is symmetric, so this is also ``v @ H``). Compact form
+  (Byrd, Nocedal and Schnabel 1994, with ``H_0 = gamma I``), the
+  rows of ``S, Y`` being the pairs::
+
+      H = gamma I + S^T C S - gamma S^T R^-T Y - gamma Y^T R^-1 S,
+      C = R^-T (D + gamma Y Y^T) R^-1,
+
+  ``R = triu(S Y^T)`` and ``D = diag(S Y^T)``; for rows ``V``::
+
+      V H = gamma V + (V S^T C - gamma V Y^T R^-1) S - gamma (V S^T R^-T) Y.
+
+  Empty slots (zero rows, unit diagonal in ``R``) drop out exactly. Cost
+  ``O(p^3)`` for ``C`` plus ``4 p d c`` for ``c`` rows: the work of ``c``
+  two-loop recursions as a few matrix products.
+
+  Args:
+    memory: the pairs.
+    v: ``(d,)`` or ``(c, d)``.
+    gamma: the initial matrix ``gamma I``.
+
+  Returns:
+    ``H v`` (rows ``v_i H``), shaped like ``v``.
+  """
+  s, y, r_inv = memory.s, memory.y, memory.r_inv
+  c = r_inv.T @ (jnp.diag(memory.sy) + gamma * memory.yy) @ r_inv
+  rows = v[None] if v.ndim == 1 else v
+  vs = rows @ s.T
+  vy = rows @ y.T
+  out = (gamma * rows + (vs @ c - gamma * (vy @ r_inv)) @ s
+         - gamma * ((vs @ r_inv.T) @ y))
+  return out[0] if v.ndim == 1 else out

@@ -1,0 +1,571 @@
+"""K-BFGS and K-BFGS(L) (Goldfarb, Ren and Bahamou, NeurIPS 2020).
+
+Block-diagonal quasi-Newton with one block per dense layer ``h = a @ W + b``,
+each block approximated by a Kronecker product whose two small factors keep
+their inverses by BFGS: ``H_a`` (input side, ``(d_in+1)^2``) and ``H_g``
+(pre-activation side, ``d_out^2``, or the L-BFGS operator of the last ``p``
+pairs for K-BFGS(L)). The step for layer ``l`` is ``-lr * H_a M_l H_g`` with
+``M_l`` the momentum of the regularised gradient of ``[W; b]``.
+
+The algorithm follows ALGORITHMS.md section 3 (the paper, arXiv 2006.08877,
+as implemented in the authors' public code
+renyiryry/kbfgs_neurips2020_public, rewritten for Flax's ``(d_in, d_out)``
+kernel layout). Per step, on the mini-batch of ``value_fn``:
+
+1. Tapped pass at ``theta`` (:mod:`optax_layerwise._taps`): per layer the mean
+   homogeneous input ``abar``, ``A_batch = mean_i at_i at_i^T``, ``mean h`` and
+   ``mean gh`` (``gh_i = n dL/dh_i``). ``A <- A_batch`` on the first step,
+   else ``A <- beta A + (1 - beta) A_batch``; on the first step ``H_a <- (A +
+   sqrt(lambda) I)^-1`` (the only explicit inverse; ``H_g = I`` from
+   ``init``).
+2. ``M <- mu M + (1 - mu) (g + tau theta)`` for every leaf.
+3. ``delta_l = -lr H_a M_l H_g`` for dense layers; other leaves (norm scales,
+   embeddings, ...) take the fallback ``-lr M``.
+4. Second tapped pass on the same mini-batch at ``theta + delta``
+   (``pair="secant"``) or the directional derivatives along ``delta``
+   (``pair="tangent"``): ``s <- beta s + (1 - beta)(mean h+ - mean h)``,
+   ``y <- beta y + (1 - beta)(mean gh+ - mean gh)``.
+5. Double damping of ``(s, y)`` (Powell with ``mu1``, then
+   Levenberg-Marquardt with ``mu2 = sqrt(lambda)``).
+6. BFGS update of ``H_g`` (or append to the L-BFGS memory), skipped when
+   ``s^T y <= 1e-4 s^T s ||mean gh||`` or non-finite.
+7. ``H_a`` by Hessian action: ``s_a = H_a abar``, ``y_a = (A + sqrt(lambda) I)
+   s_a``, BFGS update with the same skip rule (``||abar||`` in place of
+   ``||mean gh||``, as in the authors' code).
+
+A whole step is skipped (zero update, state unchanged but for
+``num_nonfinite``) when the gradient or the tapped statistics are not finite;
+a non-finite pair from the second pass skips that layer's ``s, y, H_g``
+update and is counted in ``num_skipped``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_layerwise import _bfgs
+from optax_layerwise import _curvature
+from optax_layerwise import _layers
+from optax_layerwise import _taps
+
+PyTree = Any
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+__all__ = ["KBFGSLayerState", "KBFGSState", "kbfgs"]
+
+_NAME = "kbfgs"
+PAIRS = ("secant", "tangent")
+
+
+class KBFGSLayerState(NamedTuple):
+  """The Kronecker factors of one dense layer (statistics dtype).
+
+  Attributes:
+    a: ``(k, k)`` running ``A = mean a a^T`` (``k = d_in + 1`` with a bias).
+    h_a: ``(k, k)`` ``H_a ~ (A + sqrt(lambda) I)^-1``.
+    h_g: ``(d_out, d_out)`` ``H_g`` (K-BFGS), or the
+      :class:`optax_layerwise._bfgs.LBFGSMemory` of the last ``p`` pairs
+      (K-BFGS(L)).
+    s: ``(d_out,)`` smoothed pre-activation change (before damping).
+    y: ``(d_out,)`` smoothed pre-activation-gradient change (before damping).
+  """
+  a: jax.Array
+  h_a: jax.Array
+  h_g: Union[jax.Array, _bfgs.LBFGSMemory]
+  s: jax.Array
+  y: jax.Array
+
+
+class KBFGSState(NamedTuple):
+  """State of :func:`kbfgs`; shapes and dtypes are fixed across steps.
+
+  Per-layer vectors have one entry per dense layer, in the order of
+  :func:`kbfgs_layer_names`.
+
+  Attributes:
+    count: accepted steps (int32); indexes learning-rate schedules.
+    momentum: ``M``, the momentum of the regularised gradient (params'
+      structure, statistics dtype).
+    layers: one :class:`KBFGSLayerState` per dense layer.
+    preconditioned: params' structure, bool scalars: ``True`` for the leaves
+      (kernel and bias) the last step preconditioned; ``False`` for leaves
+      that took the fallback ``-lr M``.
+    num_powell: per layer, steps on which Powell damping fired (int32).
+    num_lm: per layer, steps on which Levenberg-Marquardt damping fired.
+    num_skipped: per layer, ``H_g`` updates skipped (skip rule or non-finite
+      pair).
+    num_skipped_a: per layer, ``H_a`` updates skipped.
+    num_nonfinite: whole steps skipped for a non-finite gradient or
+      statistics (int32 scalar).
+  """
+  count: jax.Array
+  momentum: PyTree
+  layers: tuple
+  preconditioned: PyTree
+  num_powell: jax.Array
+  num_lm: jax.Array
+  num_skipped: jax.Array
+  num_skipped_a: jax.Array
+  num_nonfinite: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dense:
+  """Static description of one dense layer of the params."""
+  name: str
+  kernel_index: int
+  bias_index: Optional[int]
+  d_in: int
+  d_out: int
+
+  @property
+  def k(self) -> int:
+    return self.d_in + (self.bias_index is not None)
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _strip_value(path: tuple) -> tuple:
+  # Non-pure nnx.State leaves sit under a trailing `.value` attribute.
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name in ("value", "raw_value")):
+    return path[:-1]
+  return path
+
+
+def _default_is_dense(path: tuple, leaf) -> bool:
+  del leaf
+  return "embed" not in _key_name(path[-1]).lower() if path else True
+
+
+def _dense_layers(params: PyTree, dense_layers) -> tuple:
+  """The static list of dense layers (kernel and optional bias leaves)."""
+  with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+  paths = [_strip_value(p) for p, _ in with_path]
+  leaves = [leaf for _, leaf in with_path]
+  is_dense = dense_layers if dense_layers is not None else _default_is_dense
+  layers = []
+  for i in _taps.candidate_kernels(params):
+    if not paths[i] or not is_dense(paths[i], leaves[i]):
+      continue
+    d_in, d_out = leaves[i].shape
+    parent = paths[i][:-1]
+    biases = [
+        j for j, p in enumerate(paths)
+        if j != i and p[:-1] == parent and jnp.ndim(leaves[j]) == 1
+        and leaves[j].shape[0] == d_out
+        and _key_name(p[-1]) in ("bias", "b")]
+    bias = None
+    if biases:
+      named = [j for j in biases if _key_name(paths[j][-1]) == "bias"]
+      bias = (named or biases)[0]
+    name = jax.tree_util.keystr(parent if parent else paths[i])
+    layers.append(_Dense(name, i, bias, d_in, d_out))
+  return tuple(layers)
+
+
+def kbfgs_layer_names(params: PyTree, dense_layers=None) -> tuple:
+  """Names of the dense layers :func:`kbfgs` keeps Kronecker factors for.
+
+  The order is that of the per-layer vectors and ``layers`` of
+  :class:`KBFGSState`.
+  """
+  return tuple(layer.name for layer in _dense_layers(params, dense_layers))
+
+
+def _sym(x: jax.Array) -> jax.Array:
+  return 0.5 * (x + x.T)
+
+
+def _spd_inverse(x: jax.Array) -> jax.Array:
+  chol = jnp.linalg.cholesky(x)
+  eye = jnp.eye(x.shape[0], dtype=x.dtype)
+  return _sym(jax.scipy.linalg.cho_solve((chol, True), eye))
+
+
+def _homogeneous(layer: _Dense, tap: _taps.DenseTap):
+  """``abar`` and ``A_batch`` with the homogeneous coordinate for a bias."""
+  mean, second = tap.input_mean, tap.input_second_moment
+  if layer.bias_index is None:
+    return mean, second
+  one = jnp.ones((1,), mean.dtype)
+  abar = jnp.concatenate([mean, one])
+  a_batch = jnp.block([[second, mean[:, None]], [mean[None, :], one[None]]])
+  return abar, a_batch
+
+
+def _all_finite(arrays) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(arrays)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def kbfgs(
+    learning_rate: ScalarOrSchedule = 0.3,
+    *,
+    damping: float = 0.3,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-5,
+    stat_decay: float = 0.9,
+    memory_size: Optional[int] = None,
+    pair: str = "secant",
+    mu1: float = _bfgs.POWELL_MU1,
+    mu2: Optional[float] = None,
+    skip_tol: float = _bfgs.SKIP_TOL,
+    lbfgs_gamma: float = 1.0,
+    dense_layers: Optional[Callable[[tuple, Any], bool]] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""K-BFGS / K-BFGS(L): Kronecker-factored BFGS for dense layers.
+
+  Goldfarb, Ren and Bahamou, "Practical Quasi-Newton Methods for Training
+  Deep Neural Networks", NeurIPS 2020, arXiv 2006.08877 (ALGORITHMS.md
+  section 3). Each dense layer ``h = a @ W + b`` moves by
+  ``delta = -lr * H_a M H_g``, ``M`` being the momentum of ``grad + tau *
+  theta`` for ``[W; b]``, ``H_a ~ (A + sqrt(lambda) I)^-1`` and ``H_g`` a BFGS
+  (or, with ``memory_size=p``, L-BFGS) approximation of the inverse
+  pre-activation Hessian, damped by Powell + Levenberg-Marquardt "double
+  damping". Leaves outside dense layers move by ``-lr * M``.
+
+  This is a complete optimizer, meant as the **last** stage of a chain: its
+  secant pair is measured at ``theta + delta`` with the very step it returns,
+  so nothing may rescale its output (transforms of the gradient before it,
+  such as :func:`optax.clip_by_global_norm`, are fine). It needs the params
+  and the mini-batch loss ``value_fn``::
+
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params,
+                                     value_fn=lambda p: loss_fn(p, batch))
+      params = optax.apply_updates(params, updates)
+
+  ``value_fn`` is re-run with the dense layers tapped (Flax linen
+  ``nn.Dense``, Flax NNX ``nnx.Linear``, or :func:`optax_layerwise.dense` in
+  plain JAX), once at ``theta`` and once at ``theta + delta``. Put the
+  gradient computation and ``tx.update`` in the same ``jax.jit``: XLA then
+  shares the forward and backward pass of the tap at ``theta`` with the
+  gradient's (so K-BFGS costs one extra forward-backward pass, the second
+  one, plus its matrix products).
+
+  Args:
+    learning_rate: ``lr``, a scalar or an Optax schedule of the step count.
+    damping: ``lambda``; ``A`` is damped by ``sqrt(lambda) I`` and
+      Levenberg-Marquardt damping uses ``mu2 = sqrt(lambda)``.
+    momentum: momentum ``mu`` of the gradient.
+    weight_decay: L2 coefficient ``tau`` added to the gradient (``g + tau
+      theta``, all leaves).
+    stat_decay: ``beta``, decay of the moving averages of ``A``, ``s``, ``y``.
+    memory_size: ``None`` for K-BFGS (dense ``H_g``); an integer ``p >= 1``
+      for K-BFGS(L) (the last ``p`` pairs; the paper uses 100).
+    pair: ``"secant"`` (the paper: a second pass on the same mini-batch at
+      ``theta + delta``) or ``"tangent"`` (ours: the directional derivatives
+      of ``mean h`` and ``mean gh`` along ``delta``, one ``jax.jvp``;
+      independent of the step length, about twice the cost).
+    mu1: Powell damping threshold (0.2).
+    mu2: Levenberg-Marquardt threshold, ``sqrt(damping)`` by default; must lie
+      in ``(0, 1)``.
+    skip_tol: tolerance of the BFGS skip rule (1e-4).
+    lbfgs_gamma: K-BFGS(L)'s initial matrix ``gamma I`` (1).
+    dense_layers: which 2-D leaves are dense kernels that get Kronecker
+      factors: a predicate ``(path, leaf) -> bool`` on key paths. Default:
+      every 2-D float leaf whose key does not contain ``"embed"``; a 1-D
+      sibling of length ``d_out`` named ``bias`` (or ``b``) is its bias.
+      Exclude big 2-D leaves that are not dense layers to save memory.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` with state
+    :class:`KBFGSState`.
+
+  Raises:
+    ValueError: a bad hyperparameter (at construction), or at ``update``:
+      no ``value_fn``, no params, no tappable dense layer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_layerwise as olw
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (32, 4))
+    >>> t = jnp.sin(x[:, :1])
+    >>> k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    >>> params = {'l1': {'kernel': jax.random.normal(k1, (4, 8)) / 2,
+    ...                  'bias': jnp.zeros(8)},
+    ...           'l2': {'kernel': jax.random.normal(k2, (8, 1)) / 3}}
+    >>> def loss_fn(p):
+    ...   h = jnp.tanh(olw.dense(x, p['l1']['kernel'], p['l1']['bias']))
+    ...   return jnp.mean((olw.dense(h, p['l2']['kernel']) - t) ** 2)
+    >>> tx = olw.kbfgs(0.1)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params,
+    ...                            value_fn=loss_fn)
+    >>> params = optax.apply_updates(params, updates)
+    >>> bool(state.preconditioned['l1']['kernel'])
+    True
+  """
+  if not callable(learning_rate) and not isinstance(
+      learning_rate, jax.core.Tracer) and float(learning_rate) < 0:
+    raise ValueError(f"{_NAME}: learning_rate must be >= 0, got "
+                     f"{learning_rate}.")
+  if not damping > 0:
+    raise ValueError(f"{_NAME}: damping must be > 0 (A is damped by "
+                     f"sqrt(damping) I), got {damping}.")
+  if mu2 is None:
+    mu2 = math.sqrt(damping)
+    if mu2 >= 1:
+      raise ValueError(
+          f"{_NAME}: damping={damping} gives mu2 = sqrt(damping) >= 1; pass "
+          "mu2 in (0, 1) explicitly for damping >= 1.")
+  if not 0 < mu2 < 1:
+    raise ValueError(f"{_NAME}: mu2 must lie in (0, 1), got {mu2}.")
+  if not 0 < mu1 < 1:
+    raise ValueError(f"{_NAME}: mu1 must lie in (0, 1), got {mu1}.")
+  if not 0 <= momentum < 1:
+    raise ValueError(f"{_NAME}: momentum must lie in [0, 1), got {momentum}.")
+  if not 0 <= stat_decay < 1:
+    raise ValueError(f"{_NAME}: stat_decay must lie in [0, 1), got "
+                     f"{stat_decay}.")
+  if weight_decay < 0:
+    raise ValueError(f"{_NAME}: weight_decay must be >= 0, got "
+                     f"{weight_decay}.")
+  if memory_size is not None and (
+      isinstance(memory_size, bool) or int(memory_size) != memory_size
+      or memory_size < 1):
+    raise ValueError(f"{_NAME}: memory_size must be None (K-BFGS) or an "
+                     f"integer >= 1 (K-BFGS(L)), got {memory_size!r}.")
+  if pair not in PAIRS:
+    raise ValueError(f"{_NAME}: pair must be one of {PAIRS}, got {pair!r}.")
+  sqrt_damping = math.sqrt(damping)
+  beta = stat_decay
+
+  def init_fn(params):
+    _layers.check_params(params, transform=_NAME)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    layer_states = []
+    for layer in _dense_layers(params, dense_layers):
+      dtype = _layers.stats_dtype(leaves[layer.kernel_index].dtype)
+      eye_k = jnp.eye(layer.k, dtype=dtype)
+      if memory_size is None:
+        h_g = jnp.eye(layer.d_out, dtype=dtype)
+      else:
+        h_g = _bfgs.lbfgs_init(int(memory_size), layer.d_out, dtype)
+      layer_states.append(KBFGSLayerState(
+          a=jnp.zeros_like(eye_k), h_a=eye_k, h_g=h_g,
+          s=jnp.zeros((layer.d_out,), dtype),
+          y=jnp.zeros((layer.d_out,), dtype)))
+    num = len(layer_states)
+    # Distinct buffers everywhere, so the state can be donated to jax.jit.
+    counts = lambda: jnp.zeros((num,), jnp.int32)
+    return KBFGSState(
+        count=jnp.zeros([], jnp.int32),
+        momentum=jax.tree_util.tree_unflatten(treedef, [
+            jnp.zeros(jnp.shape(x), _layers.stats_dtype(x.dtype))
+            for x in leaves]),
+        layers=tuple(layer_states),
+        preconditioned=jax.tree_util.tree_unflatten(
+            treedef, [jnp.zeros([], bool) for _ in leaves]),
+        num_powell=counts(), num_lm=counts(), num_skipped=counts(),
+        num_skipped_a=counts(), num_nonfinite=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del extra_args
+    value_fn = _curvature.require_value_fn(value_fn, transform=_NAME)
+    _layers.check_params(params, transform=_NAME)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    grad_leaves, grad_def = jax.tree_util.tree_flatten(updates)
+    if grad_def != treedef:
+      raise ValueError(f"{_NAME}: the updates (gradients) do not match the "
+                       f"params' structure.\n  params: {treedef}\n  got:    "
+                       f"{grad_def}")
+    dense = _dense_layers(params, dense_layers)
+    if len(dense) != len(state.layers):
+      raise ValueError(f"{_NAME}: the params have {len(dense)} dense layers "
+                       f"but the state was built for {len(state.layers)}; "
+                       "re-run init.")
+
+    # 1. Tapped pass at theta.
+    taps = _taps.tap_dense_layers(
+        value_fn, params, kernels=[layer.kernel_index for layer in dense],
+        second_moment=True, with_grads=False)
+    if not taps.layers:
+      raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
+    untapped = [layer.name for layer in dense
+                if layer.kernel_index not in taps.layers]
+    if untapped:
+      warnings.warn(
+          f"{_NAME}: no tapped call used the dense kernel(s) {untapped}; they "
+          "take the fallback -lr * momentum. Exclude them with `dense_layers` "
+          "to save their state memory.", stacklevel=2)
+    for layer in dense:
+      tap = taps.layers.get(layer.kernel_index)
+      if tap is not None and tap.bias_index != layer.bias_index:
+        raise ValueError(
+            f"{_NAME}: the dense layer {layer.name} was called with bias leaf "
+            f"{tap.bias_index} but its params have bias leaf "
+            f"{layer.bias_index} (None = no bias). Call the layer with its own "
+            "`bias` sibling leaf, or none if it has none.")
+    tapped = tuple(layer for layer in dense
+                   if layer.kernel_index in taps.layers)
+
+    precond = [False] * len(leaves)
+    for layer in tapped:
+      precond[layer.kernel_index] = True
+      if layer.bias_index is not None:
+        precond[layer.bias_index] = True
+    preconditioned = jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(flag) for flag in precond])
+
+    stats = [(t.input_mean, t.input_second_moment, t.output_mean,
+              t.output_grad) for t in taps.layers.values()]
+    finite = _all_finite((grad_leaves, stats))
+
+    lr = learning_rate(state.count) if callable(learning_rate) else (
+        learning_rate)
+
+    # 2. Momentum of the regularised gradient.
+    mom_leaves = jax.tree_util.tree_leaves(state.momentum)
+    new_mom = []
+    for g, p, m in zip(grad_leaves, leaves, mom_leaves):
+      g_reg = g.astype(m.dtype) + weight_decay * p.astype(m.dtype)
+      new_mom.append(momentum * m + (1.0 - momentum) * g_reg)
+
+    # 3. Directions: preconditioned for tapped layers, -lr M elsewhere.
+    deltas = [(-lr * m).astype(m.dtype) for m in new_mom]
+    first = state.count == 0
+    layer_work = {}
+    for pos, layer in enumerate(dense):
+      if layer not in tapped:
+        continue
+      ls = state.layers[pos]
+      abar, a_batch = _homogeneous(layer, taps.layers[layer.kernel_index])
+      a_new = jnp.where(first, a_batch, beta * ls.a + (1.0 - beta) * a_batch)
+      a_damped = a_new + sqrt_damping * jnp.eye(layer.k, dtype=a_new.dtype)
+      h_a = jax.lax.cond(first, _spd_inverse, lambda _, h=ls.h_a: h, a_damped)
+      m_w = new_mom[layer.kernel_index]
+      if layer.bias_index is not None:
+        m_w = jnp.concatenate([m_w, new_mom[layer.bias_index][None]])
+      left = h_a @ m_w
+      if memory_size is None:
+        direction = left @ ls.h_g
+      else:
+        direction = _bfgs.lbfgs_apply(ls.h_g, left, lbfgs_gamma)
+      step = -lr * direction
+      deltas[layer.kernel_index] = step[:layer.d_in]
+      if layer.bias_index is not None:
+        deltas[layer.bias_index] = step[layer.d_in]
+      layer_work[pos] = (abar, a_new, a_damped, h_a)
+
+    out_leaves = [d.astype(p.dtype) for d, p in zip(deltas, leaves)]
+    new_updates = jax.tree_util.tree_unflatten(treedef, out_leaves)
+
+    # 4. The pair: second pass at theta + delta, or directional derivatives.
+    kernels = [layer.kernel_index for layer in tapped]
+    if pair == "secant":
+      shifted = jax.tree_util.tree_map(
+          lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
+          params, new_updates)
+      plus = _taps.tap_dense_layers(value_fn, shifted, kernels=kernels,
+                                    second_moment=False, with_grads=False)
+      pairs = {}
+      for layer in tapped:
+        before = taps.layers[layer.kernel_index]
+        after = plus.layers.get(layer.kernel_index)
+        if after is None:
+          raise ValueError(f"{_NAME}: the layer {layer.name} was tapped at "
+                           "theta but not at theta + delta; value_fn must "
+                           "call the same layers for all params.")
+        pairs[layer.kernel_index] = (after.output_mean - before.output_mean,
+                                     after.output_grad - before.output_grad)
+    else:
+
+      def means(p):
+        res = _taps.tap_dense_layers(value_fn, p, kernels=kernels,
+                                     second_moment=False, with_grads=False)
+        return {i: (res.layers[i].output_mean, res.layers[i].output_grad)
+                for i in kernels}
+
+      _, pairs = jax.jvp(means, (params,), (new_updates,))
+    # A zero step (lr = 0, e.g. a warm-up schedule's first step) has a zero
+    # pair in exact arithmetic; the recomputed second pass may differ from the
+    # first by round-off, and BFGS would take that noise at face value.
+    zero_step = jnp.logical_not(jnp.any(jnp.stack(
+        [jnp.any(u != 0) for u in out_leaves])))
+    pairs = {i: tuple(jnp.where(zero_step, jnp.zeros_like(v), v) for v in sy)
+             for i, sy in pairs.items()}
+
+    # 5-7. Damping and the BFGS updates of H_g and H_a, and the new state.
+    def take_step(_):
+      new_layers = list(state.layers)
+      powell_flags, lm_flags, skip_flags, skip_a_flags = [], [], [], []
+      for pos, layer in enumerate(dense):
+        ls = state.layers[pos]
+        if pos not in layer_work:
+          for flags in (powell_flags, lm_flags, skip_flags, skip_a_flags):
+            flags.append(jnp.asarray(False))
+          continue
+        abar, a_new, a_damped, h_a = layer_work[pos]
+        tap = taps.layers[layer.kernel_index]
+        s_new, y_new = pairs[layer.kernel_index]
+        pair_ok = _all_finite((s_new, y_new))
+        s_bar = jnp.where(pair_ok, beta * ls.s + (1.0 - beta) * s_new, ls.s)
+        y_bar = jnp.where(pair_ok, beta * ls.y + (1.0 - beta) * y_new, ls.y)
+        if memory_size is None:
+          hy = ls.h_g @ y_bar
+        else:
+          hy = _bfgs.lbfgs_apply(ls.h_g, y_bar, lbfgs_gamma)
+        s_d, y_d, powell, lm = _bfgs.double_damping(s_bar, y_bar, hy, mu1=mu1,
+                                                    mu2=mu2)
+        g_norm = jnp.linalg.norm(tap.output_grad)
+        if memory_size is None:
+          h_g, updated = _bfgs.bfgs_inverse_update(
+              ls.h_g, s_d, y_d, grad_norm=g_norm, skip_tol=skip_tol,
+              valid=pair_ok)
+        else:
+          h_g, updated = _bfgs.lbfgs_append(ls.h_g, s_d, y_d, grad_norm=g_norm,
+                                            skip_tol=skip_tol, valid=pair_ok)
+        s_a, y_a = _bfgs.hessian_action_pair(h_a, a_damped, abar)
+        h_a_new, updated_a = _bfgs.bfgs_inverse_update(
+            h_a, s_a, y_a, grad_norm=jnp.linalg.norm(abar), skip_tol=skip_tol)
+        new_layers[pos] = KBFGSLayerState(a=a_new, h_a=h_a_new, h_g=h_g,
+                                          s=s_bar, y=y_bar)
+        powell_flags.append(powell & pair_ok)
+        lm_flags.append(lm & pair_ok)
+        skip_flags.append(~updated)
+        skip_a_flags.append(~updated_a)
+
+      def count(flags):
+        if not flags:
+          return jnp.zeros((0,), jnp.int32)
+        return jnp.stack(flags).astype(jnp.int32)
+
+      new_state = KBFGSState(
+          count=state.count + 1,
+          momentum=jax.tree_util.tree_unflatten(treedef, new_mom),
+          layers=tuple(new_layers),
+          preconditioned=preconditioned,
+          num_powell=state.num_powell + count(powell_flags),
+          num_lm=state.num_lm + count(lm_flags),
+          num_skipped=state.num_skipped + count(skip_flags),
+          num_skipped_a=state.num_skipped_a + count(skip_a_flags),
+          num_nonfinite=state.num_nonfinite)
+      return new_state
+
+    def skip_step(_):
+      return state._replace(preconditioned=preconditioned,
+                            num_nonfinite=state.num_nonfinite + 1)
+
+    # A non-finite gradient or statistic skips the whole step: zero update,
+    # state unchanged but the counter. lax.cond rather than jnp.where, so the
+    # big factors are not copied through selects every step.
+    new_state = jax.lax.cond(finite, take_step, skip_step, None)
+    new_updates = jax.tree_util.tree_map(
+        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,406 @@
+"""Layer taps: dense-layer inputs and pre-activation gradients of a loss.
+
+K-BFGS needs, for every dense layer ``h = a @ W + b``, statistics of the
+layer's inputs ``a`` and of the gradient of the loss with respect to its
+pre-activations ``h``. Neither is in the params or the gradient, so
+:func:`tap_dense_layers` re-runs the user's ``value_fn`` with every dense layer
+*tapped*: a tapped layer
+
+* records its input (rows flattened: ``(..., d_in) -> (n, d_in)``, so
+  sequence or spatial dims join the batch of examples), and
+* adds a zero perturbation ``e`` of shape ``(d_out,)`` to its output,
+  ``h + e``, so that ``dL/de = sum_rows dL/dh``: the summed pre-activation
+  gradient (Flax's ``Module.perturb`` trick). One ``jax.vjp`` gives it for all
+  layers at once, together with the params gradient.
+
+K-BFGS only ever uses the *means* over examples of ``h`` and of ``gh_i = n
+dL/dh_i`` (ALGORITHMS.md section 3), so a ``(d_out,)`` perturbation suffices:
+it costs no memory per example, and ``mean_i gh_i = dL/de`` exactly.
+
+Supported layers, with no change to the model:
+
+* Flax linen ``nn.Dense`` (and subclasses), through
+  :func:`flax.linen.intercept_methods`;
+* Flax NNX ``nnx.Linear`` (and subclasses), by wrapping ``nnx.Linear.__call__``
+  only while the tap runs;
+* plain JAX: call :func:`dense` for the layer (``dense(x, kernel, bias)``
+  computes ``x @ kernel + bias`` and is tapped when a tap runs).
+
+A tapped call is matched to its params leaf by the *identity* of the kernel
+array inside the trace (each params leaf is a distinct tracer of the
+``jax.vjp``), not by call order, so layers may be called in any order, several
+times (weight sharing: the rows of all calls are pooled), or not at all.
+Calls whose kernel is not a params leaf (frozen weights closed over by
+``value_fn``, or calls inside a ``jax.jit`` / ``nn.scan`` / ``nn.remat``
+nested in ``value_fn``, which re-trace the kernel) are left untapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from optax_layerwise import _curvature
+from optax_layerwise import _layers
+
+PyTree = Any
+
+__all__ = ["dense", "DenseTap", "TapResult", "tap_dense_layers",
+           "SUPPORTED_LAYERS"]
+
+SUPPORTED_LAYERS = ("flax.linen.Dense", "flax.nnx.Linear",
+                    "optax_layerwise.dense (plain JAX)")
+
+# The stack of active tap contexts. It is empty outside `tap_dense_layers`;
+# a lock serialises the (trace-time only) patching of `nnx.Linear`.
+_CONTEXTS: list = []
+_PATCH_LOCK = threading.RLock()
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["input_mean", "input_second_moment", "output_mean",
+                 "output_grad"],
+    meta_fields=["name", "num_rows", "kernel_index", "bias_index"])
+@dataclasses.dataclass(frozen=True)
+class DenseTap:
+  """What one tapped dense layer saw (statistics dtype: float32 or float64).
+
+  A pytree whose leaves are the arrays; the rest is static, so it can be
+  returned from ``jax.jit``.
+
+  Attributes:
+    input_mean: ``(d_in,)`` mean input ``mean_i a_i``.
+    input_second_moment: ``(d_in, d_in)`` ``mean_i a_i a_i^T``, or ``None``
+      when not requested.
+    output_mean: ``(d_out,)`` mean pre-activation ``mean_i h_i``.
+    output_grad: ``(d_out,)`` ``sum_i dL/dh_i`` (``= mean_i gh_i`` with ``gh_i
+      = n dL/dh_i``; equals the bias gradient).
+    name: key path of the kernel leaf, e.g. ``"['Dense_0']['kernel']"``.
+    num_rows: number of examples ``n`` (all leading dims of all calls).
+    kernel_index: flatten index of the kernel leaf in the params.
+    bias_index: flatten index of the bias leaf, or ``None``.
+  """
+  input_mean: jax.Array
+  input_second_moment: Optional[jax.Array]
+  output_mean: jax.Array
+  output_grad: jax.Array
+  name: str
+  num_rows: int
+  kernel_index: int
+  bias_index: Optional[int]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["loss", "grads", "layers"],
+    meta_fields=["num_untapped_calls"])
+@dataclasses.dataclass(frozen=True)
+class TapResult:
+  """Result of :func:`tap_dense_layers` (a pytree; jit-returnable).
+
+  Attributes:
+    loss: ``value_fn(params)``.
+    grads: its gradient (params' structure), or ``None`` if not requested.
+    layers: ``{kernel leaf index: DenseTap}`` for every tapped layer.
+    num_untapped_calls: dense calls whose kernel was not a params leaf.
+  """
+  loss: jax.Array
+  grads: Optional[PyTree]
+  layers: dict
+  num_untapped_calls: int
+
+
+@dataclasses.dataclass
+class _Record:
+  kernel_index: int
+  bias_index: Optional[int]
+  num_rows: int = 0
+  sum_x: Any = None
+  sum_xx: Any = None
+  sum_y: Any = None
+
+
+class _Context:
+  """One active tap: kernel identities, perturbations, and the records."""
+
+  def __init__(self, leaves, perts, want_second_moment, stats_dtype):
+    self.kernel_pos = {id(leaves[index]): index for index in perts}
+    self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
+    self.perts = perts
+    self.want_second_moment = want_second_moment
+    self.stats_dtype = stats_dtype
+    self.records: dict = {}
+    self.untapped = 0
+
+  def record(self, x, y, kernel, bias):
+    index = self.kernel_pos.get(id(kernel))
+    if index is None:
+      self.untapped += 1
+      return y
+    bias_index = None if bias is None else self.leaf_index.get(id(bias))
+    d_in, d_out = kernel.shape
+    rec = self.records.get(index)
+    if rec is None:
+      rec = self.records[index] = _Record(index, bias_index)
+    elif rec.bias_index != bias_index:
+      raise ValueError(
+          "A dense layer was called several times with different biases "
+          f"(leaf {index}); give each call its own layer.")
+    dtype = self.stats_dtype
+    rows = x.reshape(-1, d_in).astype(dtype)
+    out = y.reshape(-1, d_out).astype(dtype)
+    sum_x = jnp.sum(rows, axis=0)
+    sum_y = jnp.sum(out, axis=0)
+    sum_xx = gram(rows) if self.want_second_moment else None
+    if rec.num_rows:
+      sum_x = rec.sum_x + sum_x
+      sum_y = rec.sum_y + sum_y
+      sum_xx = None if sum_xx is None else rec.sum_xx + sum_xx
+    rec.num_rows += rows.shape[0]
+    rec.sum_x, rec.sum_y, rec.sum_xx = sum_x, sum_y, sum_xx
+    pert = self.perts[index]
+    if y.dtype == pert.dtype:
+      return y + pert
+    # Add in the statistics dtype so the summed cotangent stays accurate.
+    return (y.astype(pert.dtype) + pert).astype(y.dtype)
+
+
+def gram(rows: jax.Array, block: int = 192) -> jax.Array:
+  """``rows^T rows``, computing only the blocks on and above the diagonal.
+
+  The Gram matrix is symmetric, so for ``d > block`` the columns are cut into
+  ``b`` blocks and ``b (b + 1) / 2`` of the ``b^2`` block products are formed
+  (about 60 % of the flops of ``rows.T @ rows`` for ``d ~ 1000``); the blocks
+  below the diagonal are exact transposes of those above.
+  """
+  d = rows.shape[1]
+  edges = list(range(0, d, block)) + [d]
+  if len(edges) > 2 and edges[-1] - edges[-2] < block // 2:
+    edges.pop(-2)  # merge a small last block into its neighbour
+  if len(edges) <= 2:
+    return rows.T @ rows
+  parts = [rows[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
+  grid = [[None] * len(parts) for _ in parts]
+  for i, left in enumerate(parts):
+    for j in range(i, len(parts)):
+      grid[i][j] = left.T @ parts[j]
+      if j > i:
+        grid[j][i] = grid[i][j].T
+  return jnp.block(grid)
+
+
+def _record(x, y, kernel, bias):
+  if not _CONTEXTS:
+    return y
+  return _CONTEXTS[-1].record(x, y, kernel, bias)
+
+
+def dense(x: jax.Array, kernel: jax.Array,
+          bias: Optional[jax.Array] = None, *,
+          precision=None) -> jax.Array:
+  """A dense layer ``x @ kernel + bias`` that K-BFGS can tap (plain JAX).
+
+  Outside a tap this is just the affine map over the last axis of ``x``.
+  Inside :func:`tap_dense_layers` (hence inside :func:`optax_layerwise.kbfgs`)
+  the call records its input and perturbs its output. Pass the params leaves
+  themselves (``p['kernel']``, not a cast or reshaped copy): the call is
+  matched to its params leaf by identity.
+
+  Args:
+    x: ``(..., d_in)`` inputs.
+    kernel: ``(d_in, d_out)`` weights.
+    bias: ``(d_out,)`` bias or ``None``.
+    precision: passed to :func:`jax.lax.dot_general`.
+
+  Returns:
+    ``(..., d_out)`` pre-activations.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_layerwise as olw
+    >>> p = {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}
+    >>> olw.dense(jnp.ones((4, 3)), p['kernel'], p['bias']).shape
+    (4, 2)
+  """
+  if kernel.ndim != 2:
+    raise ValueError(
+        f"dense: kernel must be (d_in, d_out), got shape {kernel.shape}.")
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                          precision=precision)
+  if bias is not None:
+    y = y + bias
+  return _record(x, y, kernel, bias)
+
+
+# --- Flax adapters ---------------------------------------------------------
+
+
+def _linen_interceptor(next_fun, args, kwargs, context):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  module = context.module
+  if (not _CONTEXTS or context.method_name != "__call__"
+      or not isinstance(module, nn.Dense)):
+    return next_fun(*args, **kwargs)
+  y = next_fun(*args, **kwargs)
+  x = args[0] if args else kwargs["inputs"]
+  kernel = module.get_variable("params", "kernel")
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  return _record(x, y, kernel, bias)
+
+
+def _raw(variable):
+  get = getattr(variable, "get_value", None)
+  return get() if get is not None else variable.value
+
+
+@contextlib.contextmanager
+def _nnx_patched():
+  """Wraps ``nnx.Linear.__call__`` for the duration of the tap."""
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    yield
+    return
+  with _PATCH_LOCK:
+    own = "__call__" in nnx.Linear.__dict__
+    original = nnx.Linear.__call__
+
+    def tapped_call(self, inputs, *args, **kwargs):
+      y = original(self, inputs, *args, **kwargs)
+      bias = None if self.bias is None else _raw(self.bias)
+      return _record(inputs, y, _raw(self.kernel), bias)
+
+    tapped_call.__wrapped__ = original
+    nnx.Linear.__call__ = tapped_call
+    try:
+      yield
+    finally:
+      if own:
+        nnx.Linear.__call__ = original
+      else:  # pragma: no cover - inherited __call__
+        del nnx.Linear.__call__
+
+
+@contextlib.contextmanager
+def _tapping(ctx: _Context):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  _CONTEXTS.append(ctx)
+  try:
+    with nn.intercept_methods(_linen_interceptor), _nnx_patched():
+      yield
+  finally:
+    _CONTEXTS.pop()
+
+
+# --- The tap ---------------------------------------------------------------
+
+
+def candidate_kernels(params: PyTree) -> list:
+  """Flatten indices of the leaves that could be dense kernels (2-D floats)."""
+  leaves = jax.tree_util.tree_leaves(params)
+  return [i for i, leaf in enumerate(leaves)
+          if jnp.ndim(leaf) == 2 and jnp.issubdtype(leaf.dtype, jnp.floating)]
+
+
+def tap_dense_layers(
+    value_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    *,
+    kernels: Optional[list] = None,
+    second_moment: bool = True,
+    with_grads: bool = True,
+) -> TapResult:
+  """Runs ``value_fn(params)`` once with every dense layer tapped.
+
+  One forward pass and one ``jax.vjp`` give the loss, its params gradient and,
+  per dense layer, the input statistics and the summed pre-activation
+  gradient. Under ``jax.jit``, unrequested outputs (``with_grads=False``) are
+  removed by XLA, leaving a forward pass plus the backward pass through the
+  activations only.
+
+  Args:
+    value_fn: the mini-batch loss, a function of the params alone (a mean over
+      examples), whose dense layers are ``nn.Dense``, ``nnx.Linear`` or
+      :func:`dense` calls on the params leaves.
+    params: the params.
+    kernels: flatten indices of the leaves to tap (default: every 2-D float
+      leaf).
+    second_moment: also return ``mean_i a_i a_i^T`` (``O(n d_in^2)``).
+    with_grads: also return the params gradient.
+
+  Returns:
+    A :class:`TapResult`.
+
+  Raises:
+    ValueError: ``value_fn`` needs to be given, or returns no float scalar.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax_layerwise as olw
+    >>> p = {'l': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+    >>> x = jnp.ones((5, 3))
+    >>> def loss(p):
+    ...   return jnp.mean(olw.dense(x, p['l']['kernel'], p['l']['bias']) ** 2)
+    >>> res = olw.tap_dense_layers(loss, p)
+    >>> res.layers[1].output_grad  # = the bias gradient
+    Array([3., 3.], dtype=float32)
+  """
+  value_fn = _curvature.require_value_fn(value_fn, transform="tap_dense_layers")
+  checked = _curvature._checked_value_fn(  # pylint: disable=protected-access
+      value_fn, "tap_dense_layers")
+  with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [leaf for _, leaf in with_path]
+  if kernels is None:
+    kernels = candidate_kernels(params)
+  dtype = _layers.stats_dtype(*[leaves[i].dtype for i in kernels]) if (
+      kernels) else jnp.float32
+  perts = {i: jnp.zeros((leaves[i].shape[1],), dtype) for i in kernels}
+  box = {}
+
+  def tapped(p, e):
+    ctx = _Context(jax.tree_util.tree_leaves(p), e, second_moment, dtype)
+    with _tapping(ctx):
+      loss = checked(p)
+    box["ctx"] = ctx
+    aux = {i: (r.sum_x, r.sum_xx, r.sum_y) for i, r in ctx.records.items()}
+    return loss, aux
+
+  loss, vjp_fn, aux = jax.vjp(tapped, params, perts, has_aux=True)
+  grads, pert_grads = vjp_fn(jnp.ones_like(loss))
+  ctx = box["ctx"]
+  layers = {}
+  for index, rec in sorted(ctx.records.items()):
+    sum_x, sum_xx, sum_y = aux[index]
+    n = rec.num_rows
+    layers[index] = DenseTap(
+        input_mean=sum_x / n,
+        input_second_moment=None if sum_xx is None else sum_xx / n,
+        output_mean=sum_y / n,
+        output_grad=pert_grads[index],
+        name=jax.tree_util.keystr(with_path[index][0]),
+        num_rows=n,
+        kernel_index=index,
+        bias_index=rec.bias_index)
+  return TapResult(loss, grads if with_grads else None, layers, ctx.untapped)
+
+
+def no_tappable_layer_error(transform: str, untapped: int) -> ValueError:
+  """The error for a ``value_fn`` in which no dense layer could be tapped."""
+  supported = ", ".join(SUPPORTED_LAYERS)
+  if untapped:
+    why = (f"{untapped} dense call(s) ran, but none on a params leaf: pass the "
+           "params leaves to the layers unchanged (no casts or copies in "
+           "value_fn) and do not wrap the model in jax.jit / nn.scan / "
+           "nn.remat inside value_fn.")
+  else:
+    why = "value_fn called no supported dense layer."
+  return ValueError(
+      f"{transform} found no dense layer to precondition. Supported layers: "
+      f"{supported}. {why}")
