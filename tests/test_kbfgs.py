@@ -339,16 +339,33 @@ def _ref_lr(count):
 @pytest.mark.parametrize("framework,memory", [
     ("plain", None), ("plain", 2), ("linen", 2), ("nnx", None)])
 def test_matches_numpy_reference_step_by_step(x64, framework, memory):
-  w, b = _init(np.random.SeedSequence().entropy % 2**31)
-  batches = _batches(np.random.SeedSequence().entropy % 2**31, 7)
-  # An outlier batch (targets x30) on step 3: the large residual makes the
-  # pre-activation-gradient change y dominate s in the tanh layers, so Powell
-  # damping fires (it did for 60 of 60 seeds tried; without it, in ~45 %).
-  x3, t3 = batches[3]
-  batches[3] = (x3, 30.0 * t3)
-  hyper = dict(damping=0.3, momentum=0.9, weight_decay=1e-2)
-  ref = _Reference(w, b, lr=_ref_lr, decay=0.9, memory=memory, **hyper)
-  tx = olw.kbfgs(_lr_schedule, memory_size=memory, **hyper)
+  # damping = 0.81 makes mu2 = sqrt(0.81) = 0.9; momentum and stat_decay
+  # differ, so swapping the two decays would show.
+  hyper = dict(damping=0.81, momentum=0.8, weight_decay=1e-2)
+
+  def draw():
+    w, b = _init(np.random.SeedSequence().entropy % 2**31)
+    batches = _batches(np.random.SeedSequence().entropy % 2**31, 7)
+    # An outlier batch (targets x30) on step 3: the large residual makes the
+    # pre-activation-gradient change y dominate s in the tanh layers, so
+    # Powell damping fires.
+    x3, t3 = batches[3]
+    batches[3] = (x3, 30.0 * t3)
+    return w, b, batches
+
+  # Fresh random draws until the (cheap, NumPy) reference sees both damping
+  # rules fire, so every run compares both; each fires in about half of the
+  # draws, so 30 attempts fail to find one with probability < 1e-6.
+  for _ in range(30):
+    w, b, batches = draw()
+    probe = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory, **hyper)
+    for x, t in batches:
+      probe.step(x, t)
+    if np.any(probe.powell) and np.any(probe.lm):
+      break
+  assert np.any(probe.powell) and np.any(probe.lm), "no draw fired both"
+  ref = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory, **hyper)
+  tx = olw.kbfgs(_lr_schedule, memory_size=memory, stat_decay=0.95, **hyper)
   history = _run(framework, tx, w, b, batches)
   assert olw.kbfgs_layer_names(_plain_params(w, b)) == ("['l1']", "['l2']",
                                                         "['l3']")
@@ -400,11 +417,12 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory):
       np.testing.assert_array_equal(state.num_skipped, [1, 1, 1])
       np.testing.assert_allclose(
           state.layers[0].h_a,
-          np.linalg.inv(ref.A[0] + math.sqrt(0.3) * np.eye(ref.k[0])), **tol)
+          np.linalg.inv(ref.A[0] + math.sqrt(0.81) * np.eye(ref.k[0])), **tol)
     saw_powell |= bool(np.any(ref.powell))
     saw_skip |= bool(np.any(ref.skipped))
     if step == 3:
       assert saw_powell and saw_skip
+  assert np.any(ref.lm), "the Levenberg-Marquardt damping never fired"
   # The memory wrapped around (more accepted pairs than slots).
   if memory is not None:
     assert int(state.layers[0].h_g.num_pairs) == memory
