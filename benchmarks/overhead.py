@@ -36,7 +36,7 @@ from optax_layerwise import _curvature
 ARCHS = {"curves": models.CURVES_AE_WIDTHS, "mnist": models.MNIST_AE_WIDTHS}
 
 METHODS = {
-    "sgd-m (baseline)": lambda: optax.sgd(0.01, momentum=0.9),
+    "sgd-m (baseline)": lambda: optax.sgd(1e-4, momentum=0.9),
     "hutchinson, jvp, interval 1": lambda: olw.layerwise_sgd(),
     "hutchinson, jvp, interval 10": lambda: olw.layerwise_sgd(
         update_interval=10),
@@ -105,7 +105,7 @@ def gradient_difference_accuracy(params, loss_fn, num_points: int = 3):
         g, layers, estimator="exact")
     return exact.curvature, diff.curvature
 
-  sgd = optax.sgd(0.01, momentum=0.9)
+  sgd = optax.sgd(1e-4, momentum=0.9)
   state = sgd.init(params)
   sgd_step = jax.jit(lambda p, s: sgd.update(jax.grad(loss_fn)(p), s, p))
   errors = []
