@@ -39,6 +39,7 @@ ESTIMATORS = ("exact", "hutchinson")
 __all__ = [
     "LayerForms", "make_hvp", "layer_quadratic_forms", "require_value_fn",
     "rademacher", "tree_all_finite", "concrete_int", "static_num_probes",
+    "skip_non_finite_step",
 ]
 
 _CALL_EXAMPLE = """
@@ -112,6 +113,26 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
   if not leaves:
     return jnp.asarray(True)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def skip_non_finite_step(grads: PyTree, new_updates: PyTree, new_state,
+                         old_state):
+  """Skips the step when the gradient or the new updates are not finite.
+
+  Returns ``(new_updates, new_state)``, or, if any entry of ``grads`` or
+  ``new_updates`` is NaN or infinite, zero updates and ``old_state`` with its
+  ``count`` and ``num_skipped`` fields incremented, so a bad batch never
+  reaches the params or the statistics. Selection by ``jnp.where``: no
+  Python branch, jit- and scan-safe.
+  """
+  finite = tree_all_finite((grads, new_updates))
+  skipped = old_state._replace(count=old_state.count + 1,
+                               num_skipped=old_state.num_skipped + 1)
+  state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b),
+                                 new_state, skipped)
+  updates = jax.tree_util.tree_map(
+      lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+  return updates, state
 
 
 def rademacher(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:

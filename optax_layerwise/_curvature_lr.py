@@ -414,14 +414,8 @@ def scale_by_curvature_lr(
         num_skipped=state.num_skipped,
         prev_params=_stats(params) if is_secant else None,
         prev_grads=_stats(updates) if is_secant else None)
-    finite = _curvature.tree_all_finite((updates, new_updates))
-    skipped_state = state._replace(count=state.count + 1,
-                                   num_skipped=state.num_skipped + 1)
-    new_state = jax.tree_util.tree_map(
-        lambda a, b: jnp.where(finite, a, b), new_state, skipped_state)
-    new_updates = jax.tree_util.tree_map(
-        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-    return new_updates, new_state
+    return _curvature.skip_non_finite_step(updates, new_updates, new_state,
+                                           state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
