@@ -1,0 +1,104 @@
+"""Flax linen models of the benchmarks (the papers' architectures).
+
+Every dense part is a plain :class:`flax.linen.Dense`, so K-BFGS can tap it
+with no change to the model; the CNN's convolutions are not dense layers and
+take K-BFGS's documented fallback.
+
+* :class:`Autoencoder`: the deep autoencoders of the K-BFGS paper (Goldfarb,
+  Ren and Bahamou, 2020), ReLU everywhere except the linear code layer and
+  the linear output layer (logits of a Bernoulli per pixel).
+* :class:`CNN`: a small convolutional classifier.
+* :class:`GCN`: a two-layer graph convolutional network (Kipf and Welling,
+  2017): ``softmax(A relu(A X W1 + b1) W2 + b2)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "MNIST_AE_WIDTHS",
+    "CURVES_AE_WIDTHS",
+    "FACES_AE_WIDTHS",
+    "Autoencoder",
+    "CNN",
+    "GCN",
+]
+
+# Layer widths, input first (ALGORITHMS.md section 3).
+MNIST_AE_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+CURVES_AE_WIDTHS = (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784)
+FACES_AE_WIDTHS = (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625)
+
+
+class Autoencoder(nn.Module):
+  """A deep dense autoencoder returning per-pixel logits.
+
+  Attributes:
+    widths: layer widths including the input, e.g. :data:`CURVES_AE_WIDTHS`.
+      The code layer is the narrowest; it and the output layer are linear,
+      every other layer is followed by a ReLU.
+    kernel_init: initialiser of the kernels (Glorot uniform; biases zero).
+  """
+  widths: Sequence[int]
+  kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    widths = tuple(self.widths)
+    if len(widths) < 3:
+      raise ValueError(f"an autoencoder needs >= 3 widths, got {widths}")
+    if x.shape[-1] != widths[0]:
+      raise ValueError(f"input has {x.shape[-1]} features, the model "
+                       f"expects {widths[0]}")
+    code = 1 + min(range(len(widths) - 1), key=lambda i: widths[1:][i])
+    for i, width in enumerate(widths[1:], start=1):
+      x = nn.Dense(width, kernel_init=self.kernel_init, name=f"dense_{i:02d}")(x)
+      if i != code and i != len(widths) - 1:
+        x = nn.relu(x)
+    return x
+
+
+class CNN(nn.Module):
+  """Conv(16) - pool - Conv(32) - pool - Dense(hidden) - Dense(classes).
+
+  3 x 3 convolutions with ReLU and 2 x 2 average pooling; works on 8 x 8
+  digits and 28 x 28 images (NHWC).
+  """
+  num_classes: int = 10
+  channels: Sequence[int] = (16, 32)
+  hidden: int = 64
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for c in self.channels:
+      x = nn.relu(nn.Conv(c, (3, 3), padding="SAME")(x))
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class GCN(nn.Module):
+  """Two-layer GCN on a dense normalised adjacency ``A``.
+
+  Each layer aggregates then applies a ``Dense`` (``(A H) W + b``, the bias
+  after aggregation as in Kipf and Welling), so the nodes are the "examples"
+  a K-BFGS tap sees.
+  """
+  hidden: int = 64
+  num_classes: int = 5
+
+  @nn.compact
+  def __call__(self, adjacency: jax.Array, features: jax.Array) -> jax.Array:
+    h = nn.relu(nn.Dense(self.hidden, name="gc1")(adjacency @ features))
+    return nn.Dense(self.num_classes, name="gc2")(adjacency @ h)
+
+
+def count_params(params) -> int:
+  """Total number of scalars in a params pytree."""
+  return int(sum(jnp.size(x) for x in jax.tree_util.tree_leaves(params)))

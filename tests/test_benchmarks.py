@@ -1,0 +1,372 @@
+"""Smoke and unit tests of the benchmarks (data, models, runner, CLI).
+
+Every experiment runs for a handful of steps on tiny data and tiny widths;
+the whole module should take well under a minute on 2 CPU cores.
+"""
+
+import gzip
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import data
+from benchmarks import experiments
+from benchmarks import main as main_lib
+from benchmarks import models
+from benchmarks import report as report_lib
+from benchmarks import run as run_lib
+from benchmarks import runner
+
+# Tiny versions of every experiment (same code paths, small sizes).
+TINY = {
+    "curves-ae": dict(n_train=48, n_test=16, batch_size=16,
+                      widths=(784, 12, 3, 12, 784)),
+    "mnist-ae": dict(dataset="curves", n_train=48, n_test=16, batch_size=16,
+                     widths=(784, 10, 4, 10, 784)),
+    "digits-cnn": dict(n_train=64, batch_size=32, channels=(4,), hidden=8),
+    "gcn": dict(num_nodes=60, num_classes=3, num_features=8, hidden=8),
+}
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def test_curves_deterministic_prefix_and_range():
+  a = data.make_curves(40, 8, seed=3)
+  b = data.make_curves(40, 8, seed=3)
+  c = data.make_curves(40, 8, seed=4)
+  big = data.make_curves(60, 8, seed=3)
+  assert a.x_train.shape == (40, 784) and a.x_test.shape == (8, 784)
+  assert a.x_train.dtype == np.float32
+  np.testing.assert_array_equal(a.x_train, b.x_train)
+  np.testing.assert_array_equal(a.x_test, b.x_test)
+  assert not np.array_equal(a.x_train, c.x_train)
+  assert not np.array_equal(a.x_train[:8], a.x_test)  # separate streams
+  np.testing.assert_array_equal(big.x_train[:40], a.x_train)  # prefix
+  for x in (a.x_train, a.x_test):
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    # Every image has a stroke, fully-on pixels and anti-aliased edges.
+    assert np.all(x.max(axis=1) == 1.0)
+    assert np.all(((x > 0) & (x < 1)).sum(axis=1) > 0)
+    assert 0.01 < x.mean() < 0.3
+
+
+def test_curves_disk_cache(tmp_path):
+  a = data.make_curves(12, 4, seed=11, cache_dir=str(tmp_path))
+  files = list(tmp_path.glob("curves-*.npz"))
+  assert len(files) == 1
+  # A different parameter gets a different cache file.
+  data.make_curves(12, 5, seed=11, cache_dir=str(tmp_path))
+  assert len(list(tmp_path.glob("curves-*.npz"))) == 2
+  data._curves_cached.cache_clear()  # force the disk path
+  b = data.make_curves(12, 4, seed=11, cache_dir=str(tmp_path))
+  np.testing.assert_array_equal(a.x_train, b.x_train)
+
+
+def test_render_curves_straight_line():
+  # A horizontal line through pixel row 5, half-width 0.5: row 5 fully on,
+  # rows 4 and 6 off (distance 1 >= w + 0.5).
+  pts = np.array([[[2.0, 5.0], [20.0, 5.0]]])
+  img = data.render_curves(pts, np.array([0.5]), image_size=28)
+  img = img.reshape(28, 28)
+  np.testing.assert_allclose(img[5, 2:21], 1.0)
+  assert img[4].max() == 0.0 and img[6].max() == 0.0
+  assert img[5, 0] == 0.0 and img[5, 25] == 0.0
+
+
+@pytest.mark.parametrize("dtype,suffix", [(np.uint8, ".gz"), (np.int32, ""),
+                                          (np.float32, ".gz"),
+                                          (np.int16, "")])
+def test_idx_round_trip(tmp_path, dtype, suffix):
+  rng = np.random.default_rng(0)
+  x = (rng.random((5, 3, 4)) * 100).astype(dtype)
+  path = tmp_path / f"x-idx3-ubyte{suffix}"
+  data.write_idx(path, x)
+  y = data.read_idx(path)
+  assert y.dtype == np.dtype(dtype) and y.shape == x.shape
+  np.testing.assert_array_equal(x, y)
+
+
+def test_idx_header_is_mnist_format(tmp_path):
+  path = tmp_path / "t"
+  data.write_idx(path, np.arange(6, dtype=np.uint8).reshape(2, 3))
+  raw = path.read_bytes()
+  assert raw[:4] == bytes([0, 0, 0x08, 2])
+  assert raw[4:12] == bytes([0, 0, 0, 2, 0, 0, 0, 3])
+  assert raw[12:] == bytes(range(6))
+  (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x01\x00")
+  with pytest.raises(ValueError, match="magic"):
+    data.read_idx(tmp_path / "bad")
+  (tmp_path / "short").write_bytes(raw[:-2])
+  with pytest.raises(ValueError, match="truncated"):
+    data.read_idx(tmp_path / "short")
+
+
+def _write_fake_mnist(directory: pathlib.Path, n_train=20, n_test=8,
+                      gz=True):
+  directory.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(1)
+  ext = ".gz" if gz else ""
+  xs = {}
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, (n,), dtype=np.uint8)
+    data.write_idx(directory / f"{split}-images-idx3-ubyte{ext}", x)
+    data.write_idx(directory / f"{split}-labels-idx1-ubyte{ext}", y)
+    xs[split] = (x, y)
+  return xs
+
+
+def test_fashion_mnist_from_idx_dir(tmp_path):
+  raw = _write_fake_mnist(tmp_path / "fm")
+  ds = data.load_fashion_mnist(str(tmp_path / "fm"), n_train=12)
+  assert ds.x_train.shape == (12, 784) and ds.x_test.shape == (8, 784)
+  np.testing.assert_allclose(ds.x_train * 255.0,
+                             raw["train"][0][:12].reshape(12, -1), atol=1e-3)
+  np.testing.assert_array_equal(ds.y_test, raw["t10k"][1])
+  assert ds.y_train.dtype == np.int32
+  img = data.load_idx_dataset(tmp_path / "fm", flatten=False)
+  assert img.x_train.shape == (20, 28, 28, 1)
+
+
+def test_fashion_mnist_missing_is_clear(tmp_path):
+  with pytest.raises(data.DataUnavailableError) as e:
+    data.load_fashion_mnist(str(tmp_path / "nowhere"))
+  msg = str(e.value)
+  assert "--data-dir" in msg and "dataset-fashion-mnist" in msg
+  # mnist-ae with dataset="auto" falls back to CURVES instead of failing.
+  exp = experiments.build_experiment(
+      "mnist-ae", dataset="auto", data_dir=str(tmp_path / "nowhere"),
+      n_train=8, n_test=4, widths=(784, 4, 784))
+  assert "CURVES" in exp.description
+
+
+def test_digits_and_csbm():
+  d = data.load_digits(n_train=100)
+  assert d.x_train.shape == (100, 8, 8, 1) and d.x_test.shape[1:] == (8, 8, 1)
+  assert d.x_train.max() <= 1.0 and set(np.unique(d.y_test)) <= set(range(10))
+  g = data.make_csbm(120, 3, 6, average_degree=8, homophily=0.8, seed=2)
+  g2 = data.make_csbm(120, 3, 6, average_degree=8, homophily=0.8, seed=2)
+  np.testing.assert_array_equal(g.adjacency, g2.adjacency)
+  np.testing.assert_allclose(g.adjacency, g.adjacency.T)
+  assert np.all(g.train_mask + g.test_mask == 1.0)
+  # Homophily: most edges join same-class nodes.
+  a = (g.adjacency > 0) & ~np.eye(120, dtype=bool)
+  same = g.labels[:, None] == g.labels[None, :]
+  assert (a & same).sum() / a.sum() > 0.6
+  # The spectrum of the normalised adjacency lies in [-1, 1].
+  assert np.abs(np.linalg.eigvalsh(g.adjacency)).max() <= 1.0 + 1e-4
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+def test_autoencoder_architectures():
+  for widths in (models.CURVES_AE_WIDTHS, models.MNIST_AE_WIDTHS):
+    m = models.Autoencoder(widths)
+    params = jax.eval_shape(m.init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, 784)))["params"]
+    names = sorted(params)
+    assert len(names) == len(widths) - 1
+    assert [params[n]["kernel"].shape for n in names] == list(
+        zip(widths[:-1], widths[1:]))
+  # Linear code layer: negative code values survive (no ReLU there).
+  m = models.Autoencoder((784, 8, 2, 8, 784))
+  params = m.init(jax.random.PRNGKey(1), jnp.zeros((1, 784)))["params"]
+  x = jax.random.uniform(jax.random.PRNGKey(2), (64, 784))
+  _, inter = m.apply({"params": params}, x, capture_intermediates=True)
+  code = inter["intermediates"]["dense_02"]["__call__"][0]
+  hidden = inter["intermediates"]["dense_01"]["__call__"][0]
+  assert float(code.min()) < 0.0  # pre-activation of a linear layer
+  out = m.apply({"params": params}, x)
+  assert out.shape == (64, 784) and float(out.min()) < 0.0  # logits
+  assert hidden.shape == (64, 8)
+
+
+# ---------------------------------------------------------------------------
+# Runner
+# ---------------------------------------------------------------------------
+
+
+def _with_fake_methods(monkeypatch):
+  """Adds methods that are unavailable, fail to build, or fail to run."""
+
+  def broken_build(ctor, lr):
+    raise TypeError("unexpected keyword argument 'foo'")
+
+  def failing_tx(ctor, lr):
+    def update(updates, state, params=None, **extra):
+      raise RuntimeError("boom at trace time")
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+  fakes = {
+      "not-yet": runner.Method("not-yet", "Not yet", "optax_layerwise",
+                               "definitely_not_implemented_yet",
+                               lambda c, lr: c()),
+      "bad-build": runner.Method("bad-build", "Bad", "optax", "sgd",
+                                 broken_build, 0.1),
+      "bad-run": runner.Method("bad-run", "Bad run", "optax", "sgd",
+                               failing_tx, 0.1),
+  }
+  monkeypatch.setattr(runner, "METHODS", dict(runner.METHODS, **fakes))
+  return list(fakes)
+
+
+def test_resolve_method_lazy_and_unavailable(monkeypatch):
+  fakes = _with_fake_methods(monkeypatch)
+  tx, why = runner.resolve_method("no-such-method")
+  assert tx is None and "unknown" in why
+  tx, why = runner.resolve_method("not-yet")
+  assert tx is None and "definitely_not_implemented_yet" in why
+  tx, why = runner.resolve_method("bad-build")
+  assert tx is None and "unexpected keyword" in why
+  tx, why = runner.resolve_method("adam", 1e-3)
+  assert why is None and isinstance(tx, optax.GradientTransformationExtraArgs)
+  # Every registered name resolves or gives a reason; none raises.
+  for name in runner.METHODS:
+    tx, why = runner.resolve_method(name)
+    assert (tx is None) != (why is None)
+  assert len(fakes) == 3
+
+
+def test_time_to_target_interpolates():
+  run = {"history": {"epoch": [0.0, 1.0, 2.0], "time_s": [0.0, 10.0, 20.0],
+                     "train_loss": [10.0, 6.0, 2.0]}}
+  e, t = runner._time_to_target(run, 4.0)
+  assert e == pytest.approx(1.5) and t == pytest.approx(15.0)
+  assert runner._time_to_target(run, 1.0) == (None, None)
+  assert runner._time_to_target(run, 20.0) == (0.0, 0.0)
+
+
+def test_step_time_uses_grid_runs():
+  run = lambda lr, seed, ms: {"lr": lr, "seed": seed, "status": "ok",
+                              "step_time_ms": {"median": ms}}
+  entry = {"runs": [run(0.1, 0, 10.0), run(0.1, 1, 12.0)],
+           "grid": [{"lr": 0.01, "step_time_ms": 30.0},
+                    {"lr": 0.1, "step_time_ms": 10.0},  # = runs[0]
+                    {"lr": 1.0, "step_time_ms": 11.0}]}
+  assert runner._step_ms(entry) == pytest.approx(11.5)  # median(10,12,30,11)
+  assert runner._step_ms({"runs": [], "grid": []}) is None
+
+
+def test_find_diagnostics_layerwise_sgd():
+  import optax_layerwise as olw
+  params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(2)}}
+  state = olw.layerwise_sgd().init(params)
+  found = runner._find_diagnostics(state)
+  assert found["step_sizes"].shape == (2,)
+  assert runner._layer_labels(params, 2) == ["a", "b"]
+
+
+def _check_outputs(out: pathlib.Path, name: str, plots=("loss_vs_epoch",
+                                                        "loss_vs_time")):
+  on_disk = json.loads((out / "results.json").read_text())
+  runner.validate_results(on_disk)
+  assert on_disk["experiment"]["name"] == name
+  for kind in plots:
+    p = pathlib.Path(on_disk["plots"][kind])
+    assert p.exists() and p.stat().st_size > 1000, kind
+  return on_disk
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_smoke_every_experiment(name, tmp_path):
+  exp = experiments.build_experiment(name, **TINY[name])
+  out = tmp_path / name
+  runner.run_benchmark(exp, ["adam", "layerwise-sgd"], epochs=2, max_steps=3,
+                       out_dir=str(out), progress=False, verbose=False)
+  res = _check_outputs(out, name, ("loss_vs_epoch", "loss_vs_time",
+                                   "step_sizes"))
+  ms = res["methods"]
+  for m in ("adam", "layerwise-sgd"):
+    run = ms[m]["runs"][0]
+    assert ms[m]["status"] == "ok", ms[m]["reason"]
+    assert run["num_steps"] == min(3, 2 * exp.steps_per_epoch)
+    assert run["step_time_ms"]["median"] > 0
+    assert run["history"]["step"][-1] == run["num_steps"]
+  assert all(math.isfinite(x) for x in
+             ms["adam"]["runs"][0]["history"]["train_loss"])
+  # Same seed => same initial params and train loss for every method.
+  starts = [ms[m]["runs"][0]["history"]["train_loss"][0]
+            for m in ("adam", "layerwise-sgd")]
+  assert starts[0] == pytest.approx(starts[1], rel=1e-5)
+  diag = ms["layerwise-sgd"]["runs"][0]["diagnostics"]["step_sizes"]
+  n_layers = len(jax.tree_util.tree_leaves(
+      exp.init_fn(jax.random.PRNGKey(0)))) // 2
+  assert len(diag["labels"]) == n_layers and len(diag["values"]) >= 2
+  assert ms["adam"]["summary"]["step_time_ratio"] == pytest.approx(1.0)
+  # Round-robin timing after training: reference ratio exactly 1.
+  assert ms["adam"]["summary"]["step_time_ratio_interleaved"] == 1.0
+  assert ms["layerwise-sgd"]["summary"]["interleaved_step_time_ms"] > 0
+  assert all("_step" not in r for m in ms.values() for r in m["runs"])
+
+
+def test_tuning_seeds_and_unavailable_methods(tmp_path, monkeypatch):
+  fakes = _with_fake_methods(monkeypatch)
+  exp = experiments.build_experiment("curves-ae", **TINY["curves-ae"])
+  out = tmp_path / "tune"
+  runner.run_benchmark(
+      exp, ["adam", "sgd"] + fakes, seeds=[0, 1], epochs=2,
+      tune=["adam"], lr_grids={"adam": [1e-3, 3e-2]}, max_steps=4,
+      timing_rounds=0, out_dir=str(out), progress=False, verbose=False)
+  res = _check_outputs(out, "curves-ae")
+  ms = res["methods"]
+  assert ms["not-yet"]["status"] == "unavailable"
+  assert ms["bad-build"]["status"] == "unavailable"
+  assert ms["bad-run"]["status"] == "failed"
+  assert "boom" in ms["bad-run"]["reason"]
+  adam = ms["adam"]
+  assert adam["tuned"] and len(adam["grid"]) == 2
+  assert len(adam["runs"]) == 2 and [r["seed"] for r in adam["runs"]] == [0, 1]
+  chosen = min(adam["grid"], key=lambda g: g["final_train_loss"])
+  assert chosen["lr"] == adam["lr"] == adam["runs"][1]["lr"]
+  assert not ms["sgd"]["tuned"] and ms["sgd"]["lr"] == 1e-2
+  assert res["target"]["train_loss"] == pytest.approx(
+      adam["summary"]["final_train_loss"])
+  assert adam["summary"]["reached_target"].endswith("/2")
+  assert adam["summary"]["step_time_ratio_interleaved"] is None  # rounds=0
+  table = runner.format_table(res)
+  assert "not-yet" in table and "unavailable" in table and "LR grids" in table
+
+
+def test_cli_run_and_main(tmp_path, capsys):
+  out = tmp_path / "gcn"
+  run_lib.main(["--experiment", "gcn", "--num-nodes", "40", "--hidden", "4",
+                "--methods", "adam,rmsprop,nope", "--tune", "none",
+                "--lr", "adam=0.01", "--epochs", "3", "--out", str(out),
+                "--no-progress"])
+  res = json.loads((out / "results.json").read_text())
+  runner.validate_results(res)
+  assert res["methods"]["adam"]["lr"] == 0.01
+  assert res["methods"]["nope"]["status"] == "unavailable"
+  assert res["methods"]["adam"]["runs"][0]["num_steps"] == 3  # full batch
+  # The markdown report of that file, with the plots copied for the docs.
+  capsys.readouterr()
+  report_lib.main([str(out / "results.json"), "--images",
+                   str(tmp_path / "img"), "--prefix", "g"])
+  md = capsys.readouterr().out
+  assert "| Adam (`adam`) | 0.01 |" in md and "**unavailable**" in md
+  assert (tmp_path / "img" / "g_loss_vs_epoch.png").exists()
+  # The main job with tiny overrides; its defaults otherwise stand.
+  out = tmp_path / "main"
+  res = main_lib.main(["--n-train", "32", "--n-test", "8", "--batch-size",
+                       "16", "--epochs", "1", "--widths", "784,6,784",
+                       "--methods", "adam,sgd", "--lr-grid", "adam=1e-3",
+                       "--lr-grid", "sgd=1e-3", "--out", str(out),
+                       "--cache-dir", str(tmp_path / "cache"),
+                       "--no-progress"])
+  assert res["config"]["tune"] == ["adam", "sgd"]
+  assert res["config"]["lr_grids"] == {"adam": [1e-3], "sgd": [1e-3]}
+  assert (out / "loss_vs_epoch.png").exists()
+  printed = capsys.readouterr().out
+  assert "ep->target" in printed and str(out / "loss_vs_epoch.png") in printed
