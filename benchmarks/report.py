@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import shutil
 from typing import Any, Dict, Optional, Sequence
 
-from benchmarks.runner import METHODS, summarise_results, validate_results
+from benchmarks.runner import (METHODS, format_number, summarise_results,
+                               validate_results)
 
 
 def _num(x, digits=4) -> str:
-  if x is None:
-    return "–"
-  if isinstance(x, float) and not math.isfinite(x):
-    return "inf"
-  return f"{x:.{digits}g}"
+  return format_number(x, digits, missing="–")
 
 
 def markdown_table(results: Dict[str, Any]) -> str:

@@ -155,6 +155,25 @@ def resolve_method(name: str, lr: Optional[float] = None):
 _DIAG_FIELDS = ("step_sizes", "lrs", "learning_rates")
 
 
+def _namedtuple_fields(state, depth=0):
+  """Yields ``(namedtuple, field_name, value)`` for every NamedTuple field
+  in a (nested tuples, lists, dicts of) optimizer state, depth first."""
+  if depth > 20:
+    return
+  fields = getattr(state, "_fields", None)
+  if fields is not None:
+    for f in fields:
+      value = getattr(state, f)
+      yield state, f, value
+      yield from _namedtuple_fields(value, depth + 1)
+  elif isinstance(state, (tuple, list)):
+    for y in state:
+      yield from _namedtuple_fields(y, depth + 1)
+  elif isinstance(state, dict):
+    for y in state.values():
+      yield from _namedtuple_fields(y, depth + 1)
+
+
 def _find_diagnostics(state) -> Dict[str, jax.Array]:
   """Finds per-layer vectors (``step_sizes``, ``lrs``, ...) in a state.
 
@@ -164,26 +183,9 @@ def _find_diagnostics(state) -> Dict[str, jax.Array]:
   element.
   """
   found: Dict[str, jax.Array] = {}
-
-  def visit(x, depth=0):
-    if depth > 20:
-      return
-    fields = getattr(x, "_fields", None)
-    if fields is not None:
-      for f in _DIAG_FIELDS:
-        v = getattr(x, f, None) if f in fields else None
-        if v is not None and getattr(v, "ndim", None) == 1:
-          found.setdefault(f, v)
-      for f in fields:
-        visit(getattr(x, f), depth + 1)
-    elif isinstance(x, (tuple, list)):
-      for y in x:
-        visit(y, depth + 1)
-    elif isinstance(x, dict):
-      for y in x.values():
-        visit(y, depth + 1)
-
-  visit(state)
+  for _, f, v in _namedtuple_fields(state):
+    if f in _DIAG_FIELDS and getattr(v, "ndim", None) == 1:
+      found.setdefault(f, v)
   return found
 
 
@@ -191,30 +193,13 @@ def _find_counters(state) -> Dict[str, Any]:
   """Final values of the ``num_*`` counters (fallbacks, skipped updates,
   damping events, ...) of every NamedTuple in a state, as lists/ints."""
   found: Dict[str, Any] = {}
-
-  def visit(x, depth=0):
-    if depth > 20:
-      return
-    fields = getattr(x, "_fields", None)
-    if fields is not None:
-      for f in fields:
-        v = getattr(x, f)
-        if f.startswith("num_") and hasattr(v, "dtype") and getattr(
-            v, "ndim", 2) <= 1:
-          key = f"{type(x).__name__}.{f}"
-          if key not in found:
-            a = np.asarray(v)
-            found[key] = a.tolist() if a.ndim else int(a)
-        else:
-          visit(v, depth + 1)
-    elif isinstance(x, (tuple, list)):
-      for y in x:
-        visit(y, depth + 1)
-    elif isinstance(x, dict):
-      for y in x.values():
-        visit(y, depth + 1)
-
-  visit(state)
+  for owner, f, v in _namedtuple_fields(state):
+    if f.startswith("num_") and hasattr(v, "dtype") and getattr(
+        v, "ndim", 2) <= 1:
+      key = f"{type(owner).__name__}.{f}"
+      if key not in found:
+        a = np.asarray(v)
+        found[key] = a.tolist() if a.ndim else int(a)
   return found
 
 
@@ -767,7 +752,7 @@ def run_benchmark(exp: Experiment, methods: Sequence[str], *,
                               "step_time_p10_ms": (run["step_time_ms"]
                                                    or {}).get("p10")})
         _log(f"  {name} lr={g:g}: final train loss "
-             f"{_fmt(_final_loss(run))}{' (diverged)' if run['diverged'] else ''}"
+             f"{format_number(_final_loss(run))}{' (diverged)' if run['diverged'] else ''}"
              f"{' ' + run['status'] + ': ' + str(run['reason']) if run['status'] != 'ok' else ''}",
              progress)
       best = min(range(len(grid)), key=lambda i: _final_loss(grid_runs[i]))
@@ -842,9 +827,10 @@ def _json_safe(x):
   return x
 
 
-def _fmt(x, digits=4) -> str:
+def format_number(x, digits=4, missing="-") -> str:
+  """A short number for tables: ``missing`` for None, ``inf`` for non-finite."""
   if x is None:
-    return "-"
+    return missing
   if isinstance(x, float) and not math.isfinite(x):
     return "inf"
   return f"{x:.{digits}g}"
@@ -862,7 +848,7 @@ def format_table(results: Dict[str, Any]) -> str:
   ]
   if target:
     lines.append(f"  target = {target['method']}'s final train loss "
-                 f"{_fmt(target['train_loss'])} (lr {_fmt(target['lr'])})")
+                 f"{format_number(target['train_loss'])} (lr {format_number(target['lr'])})")
   has_acc = any((e.get("summary") or {}).get("final_test_accuracy") is not None
                 for e in results["methods"].values())
   header = ["method", "lr", "train loss", "test loss"]
@@ -878,7 +864,7 @@ def format_table(results: Dict[str, Any]) -> str:
       lr = f"{e['lr']:g}" + ("*" if e["tuned"] else "")
     else:
       lr = "auto" if m and m.default_lr is None else "-"
-    loss = _fmt(s.get("final_train_loss"))
+    loss = format_number(s.get("final_train_loss"))
     if s.get("final_train_loss_std") and s.get("num_ok", 0) > 1:
       loss += f"±{s['final_train_loss_std']:.2g}"
     status = e["status"]
@@ -886,15 +872,15 @@ def format_table(results: Dict[str, Any]) -> str:
       status = f"diverged {s['num_diverged']}/{s['num_ok']}"
     if status == "ok" and s.get("reached_target") and target:
       status = f"ok, reached {s['reached_target']}"
-    row = [name, lr, loss, _fmt(s.get("final_test_loss"))]
+    row = [name, lr, loss, format_number(s.get("final_test_loss"))]
     if has_acc:
       acc = s.get("final_test_accuracy")
       row.append("-" if acc is None else f"{100 * acc:.1f}%")
-    row += [_fmt(s.get("epochs_to_target"), 3),
-            _fmt(s.get("time_to_target_s"), 3), _fmt(s.get("step_time_ms"), 3),
-            _fmt(s.get("step_time_ratio_interleaved")
+    row += [format_number(s.get("epochs_to_target"), 3),
+            format_number(s.get("time_to_target_s"), 3), format_number(s.get("step_time_ms"), 3),
+            format_number(s.get("step_time_ratio_interleaved")
                  or s.get("step_time_ratio"), 3),
-            _fmt(s.get("train_time_s"), 3),
+            format_number(s.get("train_time_s"), 3),
             status]
     rows.append(row)
   widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
@@ -933,7 +919,7 @@ def format_table(results: Dict[str, Any]) -> str:
     lines.append("  LR grids (final train loss, seed "
                  f"{results['config']['seeds'][0]}; * = chosen):")
     for n, grid in grids:
-      cells = ", ".join(f"{g['lr']:g}: {_fmt(g['final_train_loss'])}"
+      cells = ", ".join(f"{g['lr']:g}: {format_number(g['final_train_loss'])}"
                         + ("*" if g["lr"] == results["methods"][n]["lr"] else "")
                         for g in grid)
       lines.append(f"    {n}: {cells}")
