@@ -206,11 +206,6 @@ def _homogeneous(layer: _Dense, tap: _taps.DenseTap):
   return abar, a_batch
 
 
-def _all_finite(arrays) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(arrays)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
 def kbfgs(
     learning_rate: ScalarOrSchedule = 0.3,
     *,
@@ -378,11 +373,8 @@ def kbfgs(
     value_fn = _curvature.require_value_fn(value_fn, transform=_NAME)
     _layers.check_params(params, transform=_NAME)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    grad_leaves, grad_def = jax.tree_util.tree_flatten(updates)
-    if grad_def != treedef:
-      raise ValueError(f"{_NAME}: the updates (gradients) do not match the "
-                       f"params' structure.\n  params: {treedef}\n  got:    "
-                       f"{grad_def}")
+    grad_leaves = _layers.flatten_like(
+        updates, treedef, f"{_NAME}: the updates (gradients)")
     dense = _dense_layers(params, dense_layers)
     if len(dense) != len(state.layers):
       raise ValueError(f"{_NAME}: the params have {len(dense)} dense layers "
@@ -423,7 +415,7 @@ def kbfgs(
 
     stats = [(t.input_mean, t.input_second_moment, t.output_mean,
               t.output_grad) for t in taps.layers.values()]
-    finite = _all_finite((grad_leaves, stats))
+    finite = _curvature.tree_all_finite((grad_leaves, stats))
 
     lr = learning_rate(state.count) if callable(learning_rate) else (
         learning_rate)
@@ -512,7 +504,7 @@ def kbfgs(
         abar, a_new, a_damped, h_a = layer_work[pos]
         tap = taps.layers[layer.kernel_index]
         s_new, y_new = pairs[layer.kernel_index]
-        pair_ok = _all_finite((s_new, y_new))
+        pair_ok = _curvature.tree_all_finite((s_new, y_new))
         s_bar = jnp.where(pair_ok, beta * ls.s + (1.0 - beta) * s_new, ls.s)
         y_bar = jnp.where(pair_ok, beta * ls.y + (1.0 - beta) * y_new, ls.y)
         if memory_size is None:

@@ -28,7 +28,8 @@ import optax
 PyTree = Any
 LayerGrouping = Union[None, Callable[[tuple, Any], Hashable], PyTree]
 
-__all__ = ["Layers", "group_layers", "check_params", "stats_dtype"]
+__all__ = ["Layers", "group_layers", "check_params", "stats_dtype",
+           "flatten_like"]
 
 
 def stats_dtype(*dtypes) -> jnp.dtype:
@@ -82,6 +83,18 @@ def check_params(params: PyTree, *, transform: str) -> None:
           "(e.g. in a separate Flax collection), or cast them to float.")
 
 
+def flatten_like(tree: PyTree, treedef, what: str) -> list:
+  """The leaves of ``tree``; a ``ValueError`` naming ``what`` unless its
+  structure is ``treedef`` (the params')."""
+  leaves, got = jax.tree_util.tree_flatten(tree)
+  if got != treedef:
+    raise ValueError(
+        f"{what} does not match the params' structure.\n"
+        f"  params: {treedef}\n  got:    {got}\n"
+        "Updates, params and state must all share the params' structure.")
+  return leaves
+
+
 def _strip_variable_keys(path: tuple) -> tuple:
   """Drops Flax NNX ``Variable`` wrappers (a trailing ``.value`` key).
 
@@ -119,13 +132,7 @@ class Layers:
     return len(self.labels)
 
   def _leaves(self, tree: PyTree, what: str = "The pytree") -> list:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    if treedef != self.treedef:
-      raise ValueError(
-          f"{what} does not match the params' structure.\n"
-          f"  params: {self.treedef}\n  got:    {treedef}\n"
-          "Updates, params and state must all share the params' structure.")
-    return leaves
+    return flatten_like(tree, self.treedef, what)
 
   def check_structure(self, tree: PyTree, what: str) -> None:
     """Raises a ``ValueError`` naming ``what`` if ``tree`` is not shaped so."""
