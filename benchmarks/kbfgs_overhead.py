@@ -25,30 +25,16 @@ import os
 import platform
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import optax_layerwise as olw
+from benchmarks import models
+from benchmarks.timing import time_side_by_side
 
-WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-
-
-class Autoencoder(nn.Module):
-  """The paper's deep autoencoder (plain ``nn.Dense``: tapped as is)."""
-  widths: tuple = WIDTHS
-
-  @nn.compact
-  def __call__(self, x):
-    code = 1 + int(np.argmin(self.widths[1:]))
-    last = len(self.widths) - 1
-    for i, width in enumerate(self.widths[1:], start=1):
-      x = nn.Dense(width)(x)
-      if i not in (code, last):
-        x = nn.relu(x)
-    return x
+WIDTHS = models.MNIST_AE_WIDTHS
 
 
 def _loss_fn(model):
@@ -86,7 +72,7 @@ def run(batch: int = 1000, rounds: int = 9, calls: int = 3,
         memory_size: int = 100, widths=WIDTHS, warmup: int = 3,
         seed: int = 0) -> dict:
   """Measures every method; returns the results dictionary."""
-  model = Autoencoder(tuple(widths))
+  model = models.Autoencoder(tuple(widths))
   key = jax.random.PRNGKey(seed)
   x = (jax.random.uniform(key, (batch, widths[0])) > 0.7).astype(jnp.float32)
   params0 = model.init(jax.random.fold_in(key, 1), x)
@@ -114,19 +100,17 @@ def run(batch: int = 1000, rounds: int = 9, calls: int = 3,
     print(f"  compiled {name}: {compile_s:.1f} s, warm-up losses "
           f"{', '.join(f'{v:.1f}' for v in losses)}", flush=True)
 
+  def one_step(item):
+    def call():
+      item["params"], item["state"], value = item["step"](
+          item["params"], item["state"], x)
+      return value
+    return call
+
+  timings = time_side_by_side({name: one_step(item) for name, item in
+                               runs.items()}, baseline="adam", rounds=rounds,
+                              calls_per_round=calls)
   names = list(runs)
-  samples = {name: [] for name in names}
-  for r in range(rounds):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for name in order:
-      item = runs[name]
-      start = time.perf_counter()
-      for _ in range(calls):
-        item["params"], item["state"], value = item["step"](
-            item["params"], item["state"], x)
-      jax.block_until_ready((item["params"], item["state"], value))
-      samples[name].append((time.perf_counter() - start) / calls)
-  base = np.asarray(samples["adam"])
   params_mb = _megabytes(params0)
   results = {
       "config": dict(widths=list(widths), batch=batch, rounds=rounds,
@@ -139,19 +123,18 @@ def run(batch: int = 1000, rounds: int = 9, calls: int = 3,
       "methods": {},
   }
   for name in names:
-    t = np.asarray(samples[name])
-    item = runs[name]
+    item, timing = runs[name], timings[name]
     results["methods"][name] = dict(
-        median_step_ms=1e3 * float(np.median(t)),
-        min_step_ms=1e3 * float(np.min(t)),
-        time_ratio_vs_adam=float(np.median(t / base)),
+        median_step_ms=timing["median_ms"],
+        min_step_ms=timing["min_ms"],
+        time_ratio_vs_adam=timing["ratio_median"],
         gflops_per_step=item["flops"] / 1e9,
         flop_ratio_vs_adam=item["flops"] / runs["adam"]["flops"],
         state_mb=item["state_mb"],
         state_ratio_vs_adam=item["state_mb"] / runs["adam"]["state_mb"],
         compile_s=item["compile_s"],
         final_loss=float(loss(item["params"], x)),
-        samples_ms=[1e3 * v for v in t])
+        samples_ms=timing["samples_ms"])
   return results
 
 

@@ -45,7 +45,10 @@ its last accepted learning rate (``initial_lr`` until it has one); accepted
 rates are clipped to ``[min_lr, max_lr]`` and optionally smoothed by an
 exponential moving average; ``update_interval`` re-measures only every k steps
 under ``lax.cond``. A non-finite gradient or update skips the whole step (zero
-update, state unchanged but counters). Statistics are float32 (float64 for
+update, state unchanged but ``num_skipped``; ``count`` does not advance, so
+the run continues as one that never saw the bad batch); a non-finite
+measurement (NaN loss or Hessian-vector product) makes the affected layers
+fall back, counted in ``num_fallbacks``. Statistics are float32 (float64 for
 float64 params, :func:`optax_layerwise._layers.stats_dtype`).
 """
 
@@ -80,12 +83,13 @@ class ScaleByCurvatureLRState(NamedTuple):
   """State of :func:`scale_by_curvature_lr`; all shapes are fixed.
 
   Attributes:
-    count: number of ``update`` calls (int32); seeds the Hutchinson probes.
+    count: steps taken (int32; a skipped step does not count); seeds the
+      Hutchinson probes and the ``update_interval`` schedule.
     lrs: per-layer learning rates ``lr_l`` applied last, ``(L,)``; float32
       (float64 for float64 params), as every statistic here.
-    curvatures: last measured ``kappa_l`` (weight decay included), ``(L,)``;
-      NaN for the secant warm-up step, 0 for a ``"norm_ratio"`` layer with a
-      zero norm.
+    curvatures: last finite measured ``kappa_l`` (weight decay included),
+      ``(L,)``; 0 until the first (after the secant warm-up step), and 0 for
+      a ``"norm_ratio"`` layer with a zero norm.
     num_accepted: per layer, measurements accepted, ``(L,)`` int32.
     num_fallbacks: per layer, measurements rejected by the safeguards
       (including the secant estimator's warm-up step), ``(L,)`` int32.
@@ -166,6 +170,7 @@ def scale_by_curvature_lr(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
+    axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales each layer's gradient by a learning rate fitted to its curvature.
 
@@ -222,6 +227,14 @@ def scale_by_curvature_lr(
       :func:`optax.inject_hyperparams`, which treats callables as schedules.)
     seed: seeds the Hutchinson probes (step ``k`` uses
       ``fold_in(PRNGKey(seed), k)``).
+    axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
+      axis: ``value_fn`` is then this device's loss and the ``"hessian"``
+      statistics are averaged over the axis (CBLR: the ``L``-vectors of
+      quadratic forms; MCLR: the elementwise diagonal estimate, before its
+      absolute value and median), so all devices hold the same rates. The
+      incoming gradient must already be the global one; ``"secant"`` and
+      ``"norm_ratio"`` use only it and the params, and communicate nothing.
+      ``None`` (default) under plain ``jax.jit``, sharded or not.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`; ``update`` needs
@@ -283,10 +296,23 @@ def scale_by_curvature_lr(
   if static_interval is not None and static_interval < 1:
     raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
   num_probes = _curvature.static_num_probes(num_probes)
+  for name, value, why in (
+      ("scale", scale, "lr_l = scale / kappa_l is a learning rate; a "
+       "negative one would climb the loss."),
+      ("initial_lr", initial_lr, "It is a layer's learning rate before its "
+       "first accepted measurement."),
+      ("min_lr", min_lr, "It is the lower clip of the learning rates."),
+      ("max_lr", 0.0 if max_lr is None else max_lr, "It is the upper clip of "
+       "the learning rates; None for no clip."),
+      ("weight_decay", weight_decay, "It is an L2 strength; 0 for none."),
+      ("ema", ema, "It is a moving-average factor in [0, 1); 0 for none.")):
+    _curvature.check_non_negative(value, name, transform=_NAME, why=why)
   no_weight_decay = _concrete_float(weight_decay) == 0.0
   is_secant = curvature == "secant"
 
   def init_fn(params):
+    # Bad params fail here, at the first call (masked, integer, complex).
+    _layers.check_params(params, transform=_NAME)
     num_layers = _layers.group_layers(params, layers).num_layers
     zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
     counts = jnp.zeros((num_layers,), jnp.int32)
@@ -305,20 +331,23 @@ def scale_by_curvature_lr(
   def measure_hessian(value_fn, grads, reg_grads, params, partition, key):
     oracle = _curvature.make_hvp(
         value_fn, params, method=hvp, grad=grads, fd_scale=fd_scale,
-        transform=_NAME)
+        transform=_NAME, axis_name=axis_name)
     if reduce == "rayleigh":
       forms = _curvature.layer_quadratic_forms(
           oracle, reg_grads, partition, estimator=estimator,
-          num_probes=num_probes, key=key)
+          num_probes=num_probes, key=key, axis_name=axis_name)
       return forms.curvature / partition.sq_norm(reg_grads)
     probes = elementwise_probes(key, params, num_probes)
     _, hz = jax.vmap(oracle, out_axes=(None, 0))(probes)
 
     def diagonal_estimate(z, w):
       dtype = _layers.stats_dtype(z.dtype, w.dtype)
-      return jnp.abs(jnp.mean(z.astype(dtype) * w.astype(dtype), axis=0))
+      return jnp.mean(z.astype(dtype) * w.astype(dtype), axis=0)
 
-    diagonal = jax.tree_util.tree_map(diagonal_estimate, probes, hz)
+    # Linear in H z, so averaged over the data-parallel axis before |.|.
+    diagonal = jax.tree_util.tree_map(
+        jnp.abs, _curvature.global_mean(
+            jax.tree_util.tree_map(diagonal_estimate, probes, hz), axis_name))
     return _layer_medians(partition, diagonal)
 
   def measure_secant(grads, params, state, partition):
@@ -376,7 +405,7 @@ def scale_by_curvature_lr(
                                 partition, key)
       else:
         kappa = measure_secant(updates, params, state, partition)
-        has_prev = (state.count - state.num_skipped) > 0
+        has_prev = state.count > 0  # skipped steps do not count
         kappa = jnp.where(has_prev, kappa, jnp.nan)  # warm-up: no pair yet
       kappa = (kappa + weight_decay).astype(dtype)
       return kappa, (scale / kappa).astype(dtype), forced
@@ -406,8 +435,8 @@ def scale_by_curvature_lr(
     new_state = ScaleByCurvatureLRState(
         count=state.count + 1,
         lrs=lrs,
-        curvatures=jnp.where(measured, kappa, state.curvatures).astype(
-            state.curvatures.dtype),
+        curvatures=jnp.where(measured & jnp.isfinite(kappa), kappa,
+                             state.curvatures).astype(state.curvatures.dtype),
         num_accepted=state.num_accepted + valid.astype(jnp.int32),
         num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
             jnp.int32),
@@ -423,13 +452,19 @@ def scale_by_curvature_lr(
 def _chain(reduce: str, learning_rate_scale: ScalarOrSchedule,
            momentum: float, nesterov: bool, **kwargs):
   """``chain(scale_by_curvature_lr, -learning_rate_scale, trace(momentum))``."""
+  _curvature.check_non_negative(
+      learning_rate_scale, "learning_rate_scale",
+      transform="cblr" if reduce == "rayleigh" else "mclr",
+      why="It multiplies the descent step (the sign flip is built in); a "
+      "negative value would climb the loss.")
   parts = [
       scale_by_curvature_lr(reduce=reduce, **kwargs),
       optax.scale_by_learning_rate(learning_rate_scale),
   ]
   if _concrete_float(momentum) != 0.0:  # a traced momentum keeps the trace
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-  return optax.chain(*parts)
+  # A step the first stage skips is skipped by the momentum too.
+  return _curvature.skip_aware_chain(*parts)
 
 
 _SHARED_ARGS_DOC = """    scale: the multiplier in ``lr_l = scale / kappa_l`` (see
@@ -450,7 +485,9 @@ _SHARED_ARGS_DOC = """    scale: the multiplier in ``lr_l = scale / kappa_l`` (s
     fd_scale: relative step of the gradient difference.
     layers: the layer grouping (a callable must be listed in ``static_args``
       of :func:`optax.inject_hyperparams`).
-    seed: seeds the Hutchinson probes."""
+    seed: seeds the Hutchinson probes.
+    axis_name: the data-parallel axis under ``jax.shard_map`` / ``jax.pmap``
+      (curvature statistics are averaged over it; ``None`` under ``jax.jit``)."""
 
 
 def cblr(
@@ -474,6 +511,7 @@ def cblr(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
+    axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Curvature-based layer-wise learning rates (CBLR) with momentum.
 
@@ -524,7 +562,7 @@ def cblr(
       weight_decay_convention=weight_decay_convention, initial_lr=initial_lr,
       min_lr=min_lr, max_lr=max_lr, curvature_floor=curvature_floor, ema=ema,
       update_interval=update_interval, fd_scale=fd_scale, layers=layers,
-      seed=seed)
+      seed=seed, axis_name=axis_name)
 
 
 def mclr(
@@ -548,6 +586,7 @@ def mclr(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
+    axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Median-curvature layer-wise learning rates (MCLR) with momentum.
 
@@ -570,6 +609,21 @@ def mclr(
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_layerwise as olw
+    >>> params = {{'a': {{'w': jnp.ones(3)}}, 'b': {{'w': jnp.ones(2)}}}}
+    >>> loss = lambda p: (jnp.sum(p['a']['w'] ** 2)
+    ...                   + 50 * jnp.sum(p['b']['w'] ** 2))
+    >>> tx = olw.mclr(0.5, momentum=0.0)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            value_fn=loss)
+    >>> [round(float(lr), 4) for lr in state[0].lrs]  # 1 / median diag(H)
+    [0.5, 0.01]
+    >>> optax.apply_updates(params, updates)['b']['w']
+    Array([0.5, 0.5], dtype=float32)
   """
   return _chain(
       "median", learning_rate_scale, momentum, nesterov,
@@ -578,7 +632,7 @@ def mclr(
       weight_decay_convention=weight_decay_convention, initial_lr=initial_lr,
       min_lr=min_lr, max_lr=max_lr, curvature_floor=curvature_floor, ema=ema,
       update_interval=update_interval, fd_scale=fd_scale, layers=layers,
-      seed=seed)
+      seed=seed, axis_name=axis_name)
 
 
 cblr.__doc__ = cblr.__doc__.format(shared=_SHARED_ARGS_DOC)

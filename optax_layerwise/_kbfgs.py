@@ -34,7 +34,8 @@ kernel layout). Per step, on the mini-batch of ``value_fn``:
    ``||mean gh||``, as in the authors' code).
 
 A whole step is skipped (zero update, state unchanged but for
-``num_nonfinite``) when the gradient or the tapped statistics are not finite;
+``num_nonfinite``; ``count`` does not advance) when the gradient, the tapped
+statistics (a NaN loss from ``value_fn``) or the step itself are not finite;
 a non-finite pair from the second pass skips that layer's ``s, y, H_g``
 update and is counted in ``num_skipped``.
 """
@@ -102,8 +103,8 @@ class KBFGSState(NamedTuple):
     num_skipped: per layer, ``H_g`` updates skipped (skip rule or non-finite
       pair).
     num_skipped_a: per layer, ``H_a`` updates skipped.
-    num_nonfinite: whole steps skipped for a non-finite gradient or
-      statistics (int32 scalar).
+    num_nonfinite: whole steps skipped for a non-finite gradient, tapped
+      statistics or step (int32 scalar).
   """
   count: jax.Array
   momentum: PyTree
@@ -181,6 +182,22 @@ def kbfgs_layer_names(params: PyTree, dense_layers=None) -> tuple:
 
   The order is that of the per-layer vectors and ``layers`` of
   :class:`KBFGSState`.
+
+  Args:
+    params: the params (or their shapes), as given to ``tx.init``.
+    dense_layers: the ``dense_layers`` predicate given to :func:`kbfgs`.
+
+  Returns:
+    A tuple of key-path strings of the dense layers' parent nodes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_layerwise as olw
+    >>> params = {'l1': {'kernel': jnp.ones((4, 8)), 'bias': jnp.zeros(8)},
+    ...           'norm': {'scale': jnp.ones(8)},
+    ...           'l2': {'kernel': jnp.ones((8, 1))}}
+    >>> olw.kbfgs_layer_names(params)  # 'norm' takes the momentum fallback
+    ("['l1']", "['l2']")
   """
   return tuple(layer.name for layer in _dense_layers(params, dense_layers))
 
@@ -206,6 +223,26 @@ def _homogeneous(layer: _Dense, tap: _taps.DenseTap):
   return abar, a_batch
 
 
+def _concrete(value) -> Optional[float]:
+  """``float(value)``, or ``None`` for a traced (injected) hyperparameter."""
+  try:
+    return float(value)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError, TypeError):
+    return None
+
+
+def _step_bound_factor(step, kernel, bias, max_relative_change):
+  """``min(1, rho ||[W; b]|| / ||step||)``: bounds a layer's relative move."""
+  sq = jnp.sum(jnp.square(kernel.astype(step.dtype)))
+  if bias is not None:
+    sq = sq + jnp.sum(jnp.square(bias.astype(step.dtype)))
+  step_norm = jnp.linalg.norm(step)
+  bound = max_relative_change * jnp.sqrt(sq)
+  return jnp.where((step_norm > bound) & (sq > 0),
+                   bound / jnp.where(step_norm > 0, step_norm, 1.0), 1.0)
+
+
 def kbfgs(
     learning_rate: ScalarOrSchedule = 0.3,
     *,
@@ -219,7 +256,9 @@ def kbfgs(
     mu2: Optional[float] = None,
     skip_tol: float = _bfgs.SKIP_TOL,
     lbfgs_gamma: float = 1.0,
+    max_relative_change: Optional[float] = 0.1,
     dense_layers: Optional[Callable[[tuple, Any], bool]] = None,
+    axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-BFGS / K-BFGS(L): Kronecker-factored BFGS for dense layers.
 
@@ -270,11 +309,28 @@ def kbfgs(
       in ``(0, 1)``.
     skip_tol: tolerance of the BFGS skip rule (1e-4).
     lbfgs_gamma: K-BFGS(L)'s initial matrix ``gamma I`` (1).
+    max_relative_change: bounds each dense layer's step (ours, not the
+      paper's): ``delta_l`` is shortened to ``||delta_l|| <= rho ||[W; b]||``
+      (default ``rho = 0.1``). While ``H_g`` still sits at its initial ``I``,
+      the first steps can be far too long for networks initialised with
+      larger weights than the authors' (PyTorch's ``U(+-1/sqrt(fan_in))``):
+      at lr 0.3 on the CURVES autoencoder, Flax's default LeCun-normal init
+      diverged to NaN within 10 steps without it, and trained with it; with
+      the authors' init the bound changed the loss after 80 steps by 0.1%.
+      ``None`` gives the paper's algorithm exactly.
     dense_layers: which 2-D leaves are dense kernels that get Kronecker
       factors: a predicate ``(path, leaf) -> bool`` on key paths. Default:
       every 2-D float leaf whose key does not contain ``"embed"``; a 1-D
       sibling of length ``d_out`` named ``bias`` (or ``b``) is its bias.
       Exclude big 2-D leaves that are not dense layers to save memory.
+    axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
+      axis: ``value_fn`` is then this device's loss, and the tapped
+      statistics (``abar``, ``A_batch``, ``mean h``, ``mean gh``, and the
+      pair ``s, y``) are averaged over the axis before any nonlinear use, so
+      all devices hold identical factors (per dense layer and step,
+      ``d_in^2 + d_in + 4 d_out`` numbers in two all-reduces; see
+      ``docs/distributed.md``). The incoming gradient must already be the
+      global one. ``None`` (default) under plain ``jax.jit``, sharded or not.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state
@@ -298,37 +354,53 @@ def kbfgs(
     ...   return jnp.mean((olw.dense(h, p['l2']['kernel']) - t) ** 2)
     >>> tx = olw.kbfgs(0.1)
     >>> state = tx.init(params)
-    >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params,
-    ...                            value_fn=loss_fn)
-    >>> params = optax.apply_updates(params, updates)
+    >>> @jax.jit  # gradient and update in one jit: XLA shares the tap's pass
+    ... def step(params, state):
+    ...   grads = jax.grad(loss_fn)(params)
+    ...   updates, state = tx.update(grads, state, params, value_fn=loss_fn)
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state)
     >>> bool(state.preconditioned['l1']['kernel'])
     True
+    >>> olw.kbfgs_layer_names(params), state.layers[0].h_a.shape  # d_in + 1
+    (("['l1']", "['l2']"), (5, 5))
   """
-  if not callable(learning_rate) and not isinstance(
-      learning_rate, jax.core.Tracer) and float(learning_rate) < 0:
+  # Hyperparameters injected by optax.inject_hyperparams arrive traced and
+  # are not checked (_concrete gives None); memory_size sets shapes and must
+  # then be listed in static_args.
+  lr_value = None if callable(learning_rate) else _concrete(learning_rate)
+  if lr_value is not None and lr_value < 0:
     raise ValueError(f"{_NAME}: learning_rate must be >= 0, got "
-                     f"{learning_rate}.")
-  if not damping > 0:
+                     f"{learning_rate}. kbfgs returns the descent step "
+                     "-lr * H_a M H_g itself: pass a positive rate.")
+  damping_value = _concrete(damping)
+  if damping_value is not None and not damping_value > 0:
     raise ValueError(f"{_NAME}: damping must be > 0 (A is damped by "
                      f"sqrt(damping) I), got {damping}.")
   if mu2 is None:
-    mu2 = math.sqrt(damping)
-    if mu2 >= 1:
+    mu2 = jnp.sqrt(damping) if damping_value is None else math.sqrt(
+        damping_value)
+    if damping_value is not None and mu2 >= 1:
       raise ValueError(
           f"{_NAME}: damping={damping} gives mu2 = sqrt(damping) >= 1; pass "
           "mu2 in (0, 1) explicitly for damping >= 1.")
-  if not 0 < mu2 < 1:
-    raise ValueError(f"{_NAME}: mu2 must lie in (0, 1), got {mu2}.")
-  if not 0 < mu1 < 1:
-    raise ValueError(f"{_NAME}: mu1 must lie in (0, 1), got {mu1}.")
-  if not 0 <= momentum < 1:
-    raise ValueError(f"{_NAME}: momentum must lie in [0, 1), got {momentum}.")
-  if not 0 <= stat_decay < 1:
-    raise ValueError(f"{_NAME}: stat_decay must lie in [0, 1), got "
-                     f"{stat_decay}.")
-  if weight_decay < 0:
+  for name, value in (("mu2", mu2), ("mu1", mu1)):
+    number = _concrete(value)
+    if number is not None and not 0 < number < 1:
+      raise ValueError(f"{_NAME}: {name} must lie in (0, 1), got {value}.")
+  for name, value in (("momentum", momentum), ("stat_decay", stat_decay)):
+    number = _concrete(value)
+    if number is not None and not 0 <= number < 1:
+      raise ValueError(f"{_NAME}: {name} must lie in [0, 1), got {value}.")
+  weight_decay_value = _concrete(weight_decay)
+  if weight_decay_value is not None and weight_decay_value < 0:
     raise ValueError(f"{_NAME}: weight_decay must be >= 0, got "
                      f"{weight_decay}.")
+  if max_relative_change is not None:
+    _curvature.check_non_negative(
+        max_relative_change, "max_relative_change", transform=_NAME,
+        why="It bounds each dense layer's step relative to its norm; pass "
+        "None to remove the bound.")
   if memory_size is not None and (
       isinstance(memory_size, bool) or int(memory_size) != memory_size
       or memory_size < 1):
@@ -336,7 +408,8 @@ def kbfgs(
                      f"integer >= 1 (K-BFGS(L)), got {memory_size!r}.")
   if pair not in PAIRS:
     raise ValueError(f"{_NAME}: pair must be one of {PAIRS}, got {pair!r}.")
-  sqrt_damping = math.sqrt(damping)
+  sqrt_damping = (jnp.sqrt(damping) if damping_value is None
+                  else math.sqrt(damping_value))
   beta = stat_decay
 
   def init_fn(params):
@@ -371,6 +444,9 @@ def kbfgs(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     value_fn = _curvature.require_value_fn(value_fn, transform=_NAME)
+    # A non-scalar or non-float loss fails naming kbfgs, not the tap.
+    value_fn = _curvature._checked_value_fn(  # pylint: disable=protected-access
+        value_fn, _NAME)
     _layers.check_params(params, transform=_NAME)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     grad_leaves = _layers.flatten_like(
@@ -384,7 +460,7 @@ def kbfgs(
     # 1. Tapped pass at theta.
     taps = _taps.tap_dense_layers(
         value_fn, params, kernels=[layer.kernel_index for layer in dense],
-        second_moment=True, with_grads=False)
+        second_moment=True, with_grads=False, axis_name=axis_name)
     if not taps.layers:
       raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
     untapped = [layer.name for layer in dense
@@ -448,6 +524,11 @@ def kbfgs(
       else:
         direction = _bfgs.lbfgs_apply(ls.h_g, left, lbfgs_gamma)
       step = -lr * direction
+      if max_relative_change is not None:
+        step = step * _step_bound_factor(
+            step, leaves[layer.kernel_index],
+            None if layer.bias_index is None else leaves[layer.bias_index],
+            max_relative_change)
       deltas[layer.kernel_index] = step[:layer.d_in]
       if layer.bias_index is not None:
         deltas[layer.bias_index] = step[layer.d_in]
@@ -455,6 +536,9 @@ def kbfgs(
 
     out_leaves = [d.astype(p.dtype) for d, p in zip(deltas, leaves)]
     new_updates = jax.tree_util.tree_unflatten(treedef, out_leaves)
+    # A step that is not finite in the params' dtypes (a float16 overflow, a
+    # preconditioner gone bad) skips the step, as a non-finite gradient does.
+    finite = finite & _curvature.tree_all_finite(out_leaves)
 
     # 4. The pair: second pass at theta + delta, or directional derivatives.
     kernels = [layer.kernel_index for layer in tapped]
@@ -463,7 +547,8 @@ def kbfgs(
           lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
           params, new_updates)
       plus = _taps.tap_dense_layers(value_fn, shifted, kernels=kernels,
-                                    second_moment=False, with_grads=False)
+                                    second_moment=False, with_grads=False,
+                                    axis_name=axis_name)
       pairs = {}
       for layer in tapped:
         before = taps.layers[layer.kernel_index]
@@ -478,7 +563,8 @@ def kbfgs(
 
       def means(p):
         res = _taps.tap_dense_layers(value_fn, p, kernels=kernels,
-                                     second_moment=False, with_grads=False)
+                                     second_moment=False, with_grads=False,
+                                     axis_name=axis_name)
         return {i: (res.layers[i].output_mean, res.layers[i].output_grad)
                 for i in kernels}
 

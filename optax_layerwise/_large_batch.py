@@ -153,6 +153,8 @@ class SmallLossWeights(NamedTuple):
 def small_loss_weights(
     per_example_losses: jax.Array,
     fraction: Union[float, jax.Array],
+    *,
+    axis_name: Optional[Union[str, tuple]] = None,
 ) -> SmallLossWeights:
   """Weights that drop the ``fraction`` of examples with the smallest loss.
 
@@ -172,6 +174,13 @@ def small_loss_weights(
   Args:
     per_example_losses: ``(n,)`` losses of one mini-batch.
     fraction: in ``[0, 1]``, the share of examples to drop.
+    axis_name: under ``jax.shard_map`` / ``jax.pmap`` with the batch split
+      over this axis: ``per_example_losses`` are this device's, the
+      selection is made over the global batch (the losses are gathered by
+      one all-reduce of the global batch's losses) and this device's slice
+      of the global weights is returned, so that the ``pmean`` over the axis
+      of ``mean(weights * losses)`` (and of its gradient) is the mean loss of
+      the kept examples of the whole batch. The counts are global.
 
   Returns:
     A :class:`SmallLossWeights` ``(weights, num_dropped, num_nonfinite)``.
@@ -207,6 +216,18 @@ def small_loss_weights(
     value = None  # traced: cannot be checked here; clipped below
   if value is not None and not 0.0 <= value <= 1.0:
     raise ValueError(f"fraction must be in [0, 1], got {fraction}.")
+  if axis_name is not None:
+    # Gathered by a psum of one-hot slots: its result is replicated (also in
+    # shard_map's type system), so the counts are too.
+    local_n = losses.shape[0]
+    start = jax.lax.axis_index(axis_name) * local_n
+    slots = jnp.zeros((jax.lax.axis_size(axis_name) * local_n,), jnp.float32)
+    everything = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(
+        slots, jax.lax.stop_gradient(losses).astype(jnp.float32), start, 0),
+                              axis_name)
+    selection = small_loss_weights(everything, fraction)
+    return selection._replace(weights=jax.lax.dynamic_slice_in_dim(
+        selection.weights, start, local_n))
   n = losses.shape[0]
   losses = jax.lax.stop_gradient(losses).astype(jnp.float32)
   finite = jnp.isfinite(losses)

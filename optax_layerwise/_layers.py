@@ -47,6 +47,12 @@ def tree_stats_dtype(tree: PyTree) -> jnp.dtype:
   return stats_dtype(*[x.dtype for x in jax.tree_util.tree_leaves(tree)])
 
 
+def to_stats(tree: PyTree) -> PyTree:
+  """Casts every leaf to its :func:`stats_dtype` (a no-op for float32)."""
+  return jax.tree_util.tree_map(
+      lambda x: jnp.asarray(x).astype(stats_dtype(jnp.result_type(x))), tree)
+
+
 def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
@@ -186,8 +192,9 @@ def group_layers(params: PyTree, layers: LayerGrouping = None) -> Layers:
     The static :class:`Layers` partition.
 
   Raises:
-    ValueError: a leaf gets no label (``None``), a label tree does not match
-      the params, or the params have no leaves.
+    ValueError: a leaf gets no label (``None``), several labels (a list or
+      set; a tuple is one label) or an unhashable one, a label tree does not
+      match the params, or the params have no leaves.
 
   Example:
     >>> import jax.numpy as jnp
@@ -205,20 +212,38 @@ def group_layers(params: PyTree, layers: LayerGrouping = None) -> Layers:
     labels = [label_fn(_strip_variable_keys(path), leaf)
               for path, leaf in with_path]
   else:
-    label_leaves, label_def = jax.tree_util.tree_flatten(
-        layers, is_leaf=lambda x: x is None)
-    if label_def.num_leaves != treedef.num_leaves or len(label_leaves) != len(
-        with_path):
-      raise ValueError(
-          "The `layers` label pytree must have the params' structure, one "
-          f"label per leaf: params have {len(with_path)} leaves, the labels "
-          f"{len(label_leaves)}.")
-    labels = label_leaves
+    try:  # one label (sub)tree per params leaf, as optax.multi_transform
+      labels = treedef.flatten_up_to(layers)
+    except (ValueError, TypeError):
+      labels = None
+    if labels is None:  # e.g. Variable wrappers: match the leaves in order
+      label_leaves, label_def = jax.tree_util.tree_flatten(
+          layers, is_leaf=lambda x: x is None)
+      if label_def.num_leaves != treedef.num_leaves or len(
+          label_leaves) != len(with_path):
+        raise ValueError(
+            "The `layers` label pytree must have the params' structure, one "
+            f"label per leaf: params have {len(with_path)} leaves, the labels "
+            f"{len(label_leaves)}.")
+      labels = label_leaves
   for (path, _), label in zip(with_path, labels):
+    name = jax.tree_util.keystr(path)
     if label is None:
       raise ValueError(
-          f"The layer grouping left the leaf {jax.tree_util.keystr(path)} "
-          "unassigned (its label is None). Give every leaf a label.")
+          f"The layer grouping left the leaf {name} unassigned (its label is "
+          "None). Give every leaf a label.")
+    if isinstance(label, (list, set, frozenset)):
+      raise ValueError(
+          f"The layer grouping assigns the leaf {name} to several layers "
+          f"({label!r}). A leaf belongs to exactly one layer: give it one "
+          "hashable label (a tuple counts as one label).")
+    try:
+      hash(label)
+    except TypeError:
+      raise ValueError(
+          f"The layer grouping gave the leaf {name} the unhashable label "
+          f"{label!r}. Labels must be hashable: a str, an int or a tuple."
+      ) from None
   order: dict = {}
   for label in labels:
     order.setdefault(label, len(order))

@@ -21,7 +21,11 @@ a layer whose measurement is unusable (``b_l <= 0``, ``q_l <= curvature_floor
 until it has one); accepted steps are clipped to ``[0, max_step]`` and
 optionally smoothed by an exponential moving average; ``update_interval``
 re-measures only every k steps under ``lax.cond``. A non-finite gradient or
-direction skips the whole step (zero update, state unchanged but counters).
+direction skips the whole step (zero update, state unchanged but
+``num_skipped``; ``count`` does not advance, so the run continues as one that
+never saw the bad batch); a non-finite measurement (NaN loss or
+Hessian-vector product) makes the affected layers fall back, counted in
+``num_fallbacks``.
 """
 
 from __future__ import annotations
@@ -52,8 +56,11 @@ class ScaleByLayerwiseStepSizeState(NamedTuple):
   """State of :func:`scale_by_layerwise_step_size`; all shapes are fixed.
 
   Attributes:
-    count: number of ``update`` calls (int32); seeds the Hutchinson probes.
-    direction_state: the wrapped direction transform's state.
+    count: steps taken (int32; a skipped step does not count); seeds the
+      Hutchinson probes and the ``update_interval`` schedule.
+    direction_state: the wrapped direction transform's state, run in the
+      statistics dtype (float32 for bfloat16 / float16 params: Adam's second
+      moment would overflow or underflow in float16).
     step_sizes: per-layer steps ``alpha_l`` applied last, ``(L,)``; float32
       (float64 for float64 params, see :func:`optax_layerwise._layers.stats_dtype`).
     decreases: last measured ``b_l = <g, d>_l``, ``(L,)``.
@@ -86,6 +93,18 @@ def _coupled_steps(matrix: jax.Array, decrease: jax.Array,
   return jnp.where(jnp.all(jnp.isfinite(chol)), steps, jnp.nan)
 
 
+def _displacement_bound(param_sq_norm: jax.Array, direction_sq_norm: jax.Array,
+                        max_relative_change: float,
+                        max_step: float) -> jax.Array:
+  """The largest ``alpha_l`` with ``alpha_l ||d_l|| <= rho ||theta_l||``.
+
+  ``max_step`` where ``theta_l`` or ``d_l`` is zero (no scale to compare to).
+  """
+  usable = (param_sq_norm > 0) & (direction_sq_norm > 0)
+  ratio = jnp.sqrt(param_sq_norm / jnp.where(usable, direction_sq_norm, 1.0))
+  return jnp.where(usable, max_relative_change * ratio, max_step)
+
+
 def scale_by_layerwise_step_size(
     direction: Optional[optax.GradientTransformation] = None,
     *,
@@ -93,6 +112,7 @@ def scale_by_layerwise_step_size(
     num_probes: Optional[int] = None,
     hvp: str = "forward_over_reverse",
     max_step: float = 1.0,
+    max_relative_change: Optional[float] = None,
     initial_step: float = 0.0,
     ema: float = 0.0,
     update_interval: int = 1,
@@ -102,6 +122,7 @@ def scale_by_layerwise_step_size(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
+    axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales a first-order direction by per-layer curvature step sizes.
 
@@ -127,6 +148,13 @@ def scale_by_layerwise_step_size(
       ``"gradient_difference"`` (one extra gradient; see
       :func:`optax_layerwise._curvature.make_hvp` for its accuracy).
     max_step: upper clip of each accepted ``alpha_l``.
+    max_relative_change: if set, also bounds the displacement of each layer,
+      ``alpha_l ||d_l|| <= max_relative_change * ||theta_l||`` (a trust
+      ratio, as in LARS; layers with ``theta_l = 0`` get only ``max_step``).
+      ``max_step`` bounds ``alpha_l``, not how far a layer moves: when the
+      model's curvature along ``d_l`` is tiny (e.g. a ReLU layer whose
+      activation pattern is about to change), ``b_l / q_l`` can move a layer
+      by many times its norm.
     initial_step: the step of a layer whose measurements were all rejected so
       far (ALGORITHMS.md suggests ``max_step``; 0 is the safe default because a
       rejected first measurement may mean ``d_l`` is not a descent direction).
@@ -142,6 +170,12 @@ def scale_by_layerwise_step_size(
     layers: the layer grouping (see :func:`optax_layerwise.group_layers`).
     seed: seeds the Hutchinson probes (probe ``k`` uses
       ``fold_in(PRNGKey(seed), k)``).
+    axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
+      axis: ``value_fn`` is then this device's loss, and ``b_l``, ``q_l`` are
+      averaged over the axis (one all-reduce of a few ``L`` numbers), so all
+      devices take the same steps. The incoming gradient must already be the
+      global one (see ``docs/distributed.md``). ``None`` (default) under
+      plain ``jax.jit``, sharded or not.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
@@ -172,16 +206,32 @@ def scale_by_layerwise_step_size(
   if static_interval is not None and static_interval < 1:
     raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
   num_probes = _curvature.static_num_probes(num_probes)
+  for name, value, why in (
+      ("max_step", max_step, "It caps each layer's step alpha_l (the "
+       "learning rate); a negative step would climb the loss."),
+      ("initial_step", initial_step, "It is a layer's step before its first "
+       "accepted measurement; 0 (the default) is the safe choice."),
+      ("coupled_damping", coupled_damping, "It adds damping * I to the "
+       "coupled L x L system; use 0 for none."),
+      ("ema", ema, "It is a moving-average factor in [0, 1); 0 for none.")):
+    _curvature.check_non_negative(value, name, transform=_NAME, why=why)
+  if max_relative_change is not None:
+    _curvature.check_non_negative(
+        max_relative_change, "max_relative_change", transform=_NAME,
+        why="It bounds how far a layer moves relative to its norm; pass None "
+        "to remove the bound.")
   direction = optax.with_extra_args_support(
       direction if direction is not None else optax.identity())
 
   def init_fn(params):
+    # Bad params fail here, at the first call (masked, integer, complex).
+    _layers.check_params(params, transform=_NAME)
     num_layers = _layers.group_layers(params, layers).num_layers
     zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
     counts = jnp.zeros((num_layers,), jnp.int32)
     return ScaleByLayerwiseStepSizeState(
         count=jnp.zeros([], jnp.int32),
-        direction_state=direction.init(params),
+        direction_state=direction.init(_layers.to_stats(params)),
         step_sizes=zeros + initial_step,
         decreases=zeros,
         curvatures=zeros,
@@ -199,17 +249,21 @@ def scale_by_layerwise_step_size(
           f"{_NAME}: the params have {partition.num_layers} layers but the "
           f"state was built for {state.step_sizes.shape[0]}; re-run init.")
 
+    # The direction runs in the statistics dtype; d goes back to the params'
+    # dtypes (it is the tangent of the Hessian-vector products).
     d, direction_state = direction.update(
-        updates, state.direction_state, params, **extra_args)
+        _layers.to_stats(updates), state.direction_state,
+        _layers.to_stats(params), **extra_args)
+    d = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), d, params)
 
     def measure(_):
       oracle = _curvature.make_hvp(
           value_fn, params, method=hvp, grad=updates, fd_scale=fd_scale,
-          transform=_NAME)
+          transform=_NAME, axis_name=axis_name)
       key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
       forms = _curvature.layer_quadratic_forms(
           oracle, d, partition, estimator=estimator, num_probes=num_probes,
-          key=key)
+          key=key, axis_name=axis_name)
       if coupled:
         raw = _coupled_steps(forms.matrix, forms.decrease, coupled_damping)
         diagonal = forms.decrease / forms.curvature
@@ -232,7 +286,11 @@ def scale_by_layerwise_step_size(
     valid = (measured & jnp.isfinite(raw) & jnp.isfinite(q) & (b > 0)
              & (q > curvature_floor * sq_norm))
     seen = state.num_accepted > 0
-    clipped = jnp.clip(jnp.nan_to_num(raw), 0.0, max_step)
+    upper = max_step
+    if max_relative_change is not None:
+      upper = jnp.minimum(upper, _displacement_bound(
+          partition.sq_norm(params), sq_norm, max_relative_change, max_step))
+    clipped = jnp.clip(jnp.nan_to_num(raw), 0.0, upper)
     smoothed = jnp.where(seen, ema * state.step_sizes + (1.0 - ema) * clipped,
                          clipped)
     fallback = jnp.where(seen, state.step_sizes, initial_step)
@@ -244,8 +302,12 @@ def scale_by_layerwise_step_size(
         count=state.count + 1,
         direction_state=direction_state,
         step_sizes=step_sizes,
-        decreases=jnp.where(measured, b, state.decreases).astype(dtype),
-        curvatures=jnp.where(measured, q, state.curvatures).astype(dtype),
+        # A non-finite measurement (NaN loss or Hessian-vector product) is a
+        # fallback; the diagnostics keep their last finite values.
+        decreases=jnp.where(measured & jnp.isfinite(b), b,
+                            state.decreases).astype(dtype),
+        curvatures=jnp.where(measured & jnp.isfinite(q), q,
+                             state.curvatures).astype(dtype),
         num_accepted=state.num_accepted + valid.astype(jnp.int32),
         num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
             jnp.int32),
@@ -256,9 +318,18 @@ def scale_by_layerwise_step_size(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_alias_args(name: str, scale, weight_decay) -> None:
+  _curvature.check_non_negative(
+      scale, "scale", transform=name,
+      why="It multiplies the per-layer steps (the sign flip is built in); a "
+      "negative value would climb the loss.")
+  _curvature.check_non_negative(weight_decay, "weight_decay", transform=name,
+                                why="Use 0 for no weight decay.")
+
+
 def _with_step_sizes(direction, scale, **step_size_kwargs):
   """``chain(scale_by_layerwise_step_size(direction), -scale)``."""
-  return optax.chain(
+  return _curvature.skip_aware_chain(
       scale_by_layerwise_step_size(direction, **step_size_kwargs),
       optax.scale_by_learning_rate(scale))
 
@@ -270,6 +341,10 @@ _SHARED_ARGS_DOC = """    estimator: ``"hutchinson"`` or ``"exact"`` (see
       ``static_args`` of :func:`optax.inject_hyperparams` when given).
     hvp: ``"forward_over_reverse"`` or ``"gradient_difference"``.
     max_step: upper clip of each per-layer step.
+    max_relative_change: bounds each layer's displacement,
+      ``alpha_l ||d_l|| <= max_relative_change * ||theta_l||`` (default 0.01;
+      ``None`` for the paper's rule alone). Without it, accurate curvature
+      estimates diverged on a deep ReLU autoencoder (docs/step_sizes.md).
     initial_step: a layer's step until it has an accepted measurement.
     ema: moving-average factor of the steps (0 = none).
     update_interval: measure curvature every this many steps.
@@ -280,7 +355,9 @@ _SHARED_ARGS_DOC = """    estimator: ``"hutchinson"`` or ``"exact"`` (see
     layers: the layer grouping (a callable must be listed in ``static_args``
       of :func:`optax.inject_hyperparams`, which treats callables as
       schedules).
-    seed: seeds the Hutchinson probes."""
+    seed: seeds the Hutchinson probes.
+    axis_name: the data-parallel axis under ``jax.shard_map`` / ``jax.pmap``
+      (curvature statistics are averaged over it; ``None`` under ``jax.jit``)."""
 
 
 def layerwise_sgd(
@@ -293,6 +370,7 @@ def layerwise_sgd(
     num_probes: Optional[int] = None,
     hvp: str = "forward_over_reverse",
     max_step: float = 1.0,
+    max_relative_change: Optional[float] = 0.01,
     initial_step: float = 0.0,
     ema: float = 0.0,
     update_interval: int = 1,
@@ -302,6 +380,7 @@ def layerwise_sgd(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
+    axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum and layer-wise curvature step sizes, no learning rate.
 
@@ -327,21 +406,24 @@ def layerwise_sgd(
     >>> import optax_layerwise as olw
     >>> params = {{'w': jnp.ones(4)}}
     >>> loss = lambda p: jnp.sum((p['w'] - 3.0) ** 2)
-    >>> tx = olw.layerwise_sgd(momentum=0.0, max_step=10.0)
+    >>> tx = olw.layerwise_sgd(momentum=0.0, max_step=10.0,
+    ...                        max_relative_change=None)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
     ...                            value_fn=loss)
     >>> optax.apply_updates(params, updates)['w']
     Array([3., 3., 3., 3.], dtype=float32)
   """
+  _check_alias_args("layerwise_sgd", scale, weight_decay)
   direction = optax.chain(optax.trace(decay=momentum, nesterov=nesterov),
                           optax.add_decayed_weights(weight_decay))
   return _with_step_sizes(
       direction, scale, estimator=estimator, num_probes=num_probes, hvp=hvp,
-      max_step=max_step, initial_step=initial_step, ema=ema,
+      max_step=max_step, max_relative_change=max_relative_change,
+      initial_step=initial_step, ema=ema,
       update_interval=update_interval, coupled=coupled,
       coupled_damping=coupled_damping, curvature_floor=curvature_floor,
-      fd_scale=fd_scale, layers=layers, seed=seed)
+      fd_scale=fd_scale, layers=layers, seed=seed, axis_name=axis_name)
 
 
 def layerwise_adamw(
@@ -355,6 +437,7 @@ def layerwise_adamw(
     num_probes: Optional[int] = None,
     hvp: str = "forward_over_reverse",
     max_step: float = 0.1,
+    max_relative_change: Optional[float] = 0.01,
     initial_step: float = 0.0,
     ema: float = 0.0,
     update_interval: int = 1,
@@ -364,6 +447,7 @@ def layerwise_adamw(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
+    axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW with layer-wise curvature step sizes, no learning rate.
 
@@ -385,15 +469,32 @@ def layerwise_adamw(
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`; call ``update`` with
     ``params`` and ``value_fn``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_layerwise as olw
+    >>> params = {{'w': jnp.ones(4)}}
+    >>> loss = lambda p: jnp.sum((p['w'] - 3.0) ** 2)
+    >>> tx = olw.layerwise_adamw(weight_decay=0.0, max_step=10.0,
+    ...                          max_relative_change=None)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            value_fn=loss)
+    >>> optax.apply_updates(params, updates)['w']
+    Array([3., 3., 3., 3.], dtype=float32)
+    >>> state[0].step_sizes.round(3)  # alpha_l; Adam's first d is sign(g)
+    Array([2.], dtype=float32)
   """
+  _check_alias_args("layerwise_adamw", scale, weight_decay)
   direction = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                           optax.add_decayed_weights(weight_decay))
   return _with_step_sizes(
       direction, scale, estimator=estimator, num_probes=num_probes, hvp=hvp,
-      max_step=max_step, initial_step=initial_step, ema=ema,
+      max_step=max_step, max_relative_change=max_relative_change,
+      initial_step=initial_step, ema=ema,
       update_interval=update_interval, coupled=coupled,
       coupled_damping=coupled_damping, curvature_floor=curvature_floor,
-      fd_scale=fd_scale, layers=layers, seed=seed)
+      fd_scale=fd_scale, layers=layers, seed=seed, axis_name=axis_name)
 
 
 layerwise_sgd.__doc__ = layerwise_sgd.__doc__.format(shared=_SHARED_ARGS_DOC)

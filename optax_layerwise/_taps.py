@@ -179,18 +179,29 @@ def gram(rows: jax.Array, block: int = 192) -> jax.Array:
   ``b`` blocks and ``b (b + 1) / 2`` of the ``b^2`` block products are formed
   (about 60 % of the flops of ``rows.T @ rows`` for ``d ~ 1000``); the blocks
   below the diagonal are exact transposes of those above.
+
+  With the rows sharded over an explicit mesh axis (``jax.make_mesh``'s
+  default ``AxisType.Explicit``, batch sharded under ``jax.jit``) the
+  product contracts a sharded dimension, so its sharding is given: the
+  replicated ``(d, d)`` matrix (XLA all-reduces the per-shard products).
   """
   d = rows.shape[1]
+  sharding = getattr(jax.typeof(rows), "sharding", None)
+  out_sharding = None
+  if any(axes is not None for axes in getattr(sharding, "spec", ())):
+    out_sharding = jax.sharding.NamedSharding(sharding.mesh,
+                                              jax.sharding.PartitionSpec())
+  matmul = functools.partial(jnp.matmul, out_sharding=out_sharding)
   edges = list(range(0, d, block)) + [d]
   if len(edges) > 2 and edges[-1] - edges[-2] < block // 2:
     edges.pop(-2)  # merge a small last block into its neighbour
   if len(edges) <= 2:
-    return rows.T @ rows
+    return matmul(rows.T, rows)
   parts = [rows[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
   grid = [[None] * len(parts) for _ in parts]
   for i, left in enumerate(parts):
     for j in range(i, len(parts)):
-      grid[i][j] = left.T @ parts[j]
+      grid[i][j] = matmul(left.T, parts[j])
       if j > i:
         grid[j][i] = grid[i][j].T
   return jnp.block(grid)
@@ -316,6 +327,7 @@ def tap_dense_layers(
     kernels: Optional[list] = None,
     second_moment: bool = True,
     with_grads: bool = True,
+    axis_name: Optional[_curvature.AxisName] = None,
 ) -> TapResult:
   """Runs ``value_fn(params)`` once with every dense layer tapped.
 
@@ -334,6 +346,12 @@ def tap_dense_layers(
       leaf).
     second_moment: also return ``mean_i a_i a_i^T`` (``O(n d_in^2)``).
     with_grads: also return the params gradient.
+    axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
+      axis: ``value_fn`` is this device's loss (a mean over its shard, or
+      that mean's ``pmean``) and the loss, gradient and every statistic
+      returned are means over the axis, i.e. over the global batch when the
+      shards have equal sizes (one all-reduce; ``num_rows`` stays the
+      per-device count).
 
   Returns:
     A :class:`TapResult`.
@@ -370,11 +388,17 @@ def tap_dense_layers(
       loss = checked(p)
     box["ctx"] = ctx
     aux = {i: (r.sum_x, r.sum_xx, r.sum_y) for i, r in ctx.records.items()}
-    return loss, aux
+    return _curvature.per_device_loss(loss, axis_name), (loss, aux)
 
-  loss, vjp_fn, aux = jax.vjp(tapped, params, perts, has_aux=True)
-  grads, pert_grads = vjp_fn(jnp.ones_like(loss))
+  scaled, vjp_fn, (loss, aux) = jax.vjp(
+      tapped, *_curvature.local_params((params, perts), axis_name),
+      has_aux=True)
+  grads, pert_grads = vjp_fn(jnp.ones_like(scaled))
   ctx = box["ctx"]
+  if axis_name is not None:  # one all-reduce for everything that is used
+    grads = grads if with_grads else None
+    loss, grads, aux, pert_grads = _curvature.global_mean(
+        (loss, grads, aux, {i: pert_grads[i] for i in aux}), axis_name)
   layers = {}
   for index, rec in sorted(ctx.records.items()):
     sum_x, sum_xx, sum_y = aux[index]

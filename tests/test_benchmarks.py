@@ -180,8 +180,16 @@ def test_autoencoder_architectures():
     assert len(names) == len(widths) - 1
     assert [params[n]["kernel"].shape for n in names] == list(
         zip(widths[:-1], widths[1:]))
-  # Linear code layer: negative code values survive (no ReLU there).
-  m = models.Autoencoder((784, 8, 2, 8, 784))
+  # The authors' (PyTorch) init: kernel and bias ~ U(+-1/sqrt(fan_in)).
+  params = models.Autoencoder((784, 8, 2, 8, 784)).init(
+      jax.random.PRNGKey(3), jnp.zeros((1, 784)))["params"]
+  for name, fan_in in (("dense_01", 784), ("dense_02", 8), ("dense_04", 8)):
+    for leaf in params[name].values():
+      bound = float(jnp.abs(leaf).max()) * fan_in ** 0.5
+      assert 0.5 < bound <= 1.0, (name, bound)  # uniform fills the range
+  # Linear code layer: negative code values survive (no ReLU there); the
+  # zero-bias Flax init makes their sign symmetric, so some are negative.
+  m = models.Autoencoder((784, 8, 2, 8, 784), weight_init="lecun")
   params = m.init(jax.random.PRNGKey(1), jnp.zeros((1, 784)))["params"]
   x = jax.random.uniform(jax.random.PRNGKey(2), (64, 784))
   _, inter = m.apply({"params": params}, x, capture_intermediates=True)
@@ -365,7 +373,7 @@ def test_cli_run_and_main(tmp_path, capsys):
                        "--lr-grid", "sgd=1e-3", "--out", str(out),
                        "--cache-dir", str(tmp_path / "cache"),
                        "--no-progress"])
-  assert res["config"]["tune"] == ["adam", "sgd"]
+  assert res["config"]["tune"] == ["adam", "adamw", "sgd"]
   assert res["config"]["lr_grids"] == {"adam": [1e-3], "sgd": [1e-3]}
   assert (out / "loss_vs_epoch.png").exists()
   printed = capsys.readouterr().out

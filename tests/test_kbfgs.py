@@ -82,12 +82,14 @@ class _Reference:
   """K-BFGS on the 5-6-4-3 MLP, step by step, as ALGORITHMS.md states it."""
 
   def __init__(self, w, b, *, lr, damping, momentum, weight_decay, decay,
-               memory, mu1=0.2, skip_tol=1e-4):
+               memory, mu1=0.2, skip_tol=1e-4, max_relative_change=None):
     self.w = [np.array(x, np.float64) for x in w]
     self.b = [None if x is None else np.array(x, np.float64) for x in b]
     self.lr, self.lam, self.mom, self.tau = lr, damping, momentum, weight_decay
     self.beta, self.memory, self.mu1, self.tol = decay, memory, mu1, skip_tol
     self.mu2 = math.sqrt(damping)
+    self.rho = max_relative_change
+    self.relative_steps = []  # lr ||P_l|| / ||[W_l; b_l]|| before the bound
     self.count = 0
     k = [SIZES[l] + HAS_BIAS[l] for l in range(3)]
     self.k = k
@@ -143,6 +145,12 @@ class _Reference:
             gb[l] + self.tau * self.b[l])
         mat = np.concatenate([mat, self.Mb[l][None]], 0)
       p = self._hg(l, (self.Ha[l] @ mat).T).T
+      theta = self.w[l] if not HAS_BIAS[l] else np.concatenate(
+          [self.w[l], self.b[l][None]], 0)
+      relative = lr * np.linalg.norm(p) / np.linalg.norm(theta)
+      self.relative_steps.append(relative)
+      if self.rho is not None and relative > self.rho:
+        p = p * self.rho / relative  # ours: ||delta_l|| <= rho ||theta_l||
       new_w.append(self.w[l] - lr * p[:SIZES[l]])
       new_b.append(self.b[l] - lr * p[SIZES[l]] if HAS_BIAS[l] else None)
     # 4. Second pass on the same batch at theta + delta.
@@ -336,9 +344,11 @@ def _ref_lr(count):
 # Each framework is checked against the reference, hence against the others
 # ("the same model in linen, NNX and plain JAX gives the same trajectory");
 # both K-BFGS and K-BFGS(L) run in plain JAX. (Four compilations keep it fast.)
-@pytest.mark.parametrize("framework,memory", [
-    ("plain", None), ("plain", 2), ("linen", 2), ("nnx", None)])
-def test_matches_numpy_reference_step_by_step(x64, framework, memory):
+@pytest.mark.parametrize("framework,memory,bounded", [
+    ("plain", None, False), ("plain", 2, False), ("linen", 2, False),
+    ("nnx", None, False), ("plain", None, True)])
+def test_matches_numpy_reference_step_by_step(x64, framework, memory,
+                                              bounded):
   # damping = 0.81 makes mu2 = sqrt(0.81) = 0.9; momentum and stat_decay
   # differ, so swapping the two decays would show.
   hyper = dict(damping=0.81, momentum=0.8, weight_decay=1e-2)
@@ -364,8 +374,15 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory):
     if np.any(probe.powell) and np.any(probe.lm):
       break
   assert np.any(probe.powell) and np.any(probe.lm), "no draw fired both"
-  ref = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory, **hyper)
-  tx = olw.kbfgs(_lr_schedule, memory_size=memory, stat_decay=0.95, **hyper)
+  # max_relative_change (ours): None is the paper's algorithm; the bounded
+  # case takes the median relative step of the unbounded run as the bound, so
+  # it shortens about half of the nonzero layer steps and spares the rest.
+  moving = np.array(probe.relative_steps)
+  rho = float(np.median(moving[moving > 0])) if bounded else None
+  ref = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory,
+                   max_relative_change=rho, **hyper)
+  tx = olw.kbfgs(_lr_schedule, memory_size=memory, stat_decay=0.95,
+                 max_relative_change=rho, **hyper)
   history = _run(framework, tx, w, b, batches)
   assert olw.kbfgs_layer_names(_plain_params(w, b)) == ("['l1']", "['l2']",
                                                         "['l3']")
@@ -423,6 +440,9 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory):
     if step == 3:
       assert saw_powell and saw_skip
   assert np.any(ref.lm), "the Levenberg-Marquardt damping never fired"
+  if bounded:
+    relative = np.array(ref.relative_steps)
+    assert np.any(relative > rho) and np.any((relative > 0) & (relative < rho))
   # The memory wrapped around (more accepted pairs than slots).
   if memory is not None:
     assert int(state.layers[0].h_g.num_pairs) == memory

@@ -38,7 +38,8 @@ def test_steps_equal_b_over_q_from_dense_hessian(problem, x64):
   # Adam's first direction is g / (|g| + eps): not parallel to g, so the
   # test distinguishes <g, d>_l from ||g_l||^2.
   eps = 1e-8
-  tx = olw.layerwise_adamw(estimator="exact", weight_decay=0.0, eps=eps,
+  tx = olw.layerwise_adamw(estimator="exact",
+                           max_relative_change=None, weight_decay=0.0, eps=eps,
                            max_step=1e6)
   _, updates, state = _jit_update(tx, loss_fn)(params, tx.init(params))
 
@@ -63,7 +64,8 @@ def test_steps_equal_b_over_q_from_dense_hessian(problem, x64):
 def test_float32_steps_match_float64_reference():
   key = _fresh_key()
   params, loss_fn = nets.mlp(key)
-  tx = olw.layerwise_sgd(estimator="exact", momentum=0.0)
+  tx = olw.layerwise_sgd(estimator="exact",
+                         max_relative_change=None, momentum=0.0)
   _, _, state = _jit_update(tx, loss_fn)(params, tx.init(params))
   with jax.enable_x64(True):
     p64, loss64 = nets.mlp(key, dtype=jnp.float64)
@@ -117,10 +119,47 @@ def _block_quadratic(coupling, seed=0):
   return loss, unflatten(rng.normal(size=n)), optimum
 
 
+def test_max_relative_change_bounds_each_layers_displacement(x64):
+  seed = int(np.random.SeedSequence().entropy % 2**31)
+  loss, params, _ = _block_quadratic(0.0, seed=seed)
+  # Independent reference: for a quadratic, g = A x - c and with momentum 0
+  # d = g, so b_l = ||g_l||^2 and q_l = g_l^T A_ll g_l in closed form.
+  g = jax.grad(loss)(params)
+  hvp = jax.jvp(jax.grad(loss), (params,), (g,))[1]  # block-diagonal A here
+  names = sorted(params)
+  b = np.array([np.sum(np.square(g[n]["w"])) for n in names])
+  q = np.array([np.sum(g[n]["w"] * hvp[n]["w"]) for n in names])
+  g_norm = np.array([np.linalg.norm(g[n]["w"]) for n in names])
+  p_norm = np.array([np.linalg.norm(params[n]["w"]) for n in names])
+  relative = (b / q) * g_norm / p_norm  # each layer's unbounded move / norm
+  # A bound between the two smallest relative moves leaves one layer free
+  # and clips the other two to exactly rho * ||theta_l||.
+  rho = float(np.mean(np.sort(relative)[:2]))
+  tx = olw.layerwise_sgd(momentum=0.0, estimator="exact", max_step=1e6,
+                         max_relative_change=rho)
+  new_params, _, state = _jit_update(tx, loss)(params, tx.init(params))
+  want = np.minimum(b / q, rho * p_norm / g_norm)
+  # float64 end to end: only round-off separates the two.
+  np.testing.assert_allclose(_step_state(state).step_sizes, want, rtol=1e-10)
+  moved = np.array([np.linalg.norm(new_params[n]["w"] - params[n]["w"])
+                    for n in names])
+  bounded = relative > rho
+  assert bounded.sum() == 2, relative
+  np.testing.assert_allclose(moved[bounded], rho * p_norm[bounded],
+                             rtol=1e-10)
+  assert np.all(moved[~bounded] < rho * p_norm[~bounded])
+
+
+def test_negative_max_relative_change_is_an_error():
+  with pytest.raises(ValueError, match="max_relative_change must be >= 0"):
+    olw.layerwise_sgd(max_relative_change=-0.1)
+
+
 @pytest.mark.parametrize("coupling", [0.0, 0.05])
 def test_full_batch_sgd_converges_linearly(coupling, x64):
   loss, params, optimum = _block_quadratic(coupling)
-  tx = olw.layerwise_sgd(momentum=0.0, estimator="exact", max_step=1e6)
+  tx = olw.layerwise_sgd(momentum=0.0, estimator="exact",
+                         max_relative_change=None, max_step=1e6)
   step = _jit_update(tx, loss)
   state = tx.init(params)
   gaps = []
@@ -151,7 +190,8 @@ def test_full_batch_sgd_converges_linearly(coupling, x64):
 
 def test_coupled_steps_solve_the_subspace_newton_system(x64):
   loss, params, _ = _block_quadratic(0.3, seed=3)
-  tx = olw.layerwise_sgd(momentum=0.0, estimator="exact", coupled=True,
+  tx = olw.layerwise_sgd(momentum=0.0, estimator="exact",
+                         max_relative_change=None, coupled=True,
                          max_step=1e6)
   _, updates, state = _jit_update(tx, loss)(params, tx.init(params))
   layers = olw.group_layers(params)
@@ -192,7 +232,8 @@ def test_hutchinson_steps_are_reproducible_per_seed_and_step():
 
 def test_update_interval_reuses_steps_between_measurements():
   params, loss_fn = nets.mlp(jax.random.PRNGKey(1))
-  tx = olw.layerwise_sgd(estimator="exact", update_interval=3)
+  tx = olw.layerwise_sgd(estimator="exact",
+                         max_relative_change=None, update_interval=3)
   step = _jit_update(tx, loss_fn)
   state = tx.init(params)
   history = []
@@ -209,8 +250,10 @@ def test_update_interval_reuses_steps_between_measurements():
 
 def test_ema_smooths_accepted_steps():
   params, loss_fn = nets.mlp(jax.random.PRNGKey(2))
-  plain = olw.layerwise_sgd(estimator="exact", momentum=0.0)
-  smooth = olw.layerwise_sgd(estimator="exact", momentum=0.0, ema=0.5)
+  plain = olw.layerwise_sgd(estimator="exact",
+                            max_relative_change=None, momentum=0.0)
+  smooth = olw.layerwise_sgd(estimator="exact",
+                             max_relative_change=None, momentum=0.0, ema=0.5)
   s_plain, s_smooth = plain.init(params), smooth.init(params)
   step_plain, step_smooth = _jit_update(plain, loss_fn), _jit_update(
       smooth, loss_fn)
@@ -227,8 +270,10 @@ def test_ema_smooths_accepted_steps():
 
 def test_gradient_difference_steps_are_close_to_exact():
   params, loss_fn = nets.mlp(_fresh_key())
-  exact = olw.layerwise_sgd(estimator="exact", momentum=0.0)
-  diff = olw.layerwise_sgd(estimator="exact", momentum=0.0,
+  exact = olw.layerwise_sgd(estimator="exact",
+                            max_relative_change=None, momentum=0.0)
+  diff = olw.layerwise_sgd(estimator="exact",
+                           max_relative_change=None, momentum=0.0,
                            hvp="gradient_difference")
   s_e = _jit_update(exact, loss_fn)(params, exact.init(params))[2]
   s_d = _jit_update(diff, loss_fn)(params, diff.init(params))[2]
@@ -260,7 +305,8 @@ def test_negative_curvature_zero_direction_and_nan_never_give_nan():
   params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(2)}}
   # Layer a is concave: q_a < 0, its step must fall back (initial_step 0).
   loss = lambda p: -jnp.sum(p["a"]["w"] ** 2) + jnp.sum(p["b"]["w"] ** 2)
-  tx = olw.layerwise_sgd(estimator="exact", momentum=0.0)
+  tx = olw.layerwise_sgd(estimator="exact",
+                         max_relative_change=None, momentum=0.0)
   new, _, state = _jit_update(tx, loss)(params, tx.init(params))
   assert np.array_equal(_step_state(state).num_fallbacks, [1, 0])
   np.testing.assert_array_equal(new["a"]["w"], params["a"]["w"])
@@ -289,10 +335,11 @@ def test_chains_with_clipping_inject_hyperparams_and_apply_if_finite():
   grads = jax.grad(loss_fn)(params)
 
   clipped = optax.chain(optax.clip_by_global_norm(1e-3),
-                        olw.layerwise_sgd(estimator="exact"))
+                        olw.layerwise_sgd(estimator="exact",
+                                          max_relative_change=None))
   updates, _ = clipped.update(grads, clipped.init(params), params,
                               value_fn=loss_fn)
-  plain = olw.layerwise_sgd(estimator="exact")
+  plain = olw.layerwise_sgd(estimator="exact", max_relative_change=None)
   ref, _ = plain.update(grads, plain.init(params), params, value_fn=loss_fn)
   # alpha = <g, d> / d^T H d is invariant to scaling g, except through
   # clipping at max_step: so the updates of clipped grads are no larger.
@@ -302,7 +349,7 @@ def test_chains_with_clipping_inject_hyperparams_and_apply_if_finite():
   # Plain inject_hyperparams: ints such as update_interval and seed arrive
   # traced, strings and bools stay static.
   injected = optax.inject_hyperparams(olw.layerwise_sgd)(
-      scale=0.5, estimator="exact")
+      scale=0.5, estimator="exact", max_relative_change=None)
   state = injected.init(params)
   half, state = jax.jit(lambda g, s, p: injected.update(
       g, s, p, value_fn=loss_fn))(grads, state, params)
@@ -348,7 +395,7 @@ def test_jit_compiles_once_and_scan_matches_loop():
 
 def test_bfloat16_params_keep_float32_statistics():
   params, loss_fn = nets.mlp(jax.random.PRNGKey(6), dtype=jnp.bfloat16)
-  tx = olw.layerwise_sgd(estimator="exact")
+  tx = olw.layerwise_sgd(estimator="exact", max_relative_change=None)
   state = tx.init(params)
   new, updates, state = _jit_update(tx, loss_fn)(params, state)
   assert _step_state(state).step_sizes.dtype == jnp.float32
