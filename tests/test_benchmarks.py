@@ -378,3 +378,28 @@ def test_cli_run_and_main(tmp_path, capsys):
   assert (out / "loss_vs_epoch.png").exists()
   printed = capsys.readouterr().out
   assert "ep->target" in printed and str(out / "loss_vs_epoch.png") in printed
+
+
+def test_kbfgs_cost_and_init_scripts(tmp_path):
+  """The K-BFGS overhead and initialisation scripts run at toy size and write
+  the JSON the docs quote."""
+  from benchmarks import kbfgs_init, kbfgs_overhead
+  out = tmp_path / "overhead.json"
+  kbfgs_overhead.main(["--small", "--batch", "64", "--rounds", "2",
+                       "--calls", "1", "--memory-size", "4",
+                       "--out", str(out)])
+  res = json.loads(out.read_text())
+  assert set(res["methods"]) == {"adam", "kbfgs", "kbfgs_l4", "kbfgs_tangent"}
+  assert res["methods"]["adam"]["time_ratio_vs_adam"] == 1.0
+  for m in res["methods"].values():
+    assert m["median_step_ms"] > 0 and np.isfinite(m["final_loss"])
+  # K-BFGS keeps Kronecker factors: more state than Adam's two moments.
+  assert res["methods"]["kbfgs"]["state_ratio_vs_adam"] > 1.0
+
+  out = tmp_path / "init.json"
+  kbfgs_init.main(["--small", "--steps", "4", "--n-train", "200",
+                   "--batch", "100", "--out", str(out)])
+  runs = json.loads(out.read_text())["runs"]
+  assert len(runs) == len(kbfgs_init.CONFIGS)
+  torch = runs["torch/0.1"]["losses"]
+  assert len(torch) == 4 and np.all(np.isfinite(torch))
