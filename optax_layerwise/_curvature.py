@@ -87,6 +87,17 @@ def _checked_value_fn(value_fn: ValueFn, transform: str) -> ValueFn:
   return wrapped
 
 
+def concrete_float(value) -> Optional[float]:
+  """``float(value)`` when known at trace time, else ``None`` (a value traced
+  by :func:`optax.inject_hyperparams`, which cannot be checked or branched on
+  in Python)."""
+  try:
+    return float(value)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError, TypeError):
+    return None
+
+
 def concrete_int(value) -> Optional[int]:
   """``int(value)`` when it is known at trace time, else ``None``."""
   try:
@@ -120,16 +131,20 @@ def check_non_negative(value, name: str, *, transform: str,
   Schedules (callables) and traced values (from
   :func:`optax.inject_hyperparams`) cannot be checked here and pass.
   """
-  if callable(value):
-    return
-  try:
-    number = float(value)
-  except (jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError, TypeError):
+  number = None if callable(value) else concrete_float(value)
+  if number is None:
     return
   if not number >= 0:
     raise ValueError(f"{transform}: {name} must be >= 0, got {value}. {why}"
                      .rstrip())
+
+
+def check_decay(value, name: str, *, transform: str, why: str = "") -> None:
+  """Raises a ``ValueError`` for a concrete decay factor outside ``[0, 1)``."""
+  number = concrete_float(value)
+  if number is not None and not 0 <= number < 1:
+    raise ValueError(f"{transform}: {name} must lie in [0, 1), got {value}. "
+                     f"{why}".rstrip())
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:

@@ -115,15 +115,6 @@ def _stats(tree: PyTree) -> PyTree:
       lambda x: jnp.asarray(x, _layers.stats_dtype(jnp.result_type(x))), tree)
 
 
-def _concrete_float(value) -> Optional[float]:
-  """``float(value)`` when known at trace time (not injected), else ``None``."""
-  try:
-    return float(value)
-  except (jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError, TypeError):
-    return None
-
-
 def elementwise_probes(key: jax.Array, params: PyTree,
                        num_probes: int) -> PyTree:
   """Rademacher probes over every entry, with a leading probe axis.
@@ -285,7 +276,7 @@ def scale_by_curvature_lr(
         "reduce='median' needs the elementwise Hessian diagonal, estimated by "
         "Hutchinson probes: use estimator='hutchinson' (the exact diagonal "
         "would cost one Hessian-vector product per parameter).")
-  static_initial_lr = _concrete_float(initial_lr)
+  static_initial_lr = _curvature.concrete_float(initial_lr)
   if curvature == "secant" and static_initial_lr is not None and not (
       static_initial_lr > 0):
     raise ValueError(
@@ -304,10 +295,11 @@ def scale_by_curvature_lr(
       ("min_lr", min_lr, "It is the lower clip of the learning rates."),
       ("max_lr", 0.0 if max_lr is None else max_lr, "It is the upper clip of "
        "the learning rates; None for no clip."),
-      ("weight_decay", weight_decay, "It is an L2 strength; 0 for none."),
-      ("ema", ema, "It is a moving-average factor in [0, 1); 0 for none.")):
+      ("weight_decay", weight_decay, "It is an L2 strength; 0 for none.")):
     _curvature.check_non_negative(value, name, transform=_NAME, why=why)
-  no_weight_decay = _concrete_float(weight_decay) == 0.0
+  _curvature.check_decay(ema, "ema", transform=_NAME,
+                         why="0 for no averaging; 1 would freeze the steps.")
+  no_weight_decay = _curvature.concrete_float(weight_decay) == 0.0
   is_secant = curvature == "secant"
 
   def init_fn(params):
@@ -461,7 +453,7 @@ def _chain(reduce: str, learning_rate_scale: ScalarOrSchedule,
       scale_by_curvature_lr(reduce=reduce, **kwargs),
       optax.scale_by_learning_rate(learning_rate_scale),
   ]
-  if _concrete_float(momentum) != 0.0:  # a traced momentum keeps the trace
+  if _curvature.concrete_float(momentum) != 0.0:  # a traced momentum keeps the trace
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   # A step the first stage skips is skipped by the momentum too.
   return _curvature.skip_aware_chain(*parts)

@@ -223,26 +223,6 @@ def _homogeneous(layer: _Dense, tap: _taps.DenseTap):
   return abar, a_batch
 
 
-def _concrete(value) -> Optional[float]:
-  """``float(value)``, or ``None`` for a traced (injected) hyperparameter."""
-  try:
-    return float(value)
-  except (jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError, TypeError):
-    return None
-
-
-def _step_bound_factor(step, kernel, bias, max_relative_change):
-  """``min(1, rho ||[W; b]|| / ||step||)``: bounds a layer's relative move."""
-  sq = jnp.sum(jnp.square(kernel.astype(step.dtype)))
-  if bias is not None:
-    sq = sq + jnp.sum(jnp.square(bias.astype(step.dtype)))
-  step_norm = jnp.linalg.norm(step)
-  bound = max_relative_change * jnp.sqrt(sq)
-  return jnp.where((step_norm > bound) & (sq > 0),
-                   bound / jnp.where(step_norm > 0, step_norm, 1.0), 1.0)
-
-
 def kbfgs(
     learning_rate: ScalarOrSchedule = 0.3,
     *,
@@ -299,7 +279,10 @@ def kbfgs(
       theta``, all leaves).
     stat_decay: ``beta``, decay of the moving averages of ``A``, ``s``, ``y``.
     memory_size: ``None`` for K-BFGS (dense ``H_g``); an integer ``p >= 1``
-      for K-BFGS(L) (the last ``p`` pairs; the paper uses 100).
+      for K-BFGS(L) (the last ``p`` pairs; the paper uses 100). It sets
+      the state's shape: under :func:`optax.inject_hyperparams` list it in
+      ``static_args`` when given (every other numeric argument may be
+      injected).
     pair: ``"secant"`` (the paper: a second pass on the same mini-batch at
       ``theta + delta``) or ``"tangent"`` (ours: the directional derivatives
       of ``mean h`` and ``mean gh`` along ``delta``, one ``jax.jvp``;
@@ -317,12 +300,15 @@ def kbfgs(
       at lr 0.3 on the CURVES autoencoder, Flax's default LeCun-normal init
       diverged to NaN within 10 steps without it, and trained with it; with
       the authors' init the bound changed the loss after 80 steps by 0.1%.
-      ``None`` gives the paper's algorithm exactly.
+      ``None`` gives the paper's algorithm exactly. Layers whose params
+      are all zero are not bounded.
     dense_layers: which 2-D leaves are dense kernels that get Kronecker
       factors: a predicate ``(path, leaf) -> bool`` on key paths. Default:
       every 2-D float leaf whose key does not contain ``"embed"``; a 1-D
       sibling of length ``d_out`` named ``bias`` (or ``b``) is its bias.
       Exclude big 2-D leaves that are not dense layers to save memory.
+      A callable: under :func:`optax.inject_hyperparams` (which treats
+      callables as schedules) list it in ``static_args``.
     axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
       axis: ``value_fn`` is then this device's loss, and the tapped
       statistics (``abar``, ``A_batch``, ``mean h``, ``mean gh``, and the
@@ -368,12 +354,12 @@ def kbfgs(
   # Hyperparameters injected by optax.inject_hyperparams arrive traced and
   # are not checked (_concrete gives None); memory_size sets shapes and must
   # then be listed in static_args.
-  lr_value = None if callable(learning_rate) else _concrete(learning_rate)
+  lr_value = None if callable(learning_rate) else _curvature.concrete_float(learning_rate)
   if lr_value is not None and lr_value < 0:
     raise ValueError(f"{_NAME}: learning_rate must be >= 0, got "
                      f"{learning_rate}. kbfgs returns the descent step "
                      "-lr * H_a M H_g itself: pass a positive rate.")
-  damping_value = _concrete(damping)
+  damping_value = _curvature.concrete_float(damping)
   if damping_value is not None and not damping_value > 0:
     raise ValueError(f"{_NAME}: damping must be > 0 (A is damped by "
                      f"sqrt(damping) I), got {damping}.")
@@ -385,14 +371,12 @@ def kbfgs(
           f"{_NAME}: damping={damping} gives mu2 = sqrt(damping) >= 1; pass "
           "mu2 in (0, 1) explicitly for damping >= 1.")
   for name, value in (("mu2", mu2), ("mu1", mu1)):
-    number = _concrete(value)
+    number = _curvature.concrete_float(value)
     if number is not None and not 0 < number < 1:
       raise ValueError(f"{_NAME}: {name} must lie in (0, 1), got {value}.")
   for name, value in (("momentum", momentum), ("stat_decay", stat_decay)):
-    number = _concrete(value)
-    if number is not None and not 0 <= number < 1:
-      raise ValueError(f"{_NAME}: {name} must lie in [0, 1), got {value}.")
-  weight_decay_value = _concrete(weight_decay)
+    _curvature.check_decay(value, name, transform=_NAME)
+  weight_decay_value = _curvature.concrete_float(weight_decay)
   if weight_decay_value is not None and weight_decay_value < 0:
     raise ValueError(f"{_NAME}: weight_decay must be >= 0, got "
                      f"{weight_decay}.")
@@ -401,6 +385,11 @@ def kbfgs(
         max_relative_change, "max_relative_change", transform=_NAME,
         why="It bounds each dense layer's step relative to its norm; pass "
         "None to remove the bound.")
+  if memory_size is not None and _curvature.concrete_int(memory_size) is None:
+    raise ValueError(
+        f"{_NAME}: memory_size sets the shape of the L-BFGS state and must be "
+        "a Python int. With optax.inject_hyperparams, pass "
+        "static_args=('memory_size',).")
   if memory_size is not None and (
       isinstance(memory_size, bool) or int(memory_size) != memory_size
       or memory_size < 1):
@@ -491,7 +480,7 @@ def kbfgs(
 
     stats = [(t.input_mean, t.input_second_moment, t.output_mean,
               t.output_grad) for t in taps.layers.values()]
-    finite = _curvature.tree_all_finite((grad_leaves, stats))
+    finite = _curvature.tree_all_finite((grad_leaves, stats, taps.loss))
 
     lr = learning_rate(state.count) if callable(learning_rate) else (
         learning_rate)
@@ -525,10 +514,11 @@ def kbfgs(
         direction = _bfgs.lbfgs_apply(ls.h_g, left, lbfgs_gamma)
       step = -lr * direction
       if max_relative_change is not None:
-        step = step * _step_bound_factor(
-            step, leaves[layer.kernel_index],
-            None if layer.bias_index is None else leaves[layer.bias_index],
-            max_relative_change)
+        theta_sq = sum(jnp.sum(jnp.square(leaves[i].astype(step.dtype)))
+                       for i in (layer.kernel_index, layer.bias_index)
+                       if i is not None)
+        step = step * jnp.minimum(1.0, _layers.trust_ratio(
+            theta_sq, jnp.sum(jnp.square(step)), max_relative_change))
       deltas[layer.kernel_index] = step[:layer.d_in]
       if layer.bias_index is not None:
         deltas[layer.bias_index] = step[layer.d_in]

@@ -179,6 +179,19 @@ class Layers:
     return jax.tree_util.tree_unflatten(self.treedef, scaled)
 
 
+def trust_ratio(param_sq_norm: jax.Array, step_sq_norm: jax.Array,
+                max_relative_change) -> jax.Array:
+  """``rho ||theta_l|| / ||step_l||`` from squared norms (LARS's trust ratio).
+
+  The largest multiple of a layer's step that moves the layer by at most
+  ``rho`` times its norm (the library's ``max_relative_change``); ``inf``
+  where ``theta_l`` or the step is zero, which have no scale to compare to.
+  """
+  usable = (param_sq_norm > 0) & (step_sq_norm > 0)
+  ratio = jnp.sqrt(param_sq_norm / jnp.where(usable, step_sq_norm, 1.0))
+  return jnp.where(usable, max_relative_change * ratio, jnp.inf)
+
+
 def group_layers(params: PyTree, layers: LayerGrouping = None) -> Layers:
   """Partitions the leaves of ``params`` into layers.
 

@@ -93,18 +93,6 @@ def _coupled_steps(matrix: jax.Array, decrease: jax.Array,
   return jnp.where(jnp.all(jnp.isfinite(chol)), steps, jnp.nan)
 
 
-def _displacement_bound(param_sq_norm: jax.Array, direction_sq_norm: jax.Array,
-                        max_relative_change: float,
-                        max_step: float) -> jax.Array:
-  """The largest ``alpha_l`` with ``alpha_l ||d_l|| <= rho ||theta_l||``.
-
-  ``max_step`` where ``theta_l`` or ``d_l`` is zero (no scale to compare to).
-  """
-  usable = (param_sq_norm > 0) & (direction_sq_norm > 0)
-  ratio = jnp.sqrt(param_sq_norm / jnp.where(usable, direction_sq_norm, 1.0))
-  return jnp.where(usable, max_relative_change * ratio, max_step)
-
-
 def scale_by_layerwise_step_size(
     direction: Optional[optax.GradientTransformation] = None,
     *,
@@ -149,8 +137,12 @@ def scale_by_layerwise_step_size(
       :func:`optax_layerwise._curvature.make_hvp` for its accuracy).
     max_step: upper clip of each accepted ``alpha_l``.
     max_relative_change: if set, also bounds the displacement of each layer,
-      ``alpha_l ||d_l|| <= max_relative_change * ||theta_l||`` (a trust
-      ratio, as in LARS; layers with ``theta_l = 0`` get only ``max_step``).
+      ``alpha_l ||d_l|| <= max_relative_change * ||theta_l||`` on every path
+      (measured, averaged, fallback or reused steps; a trust ratio as in
+      LARS; layers with ``theta_l = 0`` get only ``max_step``). ``None``
+      here, the paper's rule; :func:`layerwise_sgd` and
+      :func:`layerwise_adamw` default to 0.01. A ``scale`` after this
+      transform multiplies the move too.
       ``max_step`` bounds ``alpha_l``, not how far a layer moves: when the
       model's curvature along ``d_l`` is tiny (e.g. a ReLU layer whose
       activation pattern is about to change), ``b_l / q_l`` can move a layer
@@ -212,9 +204,10 @@ def scale_by_layerwise_step_size(
       ("initial_step", initial_step, "It is a layer's step before its first "
        "accepted measurement; 0 (the default) is the safe choice."),
       ("coupled_damping", coupled_damping, "It adds damping * I to the "
-       "coupled L x L system; use 0 for none."),
-      ("ema", ema, "It is a moving-average factor in [0, 1); 0 for none.")):
+       "coupled L x L system; use 0 for none.")):
     _curvature.check_non_negative(value, name, transform=_NAME, why=why)
+  _curvature.check_decay(ema, "ema", transform=_NAME,
+                         why="0 for no averaging; 1 would freeze the steps.")
   if max_relative_change is not None:
     _curvature.check_non_negative(
         max_relative_change, "max_relative_change", transform=_NAME,
@@ -286,16 +279,20 @@ def scale_by_layerwise_step_size(
     valid = (measured & jnp.isfinite(raw) & jnp.isfinite(q) & (b > 0)
              & (q > curvature_floor * sq_norm))
     seen = state.num_accepted > 0
-    upper = max_step
-    if max_relative_change is not None:
-      upper = jnp.minimum(upper, _displacement_bound(
-          partition.sq_norm(params), sq_norm, max_relative_change, max_step))
+    upper = jnp.asarray(max_step)
+    if max_relative_change is not None:  # bounds every path below
+      upper = jnp.minimum(upper, _layers.trust_ratio(
+          partition.sq_norm(params), sq_norm, max_relative_change))
     clipped = jnp.clip(jnp.nan_to_num(raw), 0.0, upper)
     smoothed = jnp.where(seen, ema * state.step_sizes + (1.0 - ema) * clipped,
                          clipped)
     fallback = jnp.where(seen, state.step_sizes, initial_step)
     dtype = state.step_sizes.dtype
-    step_sizes = jnp.where(valid, smoothed, fallback).astype(dtype)
+    # The fallback and the moving average may exceed this step's bound.
+    step_sizes = jnp.where(valid, smoothed, fallback)
+    if max_relative_change is not None:
+      step_sizes = jnp.minimum(step_sizes, upper)
+    step_sizes = step_sizes.astype(dtype)
     new_updates = partition.scale(d, step_sizes)
 
     new_state = ScaleByLayerwiseStepSizeState(

@@ -150,6 +150,30 @@ def test_max_relative_change_bounds_each_layers_displacement(x64):
   assert np.all(moved[~bounded] < rho * p_norm[~bounded])
 
 
+@pytest.mark.parametrize("config", [
+    dict(update_interval=2), dict(ema=0.9), dict(initial_step=1.0),
+    dict(estimator="exact")])
+def test_max_relative_change_bounds_every_path(config):
+  # The bound must hold on every path that sets a step: a fresh measurement,
+  # the moving average, the fallback of a rejected layer (initial_step = 1
+  # would move a layer by ||d_l|| otherwise) and reused steps in between
+  # measurements, whose direction has changed.
+  params, loss_fn = nets.mlp(_fresh_key())
+  rho = 0.01
+  tx = olw.layerwise_sgd(max_relative_change=rho, **config)
+  step = _jit_update(tx, loss_fn)
+  state = tx.init(params)
+  layers = olw.group_layers(params)
+  for _ in range(6):
+    new_params, _, state = step(params, state)
+    moved = np.sqrt(layers.sq_norm(jax.tree_util.tree_map(
+        lambda a, b: a - b, new_params, params)))
+    size = np.sqrt(layers.sq_norm(params))
+    # float32 norms of the same arrays: 1e-5 relative is round-off.
+    assert np.all(moved <= rho * size * (1 + 1e-5)), (moved / size)
+    params = new_params
+
+
 def test_negative_max_relative_change_is_an_error():
   with pytest.raises(ValueError, match="max_relative_change must be >= 0"):
     olw.layerwise_sgd(max_relative_change=-0.1)
