@@ -139,6 +139,24 @@ def check_non_negative(value, name: str, *, transform: str,
                      .rstrip())
 
 
+def check_measurement_args(estimator: str, hvp: str, update_interval,
+                           num_probes) -> tuple:
+  """Validates the arguments every curvature measurement shares.
+
+  Returns ``(static_interval, num_probes)``: ``update_interval`` as a Python
+  int (``None`` when injected, so traced) and ``num_probes`` as a Python int.
+  """
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, "
+                     f"got {estimator!r}.")
+  if hvp not in HVP_METHODS:
+    raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}.")
+  static_interval = concrete_int(update_interval)
+  if static_interval is not None and static_interval < 1:
+    raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
+  return static_interval, static_num_probes(num_probes)
+
+
 def check_decay(value, name: str, *, transform: str, why: str = "") -> None:
   """Raises a ``ValueError`` for a concrete decay factor outside ``[0, 1)``."""
   number = concrete_float(value)

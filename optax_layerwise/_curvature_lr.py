@@ -255,12 +255,8 @@ def scale_by_curvature_lr(
                      f"{curvature!r}.")
   if reduce not in REDUCTIONS:
     raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
-  if estimator not in _curvature.ESTIMATORS:
-    raise ValueError(f"estimator must be one of {_curvature.ESTIMATORS}, "
-                     f"got {estimator!r}.")
-  if hvp not in _curvature.HVP_METHODS:
-    raise ValueError(f"hvp must be one of {_curvature.HVP_METHODS}, got "
-                     f"{hvp!r}.")
+  static_interval, num_probes = _curvature.check_measurement_args(
+      estimator, hvp, update_interval, num_probes)
   if weight_decay_convention not in WEIGHT_DECAY_CONVENTIONS:
     raise ValueError(
         f"weight_decay_convention must be one of {WEIGHT_DECAY_CONVENTIONS}, "
@@ -282,11 +278,6 @@ def scale_by_curvature_lr(
     raise ValueError(
         "curvature='secant' warms up with `initial_lr` on its first step; it "
         f"must be > 0 (got {initial_lr}), else the params never move.")
-  # Shared with the layer-wise step sizes (same traced-hyperparameter rules).
-  static_interval = _curvature.concrete_int(update_interval)
-  if static_interval is not None and static_interval < 1:
-    raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
-  num_probes = _curvature.static_num_probes(num_probes)
   for name, value, why in (
       ("scale", scale, "lr_l = scale / kappa_l is a learning rate; a "
        "negative one would climb the loss."),

@@ -186,18 +186,11 @@ def scale_by_layerwise_step_size(
     >>> optax.apply_updates(params, updates)['b']['w']
     Array([0., 0.], dtype=float32)
   """
-  if estimator not in _curvature.ESTIMATORS:
-    raise ValueError(f"estimator must be one of {_curvature.ESTIMATORS}, "
-                     f"got {estimator!r}.")
-  if hvp not in _curvature.HVP_METHODS:
-    raise ValueError(f"hvp must be one of {_curvature.HVP_METHODS}, got {hvp!r}.")
+  static_interval, num_probes = _curvature.check_measurement_args(
+      estimator, hvp, update_interval, num_probes)
   if coupled and estimator != "exact":
     raise ValueError("coupled=True needs the full L x L layer matrix: use "
                      "estimator='exact'.")
-  static_interval = _curvature.concrete_int(update_interval)
-  if static_interval is not None and static_interval < 1:
-    raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
-  num_probes = _curvature.static_num_probes(num_probes)
   for name, value, why in (
       ("max_step", max_step, "It caps each layer's step alpha_l (the "
        "learning rate); a negative step would climb the loss."),
