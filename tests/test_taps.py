@@ -241,10 +241,15 @@ def test_bfloat16_params_give_float32_statistics():
   for index, tap in res.layers.items():
     assert tap.output_grad.dtype == jnp.float32
     assert tap.input_second_moment.dtype == jnp.float32
-    # bf16 forward (8 mantissa bits): a few percent of the gradient's scale.
+    # bf16 forward and backward (8 mantissa bits, 2^-9 = 0.2 % per rounding)
+    # through two layers and a 64-example sum: over 40 fresh draws the
+    # difference from the float32 reference was 0.3 % (median) to 1.7 % of
+    # the gradient's scale, and one CI draw reached 5.0 %: the tail is heavy.
+    # 10 % bounds it, while a wrong layer or a mixed-up statistic is off by
+    # O(100 %).
     scale = np.abs(ref.layers[index].output_grad).max()
     np.testing.assert_allclose(tap.output_grad, ref.layers[index].output_grad,
-                               atol=0.05 * scale)
+                               atol=0.1 * scale)
 
 
 def test_blockwise_gram_matches_the_full_product():
