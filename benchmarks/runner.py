@@ -272,7 +272,9 @@ def run_single(exp: Experiment, method: str, *, lr: Optional[float] = None,
                evals_per_epoch: int = 1, max_steps: Optional[int] = None,
                diag_points: int = 200, progress: bool = True,
                device_data: Optional[dict] = None,
-               keep_step: bool = False) -> Dict[str, Any]:
+               keep_step: bool = False,
+               on_eval: Optional[Callable[[Dict[str, Any]], None]] = None
+               ) -> Dict[str, Any]:
   """Trains ``exp`` with one method, learning rate and seed.
 
   Args:
@@ -291,6 +293,8 @@ def run_single(exp: Experiment, method: str, *, lr: Optional[float] = None,
     keep_step: also return, under the key ``"_step"``, the compiled step and
       its inputs after the warm-up step, for :func:`interleaved_step_times`
       (not JSON: pop it before saving).
+    on_eval: called with the (partial) result dict after every evaluation,
+      e.g. to save progress of a long run.
 
   Returns:
     A JSON-ready dict (see :func:`validate_results` for the schema).
@@ -347,6 +351,8 @@ def run_single(exp: Experiment, method: str, *, lr: Optional[float] = None,
     hist["test_loss"].append(_finite(te["loss"]) if te else None)
     hist["test_accuracy"].append(
         _finite(te["accuracy"]) if te and "accuracy" in te else None)
+    if on_eval is not None:
+      on_eval(out)
     return tr["loss"]
 
   diag_hist: Dict[str, Dict[str, list]] = {}
@@ -658,7 +664,8 @@ def run_benchmark(exp: Experiment, methods: Sequence[str], *,
                   max_steps: Optional[int] = None,
                   timing_rounds: int = 10,
                   out_dir: Optional[str] = None, plots: bool = True,
-                  progress: bool = True, verbose: bool = True
+                  progress: bool = True, verbose: bool = True,
+                  on_eval: Optional[Callable[[Dict[str, Any]], None]] = None
                   ) -> Dict[str, Any]:
   """Runs ``methods`` on ``exp`` and writes the table, JSON and plots.
 
@@ -684,6 +691,7 @@ def run_benchmark(exp: Experiment, methods: Sequence[str], *,
     plots: write the PNG plots.
     progress: tqdm bars.
     verbose: print the table and the paths.
+    on_eval: passed to :func:`run_single` (progress of long runs).
 
   Returns:
     The results dict that is also written to ``results.json``.
@@ -734,6 +742,7 @@ def run_benchmark(exp: Experiment, methods: Sequence[str], *,
       _log(f"[skip] {name}: {entry['reason']}", progress)
       continue
     common = dict(epochs=epochs, evals_per_epoch=evals_per_epoch,
+                  on_eval=on_eval,
                   max_steps=max_steps, progress=progress,
                   device_data=device_data, keep_step=timing_rounds > 0)
     lr = lrs.get(name, m.default_lr)

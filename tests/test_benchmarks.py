@@ -403,3 +403,70 @@ def test_kbfgs_cost_and_init_scripts(tmp_path):
   assert len(runs) == len(kbfgs_init.CONFIGS)
   torch = runs["torch/0.1"]["losses"]
   assert len(torch) == 4 and np.all(np.isfinite(torch))
+
+
+def test_fashion_mnist_quick_smoke(tmp_path, capsys):
+  """benchmarks.fashion_mnist --quick on a tiny IDX directory written here
+  (no Debian package needed), tiny widths; then --reuse of a cached run, and
+  the clear error when the data are absent."""
+  from benchmarks import fashion_mnist
+  _write_fake_mnist(tmp_path / "fm", n_train=40, n_test=8)
+  out = tmp_path / "out"
+  common = ["--quick", "--data-dir", str(tmp_path / "fm"), "--n-train", "40",
+            "--n-test", "8", "--batch-size", "20", "--widths", "784,8,3,8,784",
+            "--adam-grid", "1e-3,3e-3", "--timing-rounds", "1",
+            "--timing-calls", "1", "--out", str(out), "--no-progress"]
+  res = fashion_mnist.main(common + ["--methods", "adam,kbfgs"])
+  saved = json.loads((out / "results.json").read_text())
+  runner.validate_results(saved)
+  assert saved["experiment"]["weight_init"] == "lecun"
+  assert saved["config"]["epochs"] == 2  # --quick
+  ms = saved["methods"]
+  assert ms["adam"]["tuned"] and ms["adam"]["lr"] in (1e-3, 3e-3)
+  assert [g["lr"] for g in ms["adam"]["grid"]] == [1e-3, 3e-3]
+  assert ms["kbfgs"]["lr"] is None  # olw.kbfgs() at its defaults
+  for name in ("adam", "kbfgs"):
+    assert ms[name]["status"] == "ok", ms[name]["reason"]
+    assert ms[name]["runs"][0]["num_steps"] == 4  # 2 epochs x 2 steps
+  side = saved["fashion_mnist"]["side_by_side"]
+  assert set(side) == {"adam", "kbfgs", "adamw"}  # AdamW: timed only
+  assert side["adam"]["ratio_median"] == 1.0
+  rows = {r["method"]: r for r in saved["fashion_mnist"]["table"]}
+  assert rows["adamw"]["status"] == "timed only"
+  assert rows["kbfgs"]["step_ratio_adamw"] > 0
+  assert set(rows["kbfgs"]["loss_at_epoch"]) == {"1", "2"}
+  for kind in ("loss_vs_epoch", "loss_vs_time"):
+    assert (out / f"{kind}.png").exists()
+  # Finished runs are cached; their per-epoch progress files are gone.
+  assert len(list((out / "runs").glob("*.json"))) == 2
+  assert not list((out / "runs").glob("*.partial.json"))
+  printed = capsys.readouterr().out
+  assert "ep1" in printed and "step x AdamW" in printed
+  assert res["target"]["method"] == "adam"
+
+  # Adam's run is cached and reused (not retrained) by a later process.
+  res2 = fashion_mnist.main(common + ["--methods", "adam", "--reuse", "adam",
+                                      "--timing-rounds", "0", "--no-plots"])
+  assert res2["fashion_mnist"]["reused"] == ["adam"]
+  assert (res2["methods"]["adam"]["runs"][0]["history"]
+          == ms["adam"]["runs"][0]["history"])
+  assert "cached" in capsys.readouterr().out
+
+  with pytest.raises(SystemExit) as e:
+    fashion_mnist.main(["--quick", "--data-dir", str(tmp_path / "none"),
+                        "--no-progress", "--out", str(out)])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "apt-get install dataset-fashion-mnist" in err and "--data-dir" in err
+
+
+def test_kfac_jax_compare_without_kfac_jax(capsys):
+  """kfac-jax is not a dependency: without it the comparison script stops
+  with instructions for its separate environment."""
+  import importlib.util
+  if importlib.util.find_spec("kfac_jax") is not None:
+    pytest.skip("kfac_jax is installed here; the script would run")
+  from benchmarks import kfac_jax_compare
+  with pytest.raises(SystemExit) as e:
+    kfac_jax_compare.main(["--quick"])
+  assert "not a dependency" in str(e.value) and "venv" in str(e.value)
