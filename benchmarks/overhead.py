@@ -1,18 +1,28 @@
-"""Per-step overhead of the layer-wise step sizes against SGD with momentum.
+"""Cost, fallbacks and loss of the layer-wise step sizes against their bases.
 
-Times, side by side in one run, the full jitted training step (loss and
-gradient, optimizer update, apply) of ``optax.sgd(lr, momentum=0.9)`` and of
-``olw.layerwise_sgd`` with the curvature measured
+Trains, then times side by side in one run (interleaved rounds, see
+:mod:`benchmarks.timing`), the full jitted training step (loss and gradient,
+optimizer update, apply; the step of ``benchmarks/kbfgs_overhead.py``) of
 
-* by Hutchinson (one probe) every step and every 10 steps, and exactly,
-* with the Hessian-vector product by forward-over-reverse (``jax.jvp`` of
-  ``jax.grad``) or by a gradient difference (one extra gradient),
+* ``optax.sgd(lr, momentum=0.9)`` and ``optax.adamw(lr)`` (the bases),
+* ``olw.layerwise_sgd`` / ``olw.layerwise_adamw`` with the current default
+  measurement and with the previous one (one Hutchinson probe, exact
+  forward-over-reverse product, every step),
+* a few other measurements of ``q_l`` for layer-wise SGD-m (the every-step
+  exact ones, 8-15x, are timed but not trained),
 
-on a deep MLP autoencoder (the K-BFGS paper's CURVES or MNIST architecture)
-at batch 1000. It also measures the accuracy of the gradient-difference
-curvature against the exact product. Prints a table and writes JSON.
+on the K-BFGS paper's MNIST autoencoder (784-1000-500-250-30-250-500-1000-784,
+ReLU, sigmoid cross-entropy summed over pixels) at batch 1000, on
+Fashion-MNIST when installed (else synthetic CURVES). Each method first trains
+``--train-steps`` steps on the same mini-batch sequence; the table reports the
+step-time ratio to its base (median over rounds of the per-round ratio), the
+fraction of measured layer-steps rejected by the safeguards
+(``num_fallbacks``), and the mean training loss of the last 20 steps. It also
+measures the accuracy of each curvature estimate of ``q_l`` against the exact
+diagonal block ``d_l^T H_ll d_l`` (forward-over-reverse). Prints tables and
+writes JSON.
 
-    python -m benchmarks.overhead [--arch curves|mnist] [--batch 1000]
+    python -m benchmarks.overhead [--arch mnist|curves] [--train-steps 200]
 """
 
 from __future__ import annotations
@@ -32,141 +42,241 @@ from benchmarks import data
 from benchmarks import models
 from benchmarks.timing import time_side_by_side
 from optax_layerwise import _curvature
+from optax_layerwise import _layers
 
 ARCHS = {"curves": models.CURVES_AE_WIDTHS, "mnist": models.MNIST_AE_WIDTHS}
+OLD_DEFAULT = dict(estimator="hutchinson", hvp="forward_over_reverse",
+                   update_interval=1)
 
+SGD, ADAMW = "sgd-m (base, lr 1e-4)", "adamw (base, lr 1e-3)"
+# name -> (optimizer factory, name of its base, trained before timing?).
+# Untrained rows (every-step exact products, 8-15x) are timed only.
 METHODS = {
-    "sgd-m (baseline)": lambda: optax.sgd(1e-4, momentum=0.9),
-    "hutchinson, jvp, interval 1": lambda: olw.layerwise_sgd(),
-    "hutchinson, jvp, interval 10": lambda: olw.layerwise_sgd(
-        update_interval=10),
-    "hutchinson, grad-diff, interval 1": lambda: olw.layerwise_sgd(
-        hvp="gradient_difference"),
-    "hutchinson, grad-diff, interval 10": lambda: olw.layerwise_sgd(
-        hvp="gradient_difference", update_interval=10),
-    "exact, jvp, interval 1": lambda: olw.layerwise_sgd(estimator="exact"),
+    SGD: (lambda: optax.sgd(1e-4, momentum=0.9), None, True),
+    ADAMW: (lambda: optax.adamw(1e-3), None, True),
+    "layerwise_sgd: default": (olw.layerwise_sgd, SGD, True),
+    "layerwise_sgd: old default": (
+        lambda: olw.layerwise_sgd(**OLD_DEFAULT), SGD, True),
+    "layerwise_adamw: default": (olw.layerwise_adamw, ADAMW, True),
+    "layerwise_adamw: old default": (
+        lambda: olw.layerwise_adamw(**OLD_DEFAULT), ADAMW, True),
+    "sgd: hutchinson x4, secant, interval 8": (
+        lambda: olw.layerwise_sgd(estimator="hutchinson", hvp="secant",
+                                  num_probes=4, update_interval=8), SGD, True),
+    "sgd: row, secant, interval 2": (
+        lambda: olw.layerwise_sgd(estimator="row", update_interval=2), SGD,
+        True),
+    "sgd: exact, jvp, interval 20": (
+        lambda: olw.layerwise_sgd(hvp="forward_over_reverse"), SGD, True),
+    "sgd: exact, secant, interval 1": (
+        lambda: olw.layerwise_sgd(update_interval=1), SGD, False),
+    "sgd: exact, jvp, interval 1": (
+        lambda: olw.layerwise_sgd(hvp="forward_over_reverse",
+                                  update_interval=1), SGD, False),
 }
-BASELINE = "sgd-m (baseline)"
+QUICK = (SGD, ADAMW, "layerwise_sgd: default", "layerwise_sgd: old default",
+         "layerwise_adamw: default", "layerwise_adamw: old default")
 
 
 def _problem(arch: str, batch: int, seed: int):
-  model = models.Autoencoder(ARCHS[arch])
-  x = jnp.asarray(data.make_curves(n_train=batch, n_test=1, seed=seed).x_train)
-  params = model.init(jax.random.PRNGKey(seed), x[:1])
+  """Params, ``loss(params, x)`` and the training images (float32)."""
+  widths = ARCHS[arch]
+  try:
+    x = data.load_fashion_mnist(None).x_train if arch == "mnist" else None
+    name = "Fashion-MNIST"
+  except data.DataUnavailableError:
+    x = None
+  if x is None:
+    x = data.make_curves(n_train=20 * batch, n_test=1, seed=seed).x_train
+    name = "synthetic CURVES"
+  x = np.asarray(x, np.float32).reshape(len(x), -1)
+  model = models.Autoencoder(widths)
+  params = model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]))
 
-  def loss_fn(p):
-    logits = model.apply(p, x)
-    return optax.sigmoid_binary_cross_entropy(logits, x).sum(-1).mean()
+  def loss(p, xb):
+    logits = model.apply(p, xb)
+    return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, xb),
+                            -1))
 
-  return params, loss_fn
+  return params, loss, x, name
 
 
-def _stepper(tx, params, loss_fn):
+def _batches(x: np.ndarray, batch: int, seed: int):
+  """An endless iterator of device mini-batches, reshuffled every epoch."""
+  rng = np.random.default_rng(seed)
+  while True:
+    perm = rng.permutation(len(x))
+    for i in range(len(x) // batch):
+      yield jnp.asarray(x[perm[i * batch:(i + 1) * batch]])
+
+
+def _trainer(tx, params, loss, x, batch, seed):
   """A zero-argument callable running one jitted step on carried state."""
 
   @jax.jit
-  def step(params, opt_state):
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, value_fn=loss_fn)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def step(params, state, xb):
+    value, grads = jax.value_and_grad(loss)(params, xb)
+    updates, state = tx.update(grads, state, params,
+                               value_fn=lambda p: loss(p, xb))
+    return optax.apply_updates(params, updates), state, value
 
-  carry = [params, tx.init(params)]
+  carry = {"params": params, "state": tx.init(params), "losses": []}
+  batches = _batches(x, batch, seed)
 
   def run():
-    carry[0], carry[1], loss = step(carry[0], carry[1])
-    return loss
+    carry["params"], carry["state"], value = step(
+        carry["params"], carry["state"], next(batches))
+    carry["losses"].append(value)
+    return value
 
-  return run
+  return run, carry
 
 
-def gradient_difference_accuracy(params, loss_fn, num_points: int = 3):
-  """Relative error of per-layer curvatures by gradient difference.
+def _fallback_fraction(state) -> float:
+  """Rejected / measured layer-steps of a layer-wise state (NaN for a base)."""
+  head = state[0] if isinstance(state, tuple) and state else state
+  if not hasattr(head, "num_fallbacks"):
+    return float("nan")
+  fallbacks = float(np.sum(head.num_fallbacks))
+  return fallbacks / max(1.0, fallbacks + float(np.sum(head.num_accepted)))
 
-  At ``num_points`` points along an SGD-m trajectory, compares the exact
-  ``q_l = g_l^T H_ll g_l`` (forward-over-reverse) with the gradient
-  difference, both with the exact per-layer estimator.
 
-  On a ReLU network the two measure different things: the jvp gives the
-  Hessian almost everywhere (ReLU kinks contribute nothing), while a finite
-  step crosses kinks whose gradient jumps grow linearly with the step, so the
-  difference quotient converges to the secant curvature including them. On
-  smooth networks they agree to the truncation error (see
-  ``tests/test_curvature.py``).
+def estimator_accuracy(params, loss, x, batch: int, seed: int,
+                       num_points: int = 4, rho: float = 0.01) -> dict:
+  """Each estimate of ``q_l`` against the exact ``d_l^T H_ll d_l``.
+
+  At ``num_points`` points 25 steps apart along a layer-wise SGD-m run, with
+  ``d`` its momentum direction, compares (per layer) the exact diagonal block
+  (forward-over-reverse, ``estimator="exact"``) with: one Hutchinson probe,
+  the row ``<d_l, H d>`` (forward-over-reverse), the exact block by the
+  ``fd_scale`` gradient difference, and by the secant at the step (``s_l``
+  = the displacement bound ``rho ||theta_l|| / ||d_l||``). Reports the median
+  relative error and the fraction of estimates with ``q_l <= 0`` (rejected).
   """
   layers = olw.group_layers(params)
 
   @jax.jit
-  def forms(p):
-    g = jax.grad(loss_fn)(p)
-    exact = _curvature.layer_quadratic_forms(
-        _curvature.make_hvp(loss_fn, p), g, layers, estimator="exact")
-    diff = _curvature.layer_quadratic_forms(
-        _curvature.make_hvp(loss_fn, p, method="gradient_difference", grad=g),
-        g, layers, estimator="exact")
-    return exact.curvature, diff.curvature
+  def forms(p, d, xb, key):
+    value_fn = lambda q: loss(q, xb)
+    g = jax.grad(value_fn)(p)
+    jvp = _curvature.make_hvp(value_fn, p)
+    fd = _curvature.make_hvp(value_fn, p, method="gradient_difference", grad=g)
+    secant = _curvature.make_hvp(value_fn, p, method="gradient_difference",
+                                 grad=g, step=-1.0)
+    scales = _layers.trust_ratio(layers.sq_norm(p), layers.sq_norm(d),
+                                     rho)
+    q = lambda hvp, est, **kw: _curvature.layer_quadratic_forms(
+        hvp, d, layers, estimator=est, key=key, **kw).curvature
+    return {"exact, jvp": q(jvp, "exact"),
+            "hutchinson x1, jvp": q(jvp, "hutchinson"),
+            "row, jvp": q(jvp, "row"),
+            "exact, gradient difference": q(fd, "exact"),
+            "exact, secant": q(secant, "exact", tangent_scales=scales),
+            "row, secant": q(secant, "row", tangent_scales=scales)}
 
-  sgd = optax.sgd(1e-4, momentum=0.9)
-  state = sgd.init(params)
-  sgd_step = jax.jit(lambda p, s: sgd.update(jax.grad(loss_fn)(p), s, p))
-  errors = []
+  run, carry = _trainer(olw.layerwise_sgd(), params, loss, x, batch, seed)
+  batches = _batches(x, batch, seed + 1)
+  samples = {}
   for point in range(num_points):
-    exact, diff = (np.asarray(v) for v in forms(params))
-    nonzero = np.abs(exact) > 0  # a dead ReLU layer can have q_l = 0
-    errors.append(np.abs(diff - exact)[nonzero] / np.abs(exact[nonzero]))
-    for _ in range(20 if point < num_points - 1 else 0):
-      updates, state = sgd_step(params, state)
-      params = optax.apply_updates(params, updates)
-  errors = np.concatenate(errors)
-  return {"median_rel_error": float(np.median(errors)),
-          "p90_rel_error": float(np.quantile(errors, 0.9)),
-          "max_rel_error": float(np.max(errors)),
-          "num_layer_samples": int(errors.size)}
+    for _ in range(25):
+      run()
+    d = carry["state"][0].direction_state[0].trace
+    out = forms(carry["params"], d, next(batches),
+                jax.random.PRNGKey(point))
+    for name, value in out.items():
+      samples.setdefault(name, []).append(np.asarray(value))
+  exact = np.concatenate(samples["exact, jvp"])
+  result = {}
+  for name, values in samples.items():
+    values = np.concatenate(values)
+    rel = np.abs(values - exact) / np.maximum(np.abs(exact), 1e-30)
+    result[name] = {"median_rel_error": float(np.median(rel)),
+                    "frac_non_positive": float(np.mean(values <= 0)),
+                    "num_layer_samples": int(values.size)}
+  return result
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--arch", choices=sorted(ARCHS), default="curves")
+  parser.add_argument("--arch", choices=sorted(ARCHS), default="mnist")
   parser.add_argument("--batch", type=int, default=1000)
+  parser.add_argument("--train-steps", type=int, default=200,
+                      help="training steps of each method before timing")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--calls", type=int, default=5,
                       help="steps timed together in each round")
+  parser.add_argument("--quick", action="store_true",
+                      help="only the bases and the default / old default")
+  parser.add_argument("--no-accuracy", action="store_true")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="results/overhead.json")
   args = parser.parse_args(argv)
 
-  params, loss_fn = _problem(args.arch, args.batch, args.seed)
-  steps = {name: _stepper(make(), params, loss_fn)
-           for name, make in METHODS.items()}
-  timings = time_side_by_side(steps, baseline=BASELINE, rounds=args.rounds,
+  params, loss, x, data_name = _problem(args.arch, args.batch, args.seed)
+  names = QUICK if args.quick else tuple(METHODS)
+  runs = {}
+  summary = {}
+  for name in names:
+    make, _, trained = METHODS[name]
+    runs[name] = _trainer(make(), params, loss, x, args.batch, args.seed)
+    for _ in range(args.train_steps if trained else 0):
+      runs[name][0]()
+    losses = [float(v) for v in runs[name][1]["losses"]]
+    summary[name] = {
+        "final_loss": float(np.mean(losses[-20:])) if trained else None,
+        "fallback_fraction": _fallback_fraction(runs[name][1]["state"])}
+    if trained:
+      print(f"  trained {name}: loss {summary[name]['final_loss']:.2f}, "
+            f"fallbacks {summary[name]['fallback_fraction']:.1%}", flush=True)
+  timings = time_side_by_side({n: r[0] for n, r in runs.items()},
+                              baseline=names[0], rounds=args.rounds,
                               calls_per_round=args.calls)
-  accuracy = gradient_difference_accuracy(params, loss_fn)
-
-  width = max(map(len, timings))
-  print(f"\nLayer-wise SGD step time vs optax.sgd(momentum=0.9): "
-        f"{args.arch} autoencoder, batch {args.batch}, "
-        f"{jax.device_count()} {jax.default_backend()} device(s), "
-        f"median of {args.rounds} interleaved rounds x {args.calls} steps\n")
-  print(f"{'method':<{width}}  {'ms/step':>8}  {'ratio':>6}")
   for name, t in timings.items():
-    print(f"{name:<{width}}  {t['median_ms']:8.1f}  {t['ratio_median']:6.2f}")
-  print("\nGradient-difference curvature vs forward-over-reverse (per layer, "
-        f"{accuracy['num_layer_samples']} samples): median rel. error "
-        f"{accuracy['median_rel_error']:.1e}, 90th pct "
-        f"{accuracy['p90_rel_error']:.1e}, max {accuracy['max_rel_error']:.1e}")
+    base = METHODS[name][1] or name
+    if not METHODS[name][2]:  # fallbacks over the timed steps only
+      summary[name]["fallback_fraction"] = _fallback_fraction(
+          runs[name][1]["state"])
+    ratios = (np.asarray(t["samples_ms"])
+              / np.asarray(timings[base]["samples_ms"]))
+    summary[name].update(base=base, median_ms=t["median_ms"],
+                         ratio_to_base=float(np.median(ratios)),
+                         samples_ms=t["samples_ms"])
+  accuracy = (None if args.no_accuracy else
+              estimator_accuracy(params, loss, x, args.batch, args.seed))
+
+  width = max(map(len, summary))
+  print(f"\nLayer-wise step sizes vs their base optimizers: {args.arch} "
+        f"autoencoder on {data_name}, batch {args.batch}, "
+        f"{jax.device_count()} {jax.default_backend()} device(s); step time: "
+        f"median of {args.rounds} interleaved rounds x {args.calls} steps; "
+        f"loss: mean of steps {args.train_steps - 19}-{args.train_steps}\n")
+  print(f"{'method':<{width}}  {'ms/step':>8}  {'x base':>6}  "
+        f"{'fallbacks':>9}  {'loss':>7}")
+  for name, s in summary.items():
+    final = "-" if s["final_loss"] is None else f"{s['final_loss']:.2f}"
+    print(f"{name:<{width}}  {s['median_ms']:8.1f}  {s['ratio_to_base']:6.2f}"
+          f"  {s['fallback_fraction']:9.1%}  {final:>7}")
+  if accuracy:
+    print("\nq_l estimates vs the exact d_l^T H_ll d_l (per layer, along a "
+          "layer-wise SGD-m run)\n")
+    print(f"{'estimate':<28}  {'median rel. err':>15}  {'q_l <= 0':>8}")
+    for name, a in accuracy.items():
+      print(f"{name:<28}  {a['median_rel_error']:15.2e}  "
+            f"{a['frac_non_positive']:8.1%}")
 
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"benchmark": "overhead", "arch": args.arch,
-               "batch": args.batch, "rounds": args.rounds,
-               "calls_per_round": args.calls, "baseline": BASELINE,
+    json.dump({"benchmark": "overhead", "arch": args.arch, "data": data_name,
+               "batch": args.batch, "train_steps": args.train_steps,
+               "rounds": args.rounds, "calls_per_round": args.calls,
                "machine": {"backend": jax.default_backend(),
                            "devices": jax.device_count(),
                            "cpu_count": os.cpu_count(),
                            "platform": platform.platform()},
-               "timings": timings,
-               "gradient_difference_accuracy": accuracy}, f, indent=2)
+               "methods": summary, "estimator_accuracy": accuracy}, f,
+              indent=2)
   print(f"\nwrote {args.out}")
-  return timings
+  return summary
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ loss ``f = value_fn`` comes from one of two oracles (:func:`make_hvp`):
   reused and ``eps = fd_scale * (1 + ||theta||) / ||v||``. Its error is
   ``O(eps ||v||^2 ||f'''||)`` plus float round-off ``O(u / eps)``; with the
   default ``fd_scale = 1e-3`` in float32 the relative error of the per-layer
-  forms is typically 1e-3 to 1e-2 (measured in ``benchmarks/overhead.py``).
+  forms is typically 1e-3 to 1e-2 on smooth networks (ReLU networks: see
+  ``docs/step_sizes.md``). With ``step`` given, ``eps = step``: a secant
+  over a finite step (the step sizes' ``hvp="secant"``, Bahamou and
+  Goldfarb's step measured where it lands).
 
 On top of an oracle, :func:`layer_quadratic_forms` returns, for a direction
 ``d`` split into layers ``d^(l)`` (ALGORITHMS.md section 1):
@@ -19,7 +22,10 @@ On top of an oracle, :func:`layer_quadratic_forms` returns, for a direction
 * ``q_l = <d^(l), H d^(l)>`` by ``"exact"`` (all ``L`` masked products in one
   ``jax.vmap``; also gives the full ``L x L`` matrix ``M_lm = <d^(l), H d^(m)>``)
   or ``"hutchinson"`` (Rademacher layer signs ``e``, ``v = sum_l e_l d^(l)``,
-  ``q_l ~ e_l <d, H v>_l``; unbiased since ``E[e_l e_m] = [l == m]``).
+  ``q_l ~ e_l <d, H v>_l``; unbiased since ``E[e_l e_m] = [l == m]``),
+  or ``"row"`` (one product along ``d``: ``q_l = <d^(l), H d>``, no noise,
+  but layer ``l``'s cross-layer terms ``sum_{m != l} M_lm`` included: not
+  the diagonal block of arXiv 2305.13664).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from optax_layerwise import _layers
 PyTree = Any
 ValueFn = Callable[[PyTree], jax.Array]
 HVP_METHODS = ("forward_over_reverse", "gradient_difference")
-ESTIMATORS = ("exact", "hutchinson")
+ESTIMATORS = ("exact", "hutchinson", "row")
 
 __all__ = [
     "LayerForms", "make_hvp", "layer_quadratic_forms", "require_value_fn",
@@ -140,8 +146,12 @@ def check_non_negative(value, name: str, *, transform: str,
 
 
 def check_measurement_args(estimator: str, hvp: str, update_interval,
-                           num_probes) -> tuple:
+                           num_probes, *,
+                           hvp_methods: tuple = HVP_METHODS) -> tuple:
   """Validates the arguments every curvature measurement shares.
+
+  ``hvp_methods`` lists the ``hvp`` values the caller supports (the step
+  sizes add ``"secant"``, which needs their last steps).
 
   Returns ``(static_interval, num_probes)``: ``update_interval`` as a Python
   int (``None`` when injected, so traced) and ``num_probes`` as a Python int.
@@ -149,8 +159,8 @@ def check_measurement_args(estimator: str, hvp: str, update_interval,
   if estimator not in ESTIMATORS:
     raise ValueError(f"estimator must be one of {ESTIMATORS}, "
                      f"got {estimator!r}.")
-  if hvp not in HVP_METHODS:
-    raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}.")
+  if hvp not in hvp_methods:
+    raise ValueError(f"hvp must be one of {hvp_methods}, got {hvp!r}.")
   static_interval = concrete_int(update_interval)
   if static_interval is not None and static_interval < 1:
     raise ValueError(f"update_interval must be >= 1, got {update_interval}.")
@@ -373,6 +383,7 @@ def make_hvp(
     method: str = "forward_over_reverse",
     grad: Optional[PyTree] = None,
     fd_scale: float = 1e-3,
+    step: Optional[jax.Array] = None,
     transform: str = "curvature",
     axis_name: Optional[AxisName] = None,
 ) -> Callable[[PyTree], tuple[PyTree, PyTree]]:
@@ -386,6 +397,10 @@ def make_hvp(
     grad: ``grad f(theta)``, required by ``"gradient_difference"`` and reused
       as the returned ``g``.
     fd_scale: relative step of the gradient difference.
+    step: if given, the gradient difference's ``eps`` itself (signed, not
+      relative): ``H v ~ (grad f(theta + step v) - g) / step``. With ``v``
+      the step about to be taken and ``step = -1`` this is the secant
+      curvature between ``theta`` and where the step lands.
     transform: the caller's name, for error messages.
     axis_name: under ``shard_map`` / ``pmap``: the data-parallel axis. The
       products are then this device's (``value_fn`` on its shard; see
@@ -416,7 +431,10 @@ def make_hvp(
   theta_norm = _tree_norm(params)
 
   def hvp_fd(v):
-    eps = fd_scale * (1.0 + theta_norm) / jnp.maximum(_tree_norm(v), 1e-30)
+    if step is None:
+      eps = fd_scale * (1.0 + theta_norm) / jnp.maximum(_tree_norm(v), 1e-30)
+    else:
+      eps = jnp.asarray(step, theta_norm.dtype)
     def shift(p, t):
       dtype = _layers.stats_dtype(p.dtype)
       return (p.astype(dtype) + eps * t.astype(dtype)).astype(p.dtype)
@@ -458,6 +476,7 @@ def layer_quadratic_forms(
     num_probes: int = 1,
     key: Optional[jax.Array] = None,
     axis_name: Optional[AxisName] = None,
+    tangent_scales: Optional[jax.Array] = None,
 ) -> LayerForms:
   """Computes ``b_l`` and ``q_l`` (and ``M`` when exact) along ``direction``.
 
@@ -465,10 +484,19 @@ def layer_quadratic_forms(
     hvp: an oracle from :func:`make_hvp`.
     direction: ``d``, the params' structure.
     layers: the layer partition of the params.
-    estimator: ``"exact"`` (``L`` products, vmapped) or ``"hutchinson"``
-      (``num_probes`` products, vmapped).
+    estimator: ``"exact"`` (``L`` products, vmapped), ``"hutchinson"``
+      (``num_probes`` products, vmapped) or ``"row"`` (one product along the
+      whole ``d``: ``q_l = <d^(l), H d>``, deterministic, the diagonal block
+      plus layer ``l``'s cross-layer terms ``sum_{m != l} M_lm``).
     num_probes: Hutchinson probes averaged.
     key: PRNG key for the Hutchinson signs.
+    tangent_scales: ``(L,)`` positive multipliers ``s_l`` of the layers of
+      ``d`` in the tangents (``None``: ones). The forms are divided back by
+      them, so they stay forms of ``d``: ``"exact"`` and ``"hutchinson"``
+      are unchanged in expectation, while ``"row"`` becomes
+      ``M_ll + sum_{m != l} (s_m / s_l) M_lm``. With ``s`` the last steps
+      and a ``step=-1`` gradient difference, each product is a secant
+      between ``theta`` and where the step lands.
     axis_name: the data-parallel axis of a per-device ``hvp`` (see
       :func:`make_hvp`): ``b``, ``q`` and ``M`` are then means over the axis
       (one all-reduce of ``(num_probes + 1) L`` or ``L^2 + L`` numbers);
@@ -480,28 +508,37 @@ def layer_quadratic_forms(
   if estimator not in ESTIMATORS:
     raise ValueError(
         f"Unknown curvature estimator {estimator!r}; use one of {ESTIMATORS}.")
-  num_layers = layers.num_layers
-  if estimator == "exact":
-    coeffs = jnp.eye(num_layers, dtype=_layers.tree_stats_dtype(direction))
-  else:
-    if key is None:
-      raise ValueError("estimator='hutchinson' needs a PRNG key.")
-    if num_probes < 1:
-      raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
-    coeffs = rademacher(key, (num_probes, num_layers),
-                        _layers.tree_stats_dtype(direction))
+  coeffs = _tangent_coefficients(estimator, layers.num_layers, num_probes,
+                                 key, _layers.tree_stats_dtype(direction))
+  scales = (jnp.ones(coeffs.shape[1:], coeffs.dtype) if tangent_scales is None
+            else jnp.asarray(tangent_scales, coeffs.dtype))
 
   def products(c):
-    return hvp(layers.scale(direction, c))
+    return hvp(layers.scale(direction, c * scales))
 
   grad, hv = jax.vmap(products, out_axes=(None, 0))(coeffs)
-  # rows[k, l] = <d, H v_k>_l, with v_k = sum_m coeffs[k, m] d^(m).
+  # rows[k, l] = <d, H v_k>_l, v_k = sum_m coeffs[k, m] s_m d^(m).
   rows = jax.vmap(lambda w: layers.inner(direction, w))(hv)
   decrease = layers.inner(grad, direction)
   rows, decrease = global_mean((rows, decrease), axis_name)
   if estimator == "exact":
-    matrix = rows.T  # M[l, m] = <d^(l), H d^(m)>
+    matrix = rows.T / scales[None, :]  # M[l, m] = <d^(l), H d^(m)>
     matrix = 0.5 * (matrix + matrix.T)
     return LayerForms(grad, decrease, jnp.diagonal(matrix), matrix)
-  curvature = jnp.mean(coeffs * rows, axis=0)
+  curvature = jnp.mean(coeffs * rows, axis=0) / scales
   return LayerForms(grad, decrease, curvature, None)
+
+
+def _tangent_coefficients(estimator: str, num_layers: int, num_probes: int,
+                          key: Optional[jax.Array], dtype) -> jax.Array:
+  """``(K, L)`` layer coefficients of the tangents ``v_k``: the identity
+  (exact), Rademacher signs (Hutchinson) or one row of ones (row)."""
+  if estimator == "exact":
+    return jnp.eye(num_layers, dtype=dtype)
+  if estimator == "row":
+    return jnp.ones((1, num_layers), dtype)
+  if key is None:
+    raise ValueError("estimator='hutchinson' needs a PRNG key.")
+  if num_probes < 1:
+    raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+  return rademacher(key, (num_probes, num_layers), dtype)

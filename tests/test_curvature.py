@@ -103,6 +103,63 @@ def test_gradient_difference_hvp_accuracy():
                              atol=5e-2 * scale)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_row_and_scaled_forms_match_dense_hessian_float64(scaled, x64):
+  key = jax.random.PRNGKey(np.random.SeedSequence().entropy % 2**31)
+  params, loss_fn = nets.mlp(key, dtype=jnp.float64)
+  d = _direction(jax.random.fold_in(key, 4), params)
+  layers = olw.group_layers(params)
+  num_layers = layers.num_layers
+  s = (np.asarray(jax.random.uniform(jax.random.fold_in(key, 5),
+                                     (num_layers,), minval=0.1, maxval=3.0))
+       if scaled else np.ones(num_layers))
+  forms = lambda est: jax.jit(lambda p, v: _curvature.layer_quadratic_forms(
+      _curvature.make_hvp(loss_fn, p), v, layers, estimator=est,
+      tangent_scales=s if scaled else None))(params, d)
+  _, hess, index = nets.dense_reference(loss_fn, params, layers)
+  want_m = nets.layer_matrix(hess, index, nets.ravel(d), num_layers)
+  # row: q_l = M_ll + sum_{m != l} (s_m / s_l) M_lm, i.e. (M s)_l / s_l;
+  # exact: the tangent scales are divided back out, M is unchanged.
+  want_row = want_m @ s / s
+  scale = np.abs(want_m).max()
+  # float64 forward-over-reverse: round-off ~1e-14 of the matrix scale.
+  np.testing.assert_allclose(forms("row").curvature, want_row,
+                             atol=1e-10 * scale * s.max() / s.min())
+  np.testing.assert_allclose(forms("exact").matrix, want_m,
+                             atol=1e-10 * scale)
+  assert forms("row").matrix is None
+
+
+def test_secant_hvp_is_the_gradient_difference_at_the_given_step(x64):
+  key = jax.random.PRNGKey(np.random.SeedSequence().entropy % 2**31)
+  params, loss_fn = nets.mlp(key, dtype=jnp.float64)
+  v = _direction(jax.random.fold_in(key, 6), params)
+  g = jax.grad(loss_fn)(params)
+  step = -0.3  # a finite step: the secant differs from H v (tanh MLP)
+  _, hv = _curvature.make_hvp(loss_fn, params, method="gradient_difference",
+                              grad=g, step=step)(v)
+  shifted = jax.tree_util.tree_map(lambda p, t: p + step * t, params, v)
+  want = (nets.ravel(jax.grad(loss_fn)(shifted)) - nets.ravel(g)) / step
+  np.testing.assert_allclose(nets.ravel(hv), want, rtol=1e-10, atol=1e-12)
+  _, exact = _curvature.make_hvp(loss_fn, params)(v)
+  # ... which is not H v: the step is finite (a check that `step` is used).
+  assert np.abs(nets.ravel(hv) - nets.ravel(exact)).max() > 1e-6
+
+
+def test_secant_of_a_quadratic_is_exact_at_any_step():
+  a = jnp.array([[3.0, 1.0], [1.0, 2.0]])
+  loss_fn = lambda p: 0.5 * p["x"] @ a @ p["x"] + jnp.sum(p["x"])
+  params = {"x": jnp.array([0.5, -1.0])}
+  g = jax.grad(loss_fn)(params)
+  v = {"x": jnp.array([2.0, -1.0])}
+  for step in (-1.0, 1e-3, 10.0):
+    _, hv = _curvature.make_hvp(loss_fn, params, method="gradient_difference",
+                                grad=g, step=step)(v)
+    # float32 difference of O(10) gradients divided by the step: ~1e-6 / |s|.
+    np.testing.assert_allclose(hv["x"], a @ v["x"], rtol=1e-5,
+                               atol=1e-5 / abs(step))
+
+
 def test_value_fn_must_return_a_float_scalar():
   params, _ = nets.mlp(jax.random.PRNGKey(0))
   layers = olw.group_layers(params)

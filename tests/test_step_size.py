@@ -12,6 +12,12 @@ import optax_layerwise as olw
 from tests import nets
 
 
+# The exact diagonal blocks by forward-over-reverse products, every step: the
+# reference path that the dense-Hessian tests check (the aliases' default
+# measures them by secants every 20 steps; tested below).
+EXACT = dict(estimator="exact", hvp="forward_over_reverse", update_interval=1)
+
+
 def _fresh_key():
   return jax.random.PRNGKey(np.random.SeedSequence().entropy % 2**31)
 
@@ -38,7 +44,7 @@ def test_steps_equal_b_over_q_from_dense_hessian(problem, x64):
   # Adam's first direction is g / (|g| + eps): not parallel to g, so the
   # test distinguishes <g, d>_l from ||g_l||^2.
   eps = 1e-8
-  tx = olw.layerwise_adamw(estimator="exact",
+  tx = olw.layerwise_adamw(**EXACT,
                            max_relative_change=None, weight_decay=0.0, eps=eps,
                            max_step=1e6)
   _, updates, state = _jit_update(tx, loss_fn)(params, tx.init(params))
@@ -64,7 +70,7 @@ def test_steps_equal_b_over_q_from_dense_hessian(problem, x64):
 def test_float32_steps_match_float64_reference():
   key = _fresh_key()
   params, loss_fn = nets.mlp(key)
-  tx = olw.layerwise_sgd(estimator="exact",
+  tx = olw.layerwise_sgd(**EXACT,
                          max_relative_change=None, momentum=0.0)
   _, _, state = _jit_update(tx, loss_fn)(params, tx.init(params))
   with jax.enable_x64(True):
@@ -135,7 +141,7 @@ def test_max_relative_change_bounds_each_layers_displacement(x64):
   # A bound between the two smallest relative moves leaves one layer free
   # and clips the other two to exactly rho * ||theta_l||.
   rho = float(np.mean(np.sort(relative)[:2]))
-  tx = olw.layerwise_sgd(momentum=0.0, estimator="exact", max_step=1e6,
+  tx = olw.layerwise_sgd(momentum=0.0, **EXACT, max_step=1e6,
                          max_relative_change=rho)
   new_params, _, state = _jit_update(tx, loss)(params, tx.init(params))
   want = np.minimum(b / q, rho * p_norm / g_norm)
@@ -182,7 +188,7 @@ def test_negative_max_relative_change_is_an_error():
 @pytest.mark.parametrize("coupling", [0.0, 0.05])
 def test_full_batch_sgd_converges_linearly(coupling, x64):
   loss, params, optimum = _block_quadratic(coupling)
-  tx = olw.layerwise_sgd(momentum=0.0, estimator="exact",
+  tx = olw.layerwise_sgd(momentum=0.0, **EXACT,
                          max_relative_change=None, max_step=1e6)
   step = _jit_update(tx, loss)
   state = tx.init(params)
@@ -214,7 +220,7 @@ def test_full_batch_sgd_converges_linearly(coupling, x64):
 
 def test_coupled_steps_solve_the_subspace_newton_system(x64):
   loss, params, _ = _block_quadratic(0.3, seed=3)
-  tx = olw.layerwise_sgd(momentum=0.0, estimator="exact",
+  tx = olw.layerwise_sgd(momentum=0.0, **EXACT,
                          max_relative_change=None, coupled=True,
                          max_step=1e6)
   _, updates, state = _jit_update(tx, loss)(params, tx.init(params))
@@ -244,8 +250,8 @@ def test_coupled_needs_exact_estimator():
 
 def test_hutchinson_steps_are_reproducible_per_seed_and_step():
   params, loss_fn = nets.mlp(jax.random.PRNGKey(0), sizes=(5, 6, 4, 3, 2))
-  tx_a = olw.layerwise_sgd(seed=3)
-  tx_b = olw.layerwise_sgd(seed=4)
+  tx_a = olw.layerwise_sgd(estimator="hutchinson", seed=3)
+  tx_b = olw.layerwise_sgd(estimator="hutchinson", seed=4)
   run = lambda tx: _jit_update(tx, loss_fn)(params, tx.init(params))[2]
   a1, a2, b1 = run(tx_a), run(tx_a), run(tx_b)
   np.testing.assert_array_equal(_step_state(a1).curvatures,
@@ -256,7 +262,7 @@ def test_hutchinson_steps_are_reproducible_per_seed_and_step():
 
 def test_update_interval_reuses_steps_between_measurements():
   params, loss_fn = nets.mlp(jax.random.PRNGKey(1))
-  tx = olw.layerwise_sgd(estimator="exact",
+  tx = olw.layerwise_sgd(estimator="exact", hvp="forward_over_reverse",
                          max_relative_change=None, update_interval=3)
   step = _jit_update(tx, loss_fn)
   state = tx.init(params)
@@ -274,9 +280,9 @@ def test_update_interval_reuses_steps_between_measurements():
 
 def test_ema_smooths_accepted_steps():
   params, loss_fn = nets.mlp(jax.random.PRNGKey(2))
-  plain = olw.layerwise_sgd(estimator="exact",
+  plain = olw.layerwise_sgd(**EXACT,
                             max_relative_change=None, momentum=0.0)
-  smooth = olw.layerwise_sgd(estimator="exact",
+  smooth = olw.layerwise_sgd(**EXACT,
                              max_relative_change=None, momentum=0.0, ema=0.5)
   s_plain, s_smooth = plain.init(params), smooth.init(params)
   step_plain, step_smooth = _jit_update(plain, loss_fn), _jit_update(
@@ -294,9 +300,9 @@ def test_ema_smooths_accepted_steps():
 
 def test_gradient_difference_steps_are_close_to_exact():
   params, loss_fn = nets.mlp(_fresh_key())
-  exact = olw.layerwise_sgd(estimator="exact",
+  exact = olw.layerwise_sgd(**EXACT,
                             max_relative_change=None, momentum=0.0)
-  diff = olw.layerwise_sgd(estimator="exact",
+  diff = olw.layerwise_sgd(estimator="exact", update_interval=1,
                            max_relative_change=None, momentum=0.0,
                            hvp="gradient_difference")
   s_e = _jit_update(exact, loss_fn)(params, exact.init(params))[2]
@@ -305,6 +311,102 @@ def test_gradient_difference_steps_are_close_to_exact():
   # O(1e-4) float32 round-off relative to each layer's curvature.
   np.testing.assert_allclose(_step_state(s_d).step_sizes,
                              _step_state(s_e).step_sizes, rtol=3e-2)
+
+
+def test_secant_steps_on_a_quadratic_equal_b_over_q_exactly():
+  # On a quadratic every secant is the Hessian, whatever the step: the first
+  # step (tangents scaled by the bound) and the later ones (scaled by the
+  # last steps) must all give alpha_l = b_l / d_l^T H_ll d_l.
+  a = {"u": jnp.array([[4.0, 1.0], [1.0, 3.0]]), "v": jnp.array([[0.5]])}
+  loss_fn = lambda p: (0.5 * p["u"]["w"] @ a["u"] @ p["u"]["w"]
+                       + 0.5 * p["v"]["w"] @ a["v"] @ p["v"]["w"]
+                       + p["u"]["w"][0] * p["v"]["w"][0])
+  params = {"u": {"w": jnp.array([1.0, -2.0])}, "v": {"w": jnp.array([3.0])}}
+  tx = olw.layerwise_sgd(momentum=0.5, max_step=10.0, update_interval=1,
+                         max_relative_change=None)
+  state = tx.init(params)
+  step = _jit_update(tx, loss_fn)
+  for _ in range(3):
+    g = jax.grad(loss_fn)(params)
+    trace = _step_state(state).direction_state[0].trace
+    d = jax.tree_util.tree_map(lambda t, x: 0.5 * t + x, trace, g)
+    params, _, state = step(params, state)
+    for name in ("u", "v"):
+      dl, gl = d[name]["w"], g[name]["w"]
+      b, q = gl @ dl, dl @ a[name] @ dl
+      got = _step_state(state)
+      i = 0 if name == "u" else 1
+      # float32 gradient differences of O(10) gradients at steps of O(0.1-1):
+      # a few 1e-6 relative.
+      np.testing.assert_allclose(got.curvatures[i], q, rtol=1e-4)
+      if b > 0:
+        np.testing.assert_allclose(got.step_sizes[i], min(b / q, 10.0),
+                                   rtol=1e-4)
+  assert int(_step_state(state).num_fallbacks.sum()) == 0
+
+
+def test_secant_steps_match_the_secant_at_the_last_step(x64):
+  # A tanh MLP (not quadratic): layer l's q_l is the secant
+  # <d_l, g - grad f(theta - s_l d_l)> / s_l, s_l the step applied last.
+  params, loss_fn = nets.mlp(_fresh_key(), dtype=jnp.float64)
+  tx = olw.layerwise_sgd(momentum=0.0, max_relative_change=None,
+                         max_step=1.0, update_interval=1)
+  step = _jit_update(tx, loss_fn)
+  params, _, state = step(params, tx.init(params))
+  last = np.asarray(_step_state(state).step_sizes)
+  last = np.where(last > 0, last, 1.0)  # no step yet: measured at max_step
+  layers = olw.group_layers(params)
+  g = jax.grad(loss_fn)(params)
+  want = []
+  for l in range(layers.num_layers):
+    mask = np.eye(layers.num_layers)[l]
+    shifted = jax.tree_util.tree_map(
+        lambda p, x: p - x, params, layers.scale(g, jnp.asarray(mask * last)))
+    diff = jax.tree_util.tree_map(lambda a, b: a - b, g,
+                                  jax.grad(loss_fn)(shifted))
+    want.append(float(layers.inner(layers.scale(g, jnp.asarray(mask)),
+                                   diff)[l]) / last[l])
+  _, _, state = step(params, state)
+  # float64: round-off only.
+  np.testing.assert_allclose(_step_state(state).curvatures, want, rtol=1e-9)
+
+
+def test_aliases_default_to_secant_exact_blocks_every_20_steps():
+  # The default measurement (docs/step_sizes.md): re-measured on steps
+  # 0, 20, 40 only, each an exact per-layer secant (no probe noise).
+  params, loss_fn = nets.mlp(jax.random.PRNGKey(3))
+  for tx in (olw.layerwise_sgd(), olw.layerwise_adamw()):
+    step = _jit_update(tx, loss_fn)
+    state = tx.init(params)
+    p = params
+    history = []
+    for _ in range(41):
+      p, _, state = step(p, state)
+      history.append(np.asarray(_step_state(state).curvatures))
+    changes = [i for i in range(1, 41)
+               if not np.array_equal(history[i], history[i - 1])]
+    assert changes == [20, 40]
+    s = _step_state(state)
+    assert int((s.num_accepted + s.num_fallbacks).max()) == 3
+  # Giving num_probes selects the paper's Hutchinson measurement, every step.
+  tx = olw.layerwise_sgd(num_probes=2)
+  state = _jit_update(tx, loss_fn)(params, tx.init(params))[2]
+  state = _jit_update(tx, loss_fn)(params, state)[2]
+  s = _step_state(state)
+  assert int((s.num_accepted + s.num_fallbacks).max()) == 2
+
+
+@pytest.mark.parametrize("bad", [dict(estimator="diagonal"),
+                                 dict(hvp="finite_difference")])
+def test_unknown_estimator_or_hvp_lists_the_choices(bad):
+  with pytest.raises(ValueError, match="must be one of .*'row'|.*'secant'"):
+    olw.layerwise_sgd(**bad)
+
+
+def test_secant_is_only_for_the_step_sizes():
+  # CBLR / MCLR have no last steps to measure at.
+  with pytest.raises(ValueError, match="hvp must be one of"):
+    olw.scale_by_curvature_lr(hvp="secant")
 
 
 def test_missing_value_fn_names_it_and_shows_the_call():
@@ -329,7 +431,7 @@ def test_negative_curvature_zero_direction_and_nan_never_give_nan():
   params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(2)}}
   # Layer a is concave: q_a < 0, its step must fall back (initial_step 0).
   loss = lambda p: -jnp.sum(p["a"]["w"] ** 2) + jnp.sum(p["b"]["w"] ** 2)
-  tx = olw.layerwise_sgd(estimator="exact",
+  tx = olw.layerwise_sgd(**EXACT,
                          max_relative_change=None, momentum=0.0)
   new, _, state = _jit_update(tx, loss)(params, tx.init(params))
   assert np.array_equal(_step_state(state).num_fallbacks, [1, 0])
@@ -359,11 +461,11 @@ def test_chains_with_clipping_inject_hyperparams_and_apply_if_finite():
   grads = jax.grad(loss_fn)(params)
 
   clipped = optax.chain(optax.clip_by_global_norm(1e-3),
-                        olw.layerwise_sgd(estimator="exact",
+                        olw.layerwise_sgd(**EXACT,
                                           max_relative_change=None))
   updates, _ = clipped.update(grads, clipped.init(params), params,
                               value_fn=loss_fn)
-  plain = olw.layerwise_sgd(estimator="exact", max_relative_change=None)
+  plain = olw.layerwise_sgd(**EXACT, max_relative_change=None)
   ref, _ = plain.update(grads, plain.init(params), params, value_fn=loss_fn)
   # alpha = <g, d> / d^T H d is invariant to scaling g, except through
   # clipping at max_step: so the updates of clipped grads are no larger.
@@ -373,7 +475,7 @@ def test_chains_with_clipping_inject_hyperparams_and_apply_if_finite():
   # Plain inject_hyperparams: ints such as update_interval and seed arrive
   # traced, strings and bools stay static.
   injected = optax.inject_hyperparams(olw.layerwise_sgd)(
-      scale=0.5, estimator="exact", max_relative_change=None)
+      scale=0.5, **EXACT, max_relative_change=None)
   state = injected.init(params)
   half, state = jax.jit(lambda g, s, p: injected.update(
       g, s, p, value_fn=loss_fn))(grads, state, params)
@@ -419,7 +521,7 @@ def test_jit_compiles_once_and_scan_matches_loop():
 
 def test_bfloat16_params_keep_float32_statistics():
   params, loss_fn = nets.mlp(jax.random.PRNGKey(6), dtype=jnp.bfloat16)
-  tx = olw.layerwise_sgd(estimator="exact", max_relative_change=None)
+  tx = olw.layerwise_sgd(**EXACT, max_relative_change=None)
   state = tx.init(params)
   new, updates, state = _jit_update(tx, loss_fn)(params, state)
   assert _step_state(state).step_sizes.dtype == jnp.float32
