@@ -63,6 +63,7 @@ __all__ = ["KBFGSLayerState", "KBFGSState", "kbfgs"]
 
 _NAME = "kbfgs"
 PAIRS = ("secant", "tangent")
+STEP_RULES = ("layerwise", "fixed")
 
 
 class KBFGSLayerState(NamedTuple):
@@ -105,6 +106,16 @@ class KBFGSState(NamedTuple):
     num_skipped_a: per layer, ``H_a`` updates skipped.
     num_nonfinite: whole steps skipped for a non-finite gradient, tapped
       statistics or step (int32 scalar).
+    step_sizes: per layer, the multiple ``t_l`` of the trial step
+      ``delta_l = -lr H_a M_l H_g`` applied last (``step_rule="layerwise"``;
+      1 with ``step_rule="fixed"``).
+    decreases: per layer, the last measured ``b_l = <g, delta>_l`` (0 with
+      ``step_rule="fixed"``).
+    curvatures: per layer, the last measured ``q_l = <delta_l, g(theta +
+      delta) - g(theta)>_l`` (0 with ``step_rule="fixed"``).
+    num_fallbacks: per layer, steps whose measurement was rejected
+      (``q_l <= 0``, ``b_l >= 0`` or non-finite), which reused the last
+      accepted ``t_l``.
   """
   count: jax.Array
   momentum: PyTree
@@ -115,6 +126,10 @@ class KBFGSState(NamedTuple):
   num_skipped: jax.Array
   num_skipped_a: jax.Array
   num_nonfinite: jax.Array
+  step_sizes: jax.Array
+  decreases: jax.Array
+  curvatures: jax.Array
+  num_fallbacks: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +238,34 @@ def _homogeneous(layer: _Dense, tap: _taps.DenseTap):
   return abar, a_batch
 
 
+def _step_scales(decrease: jax.Array, curvature: jax.Array,
+                 previous: jax.Array, limit: jax.Array,
+                 max_step_scale) -> tuple[jax.Array, jax.Array]:
+  """Per-layer multiples ``t_l`` of the trial step, and which were measured.
+
+  Seed 000's rule (the minimiser of the quadratic model along a layer's own
+  direction, Bahamou and Goldfarb, arXiv 2305.13664) applied to K-BFGS's
+  step: ``t_l = -b_l / q_l`` with ``b_l = <g, delta>_l`` and the secant
+  curvature ``q_l = <delta_l, g(theta + delta) - g(theta)>_l``
+  (docs/kbfgs.md, "Per-layer step"). A measurement with ``q_l <= 0``,
+  ``b_l >= 0`` (not a descent direction) or a non-finite value is rejected
+  and the layer reuses ``previous``; accepted ones are clipped to
+  ``[0, max_step_scale]``; every ``t_l`` is then capped by ``limit`` (the
+  displacement bound, ``inf`` without one).
+  """
+  valid = (jnp.isfinite(decrease) & jnp.isfinite(curvature)
+           & (curvature > 0) & (decrease < 0))
+  raw = -decrease / jnp.where(valid, curvature, 1.0)
+  scales = jnp.where(valid, jnp.clip(raw, 0.0, max_step_scale), previous)
+  return jnp.minimum(scales, limit), valid
+
+
+def _layer_dot(a_leaves, b_leaves, layer: _Dense, dtype) -> jax.Array:
+  """``<a, b>_l`` over the kernel and bias of one dense layer."""
+  return sum(jnp.vdot(a_leaves[i].astype(dtype), b_leaves[i].astype(dtype))
+             for i in (layer.kernel_index, layer.bias_index) if i is not None)
+
+
 def kbfgs(
     learning_rate: ScalarOrSchedule = 0.3,
     *,
@@ -237,6 +280,9 @@ def kbfgs(
     skip_tol: float = _bfgs.SKIP_TOL,
     lbfgs_gamma: float = 1.0,
     max_relative_change: Optional[float] = 0.1,
+    step_rule: str = "layerwise",
+    max_step_scale: float = 10.0,
+    input_factor_interval: int = 1,
     dense_layers: Optional[Callable[[tuple, Any], bool]] = None,
     axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -302,6 +348,23 @@ def kbfgs(
       the authors' init the bound changed the loss after 80 steps by 0.1%.
       ``None`` gives the paper's algorithm exactly. Layers whose params
       are all zero are not bounded.
+    step_rule: ``"layerwise"`` (default; ours, docs/kbfgs.md "Per-layer
+      step"): each dense layer takes ``t_l`` times the trial step
+      ``delta_l = -lr H_a M_l H_g``, with ``t_l = -b_l / q_l`` the minimiser
+      of the quadratic model along ``delta_l`` (Bahamou and Goldfarb,
+      arXiv 2305.13664), ``b_l = <g, delta>_l`` and the secant curvature
+      ``q_l = <delta_l, g(theta + delta) - g(theta)>_l`` from the params
+      gradients of the two tapped passes (``pair="tangent"``: the exact
+      ``<delta_l, (H delta)_l>``). A rejected measurement (``q_l <= 0``,
+      ``b_l >= 0``, non-finite) reuses the last ``t_l``. ``lr`` then sets
+      the length of the trial step at which the pair and ``q_l`` are
+      measured, and matters much less. ``"fixed"``: the paper's step
+      ``delta`` itself.
+    max_step_scale: upper clip of an accepted ``t_l`` (10).
+    input_factor_interval: refresh the input-side factor (``A`` from the
+      tapped inputs' second moment, ``O(n d_in^2)``, and the ``H_a`` update)
+      every this many steps (ours; kfac-jax's ``curvature_update_period``
+      plays the same role). 1 is the paper. A Python int.
     dense_layers: which 2-D leaves are dense kernels that get Kronecker
       factors: a predicate ``(path, leaf) -> bool`` on key paths. Default:
       every 2-D float leaf whose key does not contain ``"embed"``; a 1-D
@@ -397,6 +460,18 @@ def kbfgs(
                      f"integer >= 1 (K-BFGS(L)), got {memory_size!r}.")
   if pair not in PAIRS:
     raise ValueError(f"{_NAME}: pair must be one of {PAIRS}, got {pair!r}.")
+  if step_rule not in STEP_RULES:
+    raise ValueError(f"{_NAME}: step_rule must be one of {STEP_RULES}, got "
+                     f"{step_rule!r}.")
+  _curvature.check_non_negative(
+      max_step_scale, "max_step_scale", transform=_NAME,
+      why="It caps the per-layer multiple t_l of the trial step.")
+  layerwise = step_rule == "layerwise"
+  if (isinstance(input_factor_interval, bool)
+      or not isinstance(input_factor_interval, int)
+      or input_factor_interval < 1):
+    raise ValueError(f"{_NAME}: input_factor_interval must be a Python int "
+                     f">= 1, got {input_factor_interval!r}.")
   sqrt_damping = (jnp.sqrt(damping) if damping_value is None
                   else math.sqrt(damping_value))
   beta = stat_decay
@@ -419,6 +494,7 @@ def kbfgs(
     num = len(layer_states)
     # Distinct buffers everywhere, so the state can be donated to jax.jit.
     counts = lambda: jnp.zeros((num,), jnp.int32)
+    stats = lambda: jnp.zeros((num,), _layers.tree_stats_dtype(params))
     return KBFGSState(
         count=jnp.zeros([], jnp.int32),
         momentum=jax.tree_util.tree_unflatten(treedef, [
@@ -428,7 +504,9 @@ def kbfgs(
         preconditioned=jax.tree_util.tree_unflatten(
             treedef, [jnp.zeros([], bool) for _ in leaves]),
         num_powell=counts(), num_lm=counts(), num_skipped=counts(),
-        num_skipped_a=counts(), num_nonfinite=jnp.zeros([], jnp.int32))
+        num_skipped_a=counts(), num_nonfinite=jnp.zeros([], jnp.int32),
+        step_sizes=stats() + 1.0, decreases=stats(), curvatures=stats(),
+        num_fallbacks=counts())
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
@@ -446,10 +524,13 @@ def kbfgs(
                        f"but the state was built for {len(state.layers)}; "
                        "re-run init.")
 
-    # 1. Tapped pass at theta.
+    # 1. Tapped pass at theta; A and H_a are refreshed every
+    # input_factor_interval steps (always on the first).
+    refresh = True if input_factor_interval == 1 else (
+        state.count % input_factor_interval == 0)
     taps = _taps.tap_dense_layers(
         value_fn, params, kernels=[layer.kernel_index for layer in dense],
-        second_moment=True, with_grads=False, axis_name=axis_name)
+        second_moment=refresh, with_grads=layerwise, axis_name=axis_name)
     if not taps.layers:
       raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
     untapped = [layer.name for layer in dense
@@ -495,13 +576,14 @@ def kbfgs(
     # 3. Directions: preconditioned for tapped layers, -lr M elsewhere.
     deltas = [(-lr * m).astype(m.dtype) for m in new_mom]
     first = state.count == 0
-    layer_work = {}
+    layer_work, limits = {}, {}
     for pos, layer in enumerate(dense):
       if layer not in tapped:
         continue
       ls = state.layers[pos]
       abar, a_batch = _homogeneous(layer, taps.layers[layer.kernel_index])
-      a_new = jnp.where(first, a_batch, beta * ls.a + (1.0 - beta) * a_batch)
+      a_new = jnp.where(first, a_batch, jnp.where(
+          refresh, beta * ls.a + (1.0 - beta) * a_batch, ls.a))
       a_damped = a_new + sqrt_damping * jnp.eye(layer.k, dtype=a_new.dtype)
       h_a = jax.lax.cond(first, _spd_inverse, lambda _, h=ls.h_a: h, a_damped)
       m_w = new_mom[layer.kernel_index]
@@ -513,12 +595,14 @@ def kbfgs(
       else:
         direction = _bfgs.lbfgs_apply(ls.h_g, left, lbfgs_gamma)
       step = -lr * direction
+      limits[pos] = jnp.asarray(jnp.inf, step.dtype)
       if max_relative_change is not None:
-        theta_sq = sum(jnp.sum(jnp.square(leaves[i].astype(step.dtype)))
-                       for i in (layer.kernel_index, layer.bias_index)
-                       if i is not None)
+        theta_sq = _layer_dot(leaves, leaves, layer, step.dtype)
         step = step * jnp.minimum(1.0, _layers.trust_ratio(
             theta_sq, jnp.sum(jnp.square(step)), max_relative_change))
+        # The per-layer multiple t_l may not push the move past the bound.
+        limits[pos] = _layers.trust_ratio(
+            theta_sq, jnp.sum(jnp.square(step)), max_relative_change)
       deltas[layer.kernel_index] = step[:layer.d_in]
       if layer.bias_index is not None:
         deltas[layer.bias_index] = step[layer.d_in]
@@ -537,8 +621,11 @@ def kbfgs(
           lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
           params, new_updates)
       plus = _taps.tap_dense_layers(value_fn, shifted, kernels=kernels,
-                                    second_moment=False, with_grads=False,
-                                    axis_name=axis_name)
+                                    second_moment=False,
+                                    with_grads=layerwise, axis_name=axis_name)
+      grad_change = None if not layerwise else [
+          a - b for a, b in zip(jax.tree_util.tree_leaves(plus.grads),
+                                jax.tree_util.tree_leaves(taps.grads))]
       pairs = {}
       for layer in tapped:
         before = taps.layers[layer.kernel_index]
@@ -553,12 +640,15 @@ def kbfgs(
 
       def means(p):
         res = _taps.tap_dense_layers(value_fn, p, kernels=kernels,
-                                     second_moment=False, with_grads=False,
-                                     axis_name=axis_name)
+                                     second_moment=False,
+                                     with_grads=layerwise, axis_name=axis_name)
         return {i: (res.layers[i].output_mean, res.layers[i].output_grad)
-                for i in kernels}
+                for i in kernels}, res.grads
 
-      _, pairs = jax.jvp(means, (params,), (new_updates,))
+      # The tangent of the gradient is the Hessian-vector product H delta.
+      _, (pairs, hess_delta) = jax.jvp(means, (params,), (new_updates,))
+      grad_change = None if not layerwise else jax.tree_util.tree_leaves(
+          hess_delta)
     # A zero step (lr = 0, e.g. a warm-up schedule's first step) has a zero
     # pair in exact arithmetic; the recomputed second pass may differ from the
     # first by round-off, and BFGS would take that noise at face value.
@@ -566,6 +656,36 @@ def kbfgs(
         [jnp.any(u != 0) for u in out_leaves])))
     pairs = {i: tuple(jnp.where(zero_step, jnp.zeros_like(v), v) for v in sy)
              for i, sy in pairs.items()}
+
+    # The per-layer step (ours): t_l times the trial step of tapped layers.
+    step_sizes, decreases, curvatures = (state.step_sizes, state.decreases,
+                                         state.curvatures)
+    measured = jnp.zeros(step_sizes.shape, bool)
+    if layerwise and tapped:
+      dtype = step_sizes.dtype
+      grad0 = jax.tree_util.tree_leaves(taps.grads)
+      rows = [pos for pos, layer in enumerate(dense) if pos in layer_work]
+      b = jnp.stack([_layer_dot(grad0, deltas, dense[pos], dtype)
+                     for pos in rows])
+      q = jnp.stack([_layer_dot(grad_change, deltas, dense[pos], dtype)
+                     for pos in rows])
+      limit = jnp.stack([limits[pos] for pos in rows]).astype(dtype)
+      index = jnp.asarray(rows)
+      scales, valid = _step_scales(b, q, step_sizes[index], limit,
+                                   max_step_scale)
+      step_sizes = step_sizes.at[index].set(scales.astype(dtype))
+      decreases = decreases.at[index].set(jnp.where(jnp.isfinite(b), b,
+                                                    decreases[index]))
+      curvatures = curvatures.at[index].set(jnp.where(jnp.isfinite(q), q,
+                                                      curvatures[index]))
+      measured = measured.at[index].set(valid)
+      for row, pos in enumerate(rows):
+        layer = dense[pos]
+        for i in (layer.kernel_index, layer.bias_index):
+          if i is not None:
+            out_leaves[i] = (scales[row] * deltas[i]).astype(leaves[i].dtype)
+      new_updates = jax.tree_util.tree_unflatten(treedef, out_leaves)
+      finite = finite & _curvature.tree_all_finite(out_leaves)
 
     # 5-7. Damping and the BFGS updates of H_g and H_a, and the new state.
     def take_step(_):
@@ -599,13 +719,14 @@ def kbfgs(
                                             skip_tol=skip_tol, valid=pair_ok)
         s_a, y_a = _bfgs.hessian_action_pair(h_a, a_damped, abar)
         h_a_new, updated_a = _bfgs.bfgs_inverse_update(
-            h_a, s_a, y_a, grad_norm=jnp.linalg.norm(abar), skip_tol=skip_tol)
+            h_a, s_a, y_a, grad_norm=jnp.linalg.norm(abar), skip_tol=skip_tol,
+            valid=refresh)
         new_layers[pos] = KBFGSLayerState(a=a_new, h_a=h_a_new, h_g=h_g,
                                           s=s_bar, y=y_bar)
         powell_flags.append(powell & pair_ok)
         lm_flags.append(lm & pair_ok)
         skip_flags.append(~updated)
-        skip_a_flags.append(~updated_a)
+        skip_a_flags.append(refresh & ~updated_a)
 
       def count(flags):
         if not flags:
@@ -621,7 +742,12 @@ def kbfgs(
           num_lm=state.num_lm + count(lm_flags),
           num_skipped=state.num_skipped + count(skip_flags),
           num_skipped_a=state.num_skipped_a + count(skip_a_flags),
-          num_nonfinite=state.num_nonfinite)
+          num_nonfinite=state.num_nonfinite,
+          step_sizes=step_sizes, decreases=decreases, curvatures=curvatures,
+          num_fallbacks=state.num_fallbacks + (
+              jnp.asarray([pos in layer_work for pos in range(len(dense))],
+                          bool) & ~measured).astype(jnp.int32)
+          if layerwise else state.num_fallbacks)
       return new_state
 
     def skip_step(_):

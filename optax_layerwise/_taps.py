@@ -158,7 +158,7 @@ class _Context:
     out = y.reshape(-1, d_out).astype(dtype)
     sum_x = jnp.sum(rows, axis=0)
     sum_y = jnp.sum(out, axis=0)
-    sum_xx = gram(rows) if self.want_second_moment else None
+    sum_xx = _second_moment(rows, self.want_second_moment)
     if rec.num_rows:
       sum_x = rec.sum_x + sum_x
       sum_y = rec.sum_y + sum_y
@@ -205,6 +205,16 @@ def gram(rows: jax.Array, block: int = 192) -> jax.Array:
       if j > i:
         grid[j][i] = grid[i][j].T
   return jnp.block(grid)
+
+
+def _second_moment(rows: jax.Array, want) -> Optional[jax.Array]:
+  """``rows^T rows`` if ``want`` (a bool, or a traced bool computed under
+  ``lax.cond`` so that skipped steps cost nothing), else ``None``."""
+  if isinstance(want, bool):
+    return gram(rows) if want else None
+  d = rows.shape[1]
+  return jax.lax.cond(want, gram,
+                      lambda r: jnp.zeros((d, d), r.dtype), rows)
 
 
 def _record(x, y, kernel, bias):
@@ -344,7 +354,9 @@ def tap_dense_layers(
     params: the params.
     kernels: flatten indices of the leaves to tap (default: every 2-D float
       leaf).
-    second_moment: also return ``mean_i a_i a_i^T`` (``O(n d_in^2)``).
+    second_moment: also return ``mean_i a_i a_i^T`` (``O(n d_in^2)``); a
+      traced boolean scalar computes it under :func:`jax.lax.cond` (zeros
+      when ``False``).
     with_grads: also return the params gradient.
     axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
       axis: ``value_fn`` is this device's loss (a mean over its shard, or

@@ -82,7 +82,8 @@ class _Reference:
   """K-BFGS on the 5-6-4-3 MLP, step by step, as ALGORITHMS.md states it."""
 
   def __init__(self, w, b, *, lr, damping, momentum, weight_decay, decay,
-               memory, mu1=0.2, skip_tol=1e-4, max_relative_change=None):
+               memory, mu1=0.2, skip_tol=1e-4, max_relative_change=None,
+               step_rule="fixed", max_step_scale=10.0, factor_interval=1):
     self.w = [np.array(x, np.float64) for x in w]
     self.b = [None if x is None else np.array(x, np.float64) for x in b]
     self.lr, self.lam, self.mom, self.tau = lr, damping, momentum, weight_decay
@@ -90,6 +91,13 @@ class _Reference:
     self.mu2 = math.sqrt(damping)
     self.rho = max_relative_change
     self.relative_steps = []  # lr ||P_l|| / ||[W_l; b_l]|| before the bound
+    # The per-layer step (ours): t_l = -b_l / q_l, safeguarded.
+    self.step_rule, self.max_t = step_rule, max_step_scale
+    self.interval = factor_interval  # A and H_a refreshed every k steps
+    self.t = np.ones(3)
+    self.raw_t = []            # every measured -b_l / q_l, for the test
+    self.fallbacks = np.zeros(3, int)
+    self.clipped = np.zeros(3, int)
     self.count = 0
     k = [SIZES[l] + HAS_BIAS[l] for l in range(3)]
     self.k = k
@@ -116,6 +124,7 @@ class _Reference:
   def step(self, x, t):
     n = x.shape[0]
     lr = self.lr(self.count)
+    refresh = self.count % self.interval == 0
     inputs, pre, dh, gw, gb = _forward_backward(self.w, self.b, x, t)
     # 1. Per-example statistics at theta.
     abar, gh_mean, h_mean = [], [], []
@@ -124,8 +133,9 @@ class _Reference:
       if HAS_BIAS[l]:
         at = np.concatenate([at, np.ones((n, 1))], 1)
       a_batch = sum(np.outer(at[i], at[i]) for i in range(n)) / n
-      self.A[l] = a_batch if self.count == 0 else (
-          self.beta * self.A[l] + (1 - self.beta) * a_batch)
+      if refresh:
+        self.A[l] = a_batch if self.count == 0 else (
+            self.beta * self.A[l] + (1 - self.beta) * a_batch)
       abar.append(at.mean(0))
       gh = n * dh[l]                       # per-example gh_i = m dL/dh_i
       gh_mean.append(gh.mean(0))
@@ -154,7 +164,8 @@ class _Reference:
       new_w.append(self.w[l] - lr * p[:SIZES[l]])
       new_b.append(self.b[l] - lr * p[SIZES[l]] if HAS_BIAS[l] else None)
     # 4. Second pass on the same batch at theta + delta.
-    _, pre2, dh2, _, _ = _forward_backward(new_w, new_b, x, t)
+    _, pre2, dh2, gw2, gb2 = _forward_backward(new_w, new_b, x, t)
+    final_w, final_b = self._layerwise(new_w, new_b, gw, gb, gw2, gb2)
     for l in range(3):
       s_new = pre2[l].mean(0) - h_mean[l]
       y_new = (n * dh2[l]).mean(0) - gh_mean[l]
@@ -186,6 +197,8 @@ class _Reference:
         else:
           self.skipped[l] += 1
       # 7. H_a by Hessian action.
+      if not refresh:
+        continue
       s_a = self.Ha[l] @ abar[l]
       y_a = a_lm[l] @ s_a
       new = _bfgs(self.Ha[l], s_a, y_a, np.linalg.norm(abar[l]), self.tol)
@@ -193,8 +206,37 @@ class _Reference:
         self.skipped_a[l] += 1
       else:
         self.Ha[l] = new
-    self.w, self.b = new_w, new_b
+    self.w, self.b = final_w, final_b
     self.count += 1
+
+  def _layerwise(self, new_w, new_b, gw, gb, gw2, gb2):
+    """The applied step: the trial, or t_l times it (step_rule='layerwise')."""
+    if self.step_rule == "fixed":
+      return new_w, new_b
+    final_w, final_b = [], []
+    for l in range(3):
+      stack = lambda w, b: w.ravel() if b is None else np.concatenate(
+          [w.ravel(), b])
+      delta = stack(new_w[l] - self.w[l],
+                    None if self.b[l] is None else new_b[l] - self.b[l])
+      g0 = stack(gw[l], gb[l])
+      g1 = stack(gw2[l], gb2[l])
+      b, q = g0 @ delta, delta @ (g1 - g0)
+      if q > 0 and b < 0:
+        self.raw_t.append(-b / q)
+        self.clipped[l] += -b / q > self.max_t
+        self.t[l] = min(-b / q, self.max_t)
+      else:
+        self.fallbacks[l] += 1          # reuse the last accepted t_l
+      theta = stack(self.w[l], self.b[l])
+      t = self.t[l]
+      if self.rho is not None and delta @ delta > 0:
+        t = min(t, self.rho * np.linalg.norm(theta) / np.linalg.norm(delta))
+      self.t[l] = t
+      final_w.append(self.w[l] + t * (new_w[l] - self.w[l]))
+      final_b.append(None if self.b[l] is None else
+                     self.b[l] + t * (new_b[l] - self.b[l]))
+    return final_w, final_b
 
 
 # ---------------------------------------------------------------------------
@@ -344,11 +386,13 @@ def _ref_lr(count):
 # Each framework is checked against the reference, hence against the others
 # ("the same model in linen, NNX and plain JAX gives the same trajectory");
 # both K-BFGS and K-BFGS(L) run in plain JAX. (Four compilations keep it fast.)
-@pytest.mark.parametrize("framework,memory,bounded", [
-    ("plain", None, False), ("plain", 2, False), ("linen", 2, False),
-    ("nnx", None, False), ("plain", None, True)])
+@pytest.mark.parametrize("framework,memory,bounded,rule,interval", [
+    ("plain", None, False, "fixed", 1), ("plain", 2, False, "fixed", 1),
+    ("linen", 2, False, "fixed", 1), ("nnx", None, False, "fixed", 1),
+    ("plain", None, True, "fixed", 1), ("plain", None, False, "layerwise", 1),
+    ("linen", 2, True, "layerwise", 3)])
 def test_matches_numpy_reference_step_by_step(x64, framework, memory,
-                                              bounded):
+                                              bounded, rule, interval):
   # damping = 0.81 makes mu2 = sqrt(0.81) = 0.9; momentum and stat_decay
   # differ, so swapping the two decays would show.
   hyper = dict(damping=0.81, momentum=0.8, weight_decay=1e-2)
@@ -368,7 +412,8 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
   # draws, so 30 attempts fail to find one with probability < 1e-6.
   for _ in range(30):
     w, b, batches = draw()
-    probe = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory, **hyper)
+    probe = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory,
+                       step_rule=rule, **hyper)
     for x, t in batches:
       probe.step(x, t)
     if np.any(probe.powell) and np.any(probe.lm):
@@ -379,10 +424,16 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
   # it shortens about half of the nonzero layer steps and spares the rest.
   moving = np.array(probe.relative_steps)
   rho = float(np.median(moving[moving > 0])) if bounded else None
+  # The per-layer step's clip: the median measured t_l, so it fires on about
+  # half of the accepted measurements (step 0, lr = 0, is a fallback).
+  max_t = float(np.median(probe.raw_t)) if rule == "layerwise" else 10.0
   ref = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory,
-                   max_relative_change=rho, **hyper)
+                   max_relative_change=rho, step_rule=rule,
+                   max_step_scale=max_t, factor_interval=interval, **hyper)
   tx = olw.kbfgs(_lr_schedule, memory_size=memory, stat_decay=0.95,
-                 max_relative_change=rho, **hyper)
+                 max_relative_change=rho, step_rule=rule,
+                 max_step_scale=max_t, input_factor_interval=interval,
+                 **hyper)
   history = _run(framework, tx, w, b, batches)
   assert olw.kbfgs_layer_names(_plain_params(w, b)) == ("['l1']", "['l2']",
                                                         "['l3']")
@@ -429,6 +480,9 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
     np.testing.assert_array_equal(state.num_lm, ref.lm)
     np.testing.assert_array_equal(state.num_skipped, ref.skipped)
     np.testing.assert_array_equal(state.num_skipped_a, ref.skipped_a)
+    np.testing.assert_allclose(state.step_sizes, ref.t, **tol)
+    if rule == "layerwise":
+      np.testing.assert_array_equal(state.num_fallbacks, ref.fallbacks)
     if step == 0:
       # Initialisation: A from the first batch, H_g skipped on the zero pair.
       np.testing.assert_array_equal(state.num_skipped, [1, 1, 1])
@@ -443,6 +497,11 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
   if bounded:
     relative = np.array(ref.relative_steps)
     assert np.any(relative > rho) and np.any((relative > 0) & (relative < rho))
+  if rule == "layerwise":
+    # The safeguards fired (the zero first step falls back, the clip bit) and
+    # most layer-steps were measured and applied unclipped.
+    assert np.all(ref.fallbacks >= 1) and np.any(ref.clipped)
+    assert np.sum(ref.fallbacks) + np.sum(ref.clipped) < 3 * len(batches)
   # The memory wrapped around (more accepted pairs than slots).
   if memory is not None:
     assert int(state.layers[0].h_g.num_pairs) == memory
@@ -699,3 +758,101 @@ def test_errors():
     olw.kbfgs(pair="exact")
   with pytest.raises(ValueError, match="mu2"):
     olw.kbfgs(damping=2.0)
+
+
+# ---------------------------------------------------------------------------
+# The per-layer step (ours): t_l = -b_l / q_l from the second pass.
+# ---------------------------------------------------------------------------
+
+
+def test_layer_step_is_minus_b_over_q_from_jax_grad(x64):
+  """b_l and q_l from two independent jax.grad calls, at theta and at theta
+  plus the trial step, give the applied multiple t_l = -b_l / q_l."""
+  w, b = _init(np.random.SeedSequence().entropy % 2**31)
+  batches = _batches(np.random.SeedSequence().entropy % 2**31, 4)
+  hyper = dict(max_relative_change=None, max_step_scale=1e6)
+  tx = olw.kbfgs(0.1, **hyper)
+  fixed = olw.kbfgs(0.1, step_rule="fixed", **hyper)
+  params = _plain_params(w, b)
+  state = tx.init(params)
+  for x, t in batches:
+    loss = lambda p, x=x, t=t: _plain_loss(p, x, t)
+    grads = jax.grad(loss)(params)
+    # The same state: the fixed rule returns the trial step delta itself.
+    trial, _ = fixed.update(grads, state, params, value_fn=loss)
+    updates, state = tx.update(grads, state, params, value_fn=loss)
+    g1 = jax.grad(loss)(optax.apply_updates(params, trial))
+    for l, name in enumerate(NAMES):
+      dot = lambda a, c: sum(float(jnp.vdot(a[name][k], c[name][k]))
+                             for k in a[name])
+      b_l = dot(grads, trial)
+      q_l = dot(jax.tree_util.tree_map(jnp.subtract, g1, grads), trial)
+      # float64 throughout; the two sides sum in a different order.
+      np.testing.assert_allclose(state.decreases[l], b_l, rtol=1e-10)
+      np.testing.assert_allclose(state.curvatures[l], q_l, rtol=1e-8)
+      if q_l > 0 and b_l < 0:  # no safeguard fires
+        np.testing.assert_allclose(state.step_sizes[l], -b_l / q_l, rtol=1e-8)
+        for k in params[name]:
+          np.testing.assert_allclose(updates[name][k],
+                                     -b_l / q_l * trial[name][k], rtol=1e-8,
+                                     atol=1e-14)
+    params = optax.apply_updates(params, updates)
+  assert int(state.count) == len(batches)
+  # Most measurements were accepted (tanh net, small steps: q_l > 0).
+  assert int(np.sum(state.num_fallbacks)) <= len(NAMES)
+
+
+def test_tangent_pair_measures_the_exact_curvature_along_the_step(x64):
+  """pair='tangent': q_l = <delta_l, (H delta)_l> from jax.jvp of jax.grad."""
+  w, b = _init(np.random.SeedSequence().entropy % 2**31)
+  (x, t), = _batches(np.random.SeedSequence().entropy % 2**31, 1)
+  loss = lambda p: _plain_loss(p, x, t)
+  params = _plain_params(w, b)
+  hyper = dict(pair="tangent", max_relative_change=None)
+  tx = olw.kbfgs(0.1, **hyper)
+  trial, _ = olw.kbfgs(0.1, step_rule="fixed", **hyper).update(
+      jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+  _, state = tx.update(jax.grad(loss)(params), tx.init(params), params,
+                       value_fn=loss)
+  _, hess_trial = jax.jvp(jax.grad(loss), (params,), (trial,))
+  for l, name in enumerate(NAMES):
+    q_l = sum(float(jnp.vdot(trial[name][k], hess_trial[name][k]))
+              for k in trial[name])
+    np.testing.assert_allclose(state.curvatures[l], q_l, rtol=1e-8)
+
+
+@pytest.mark.parametrize("init", ["lecun", "glorot", "torch"])
+def test_defaults_stay_finite_on_the_curves_autoencoder(init):
+  """The defaults, with no learning rate tuned, on the K-BFGS paper's CURVES
+  autoencoder with Flax's default (LeCun normal), Glorot and the authors'
+  (PyTorch) initialisation: 200 steps, finite, loss well down."""
+  from benchmarks import data as data_lib
+  from benchmarks import models
+  x = jnp.asarray(data_lib.make_curves(2000, 10, seed=0).x_train.reshape(
+      2000, -1), jnp.float32)
+  model = models.Autoencoder(models.CURVES_AE_WIDTHS, weight_init=init)
+  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+
+  def loss_fn(p, xb):
+    logits = model.apply({"params": p}, xb)
+    return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, xb),
+                            -1))
+
+  for label, tx in (("K-BFGS", olw.kbfgs()),
+                    ("K-BFGS(L)", olw.kbfgs(memory_size=10))):
+    def step(carry, xb, tx=tx):
+      p, state = carry
+      value, grads = jax.value_and_grad(loss_fn)(p, xb)
+      updates, state = tx.update(grads, state, p,
+                                 value_fn=lambda q: loss_fn(q, xb))
+      return (optax.apply_updates(p, updates), state), value
+
+    batches = x.reshape(10, 200, -1)[jnp.arange(200) % 10]  # 20 epochs
+    (final, state), losses = jax.jit(lambda p, s, b: jax.lax.scan(
+        step, (p, s), b))(params, tx.init(params), batches)
+    losses = np.asarray(losses)
+    print(f"{init} {label}: loss {losses[0]:.1f} -> "
+          f"{losses[-1]:.1f}, t_l = {np.round(state.step_sizes, 2)}")
+    assert np.all(np.isfinite(losses)), losses
+    assert int(state.num_nonfinite) == 0
+    assert losses[-10:].mean() < 0.5 * losses[0]
