@@ -64,12 +64,19 @@ METHODS = {
         lambda: olw.layerwise_sgd(estimator="hutchinson", hvp="secant",
                                   num_probes=4, update_interval=8), SGD, True),
     "sgd: row, secant, interval 2": (
-        lambda: olw.layerwise_sgd(estimator="row", update_interval=2), SGD,
+        lambda: olw.layerwise_sgd(estimator="row", hvp="secant",
+                                  update_interval=2), SGD, True),
+    "sgd: exact, secant, interval 20": (
+        lambda: olw.layerwise_sgd(hvp="secant", update_interval=20), SGD,
+        True),
+    "adamw: exact, secant, interval 20": (
+        lambda: olw.layerwise_adamw(hvp="secant", update_interval=20), ADAMW,
         True),
     "sgd: exact, jvp, interval 20": (
-        lambda: olw.layerwise_sgd(hvp="forward_over_reverse"), SGD, True),
+        lambda: olw.layerwise_sgd(update_interval=20), SGD, True),
     "sgd: exact, secant, interval 1": (
-        lambda: olw.layerwise_sgd(update_interval=1), SGD, False),
+        lambda: olw.layerwise_sgd(hvp="secant", update_interval=1), SGD,
+        False),
     "sgd: exact, jvp, interval 1": (
         lambda: olw.layerwise_sgd(hvp="forward_over_reverse",
                                   update_interval=1), SGD, False),

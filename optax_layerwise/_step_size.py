@@ -9,8 +9,8 @@ along ``d_l`` alone (ALGORITHMS.md section 1)::
 
 so no learning rate is tuned. ``q_l`` is measured matrix-free along the
 diagonal Hessian block (see :mod:`optax_layerwise._curvature`); the aliases
-measure it exactly, per layer, by the secant over the layer's last step, every
-20 steps (the paper's one-probe Hutchinson estimate every step is an option).
+measure every block exactly (forward-over-reverse) every 40 steps (the
+paper's one-probe Hutchinson estimate every step is an option).
 
 Calling convention: :func:`scale_by_layerwise_step_size` *wraps* the
 first-order transform that makes the direction (``direction=optax.trace(0.9)``
@@ -54,11 +54,12 @@ __all__ = [
 _NAME = "scale_by_layerwise_step_size"
 HVP_METHODS = _curvature.HVP_METHODS + ("secant",)
 # The aliases' measurement (docs/step_sizes.md, "Measured cost"): the exact
-# per-layer blocks by secants at the last steps, every 20 steps. The paper's
-# one-probe forward-over-reverse Hutchinson every step cost 3.3x the base
-# optimizer and rejected about half of its measurements.
-DEFAULT_MEASUREMENT = dict(estimator="exact", hvp="secant",
-                           update_interval=20)
+# per-layer blocks, forward-over-reverse, every 40 steps (no rejected
+# curvature on the ReLU autoencoders: the blocks are Gauss-Newton blocks).
+# The paper's one-probe Hutchinson every step cost 3.3x the base optimizer
+# and rejected about 40 % of its measurements.
+DEFAULT_MEASUREMENT = dict(estimator="exact", hvp="forward_over_reverse",
+                           update_interval=40)
 # Giving `num_probes` asks for the paper's Hutchinson measurement.
 PAPER_MEASUREMENT = dict(estimator="hutchinson", hvp="forward_over_reverse",
                          update_interval=1)
@@ -189,8 +190,9 @@ def scale_by_layerwise_step_size(
       rejected first measurement may mean ``d_l`` is not a descent direction).
     ema: moving-average factor for accepted steps (0 = none).
     update_interval: measure curvature every this many steps and reuse the
-      last steps in between (``lax.cond``, so the extra cost amortises). May
-      be traced (e.g. injected by :func:`optax.inject_hyperparams`).
+      last steps in between (``lax.cond``, so the extra cost amortises); in
+      the first interval, also every step while a layer has no accepted
+      step. May be traced (e.g. injected by :func:`optax.inject_hyperparams`).
     coupled: solve the ``L x L`` subspace Newton system that also uses the
       cross-layer blocks (beyond the paper; needs ``estimator="exact"``).
     coupled_damping: ``damping`` of the coupled system.
@@ -309,7 +311,10 @@ def scale_by_layerwise_step_size(
       measured = jnp.asarray(True)
       b, q, raw = measure(None)
     else:
-      measured = state.count % update_interval == 0
+      # Also every step of the first interval while a layer has no accepted
+      # step: a rejected first measurement would leave it unmoved k steps.
+      measured = (state.count % update_interval == 0) | (
+          jnp.any(state.num_accepted == 0) & (state.count < update_interval))
       b, q, raw = jax.lax.cond(
           measured, measure,
           lambda _: (state.decreases, state.curvatures, state.step_sizes),
@@ -372,17 +377,15 @@ _SHARED_ARGS_DOC = """    estimator: ``"exact"``, ``"hutchinson"`` (the paper's)
       is given.
     num_probes: Hutchinson probes per measurement (list it in
       ``static_args`` of :func:`optax.inject_hyperparams` when given).
-      Giving it selects the paper's measurement for every one of
-      ``estimator``, ``hvp``, ``update_interval`` left ``None``
-      (``"hutchinson"``, ``"forward_over_reverse"``, 1).
-    hvp: ``"secant"`` (one gradient per product, at the last step),
-      ``"forward_over_reverse"`` (the exact Hessian) or
-      ``"gradient_difference"``. ``None``: ``"secant"`` (or
-      ``"forward_over_reverse"`` when ``num_probes`` is given). The default
-      measurement (exact blocks by secants, every 20 steps) cost 1.3-1.4x
-      the base optimizer's step on the MNIST autoencoder, against 3.3x for
-      the paper's one-probe Hutchinson every step, and was rejected 4-5x
-      less often (``docs/step_sizes.md``).
+      Giving it selects the paper's measurement for ``estimator`` and
+      ``update_interval`` when they are ``None`` (``"hutchinson"``, 1).
+    hvp: ``"forward_over_reverse"`` (``None``; the exact Hessian, about two
+      gradients per product), ``"secant"`` (one gradient per product, at
+      the last step) or ``"gradient_difference"``. The default measurement
+      (the ``L`` exact blocks every 40 steps) costs about ``1 + 2L / 40``
+      times the base optimizer's step (MNIST autoencoder, ``L = 8``: see
+      ``docs/step_sizes.md``), against 3.3x for the paper's one-probe
+      Hutchinson every step, and rejected no curvature there.
     max_step: upper clip of each per-layer step.
     max_relative_change: bounds each layer's displacement,
       ``alpha_l ||d_l|| <= max_relative_change * ||theta_l||`` (default 0.01;
@@ -390,7 +393,7 @@ _SHARED_ARGS_DOC = """    estimator: ``"exact"``, ``"hutchinson"`` (the paper's)
       estimates diverged on a deep ReLU autoencoder (docs/step_sizes.md).
     initial_step: a layer's step until it has an accepted measurement.
     ema: moving-average factor of the steps (0 = none).
-    update_interval: measure curvature every this many steps (``None``: 20,
+    update_interval: measure curvature every this many steps (``None``: 40,
       or 1 when ``num_probes`` is given).
     coupled: solve the ``L x L`` subspace Newton system (exact only).
     coupled_damping: its damping.
