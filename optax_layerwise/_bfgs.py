@@ -105,11 +105,15 @@ def bfgs_inverse_update(
   ok = _accept_pair(s, y, grad_norm, skip_tol) & valid
   rho = _safe_div(1.0, jnp.where(ok, jnp.vdot(s, y), 1.0))
   hy = h @ y
-  yhy = jnp.vdot(y, hy)
-  new_h = (h + (rho * rho * yhy + rho) * jnp.outer(s, s)
+  coef = rho * rho * jnp.vdot(y, hy) + rho
+  new_h = (h + coef * jnp.outer(s, s)
            - rho * (jnp.outer(s, hy) + jnp.outer(hy, s)))
   new_h = _mirror_upper(new_h)
-  ok = ok & jnp.all(jnp.isfinite(new_h))
+  # H+ is finite when the added terms' largest entry is (H is): O(d) work
+  # instead of a pass over the (d, d) result.
+  largest = (jnp.abs(coef) * jnp.max(s * s)
+             + 2.0 * jnp.abs(rho) * jnp.max(jnp.abs(s)) * jnp.max(jnp.abs(hy)))
+  ok = ok & jnp.isfinite(4.0 * largest)
   return jnp.where(ok, new_h, h), ok
 
 
