@@ -407,33 +407,45 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
     batches[3] = (x3, 30.0 * t3)
     return w, b, batches
 
-  # Fresh random draws until the (cheap, NumPy) reference sees both damping
-  # rules fire, so every run compares both; each fires in about half of the
-  # draws, so 30 attempts fail to find one with probability < 1e-6.
+  def config(probe):
+    # max_relative_change (ours): None is the paper's algorithm; the bounded
+    # case takes the median relative step of the unbounded run as the bound,
+    # so it shortens about half of the nonzero layer steps and spares the
+    # rest. The per-layer step's clip: the median measured t_l, so it fires
+    # on about half of the accepted measurements (step 0, lr = 0, is a
+    # fallback).
+    moving = np.array(probe.relative_steps)
+    rho = float(np.median(moving[moving > 0])) if bounded else None
+    max_t = float(np.median(probe.raw_t)) if rule == "layerwise" else 10.0
+    return dict(lr=_ref_lr, decay=0.95, memory=memory,
+                max_relative_change=rho, step_rule=rule, max_step_scale=max_t,
+                factor_interval=interval, **hyper)
+
+  def run_reference(w, b, batches, **kwargs):
+    ref = _Reference(w, b, **kwargs)
+    for x, t in batches:
+      ref.step(x, t)
+    return ref
+
+  # Fresh random draws until the (cheap, NumPy) reference, in the very
+  # configuration tested, sees both damping rules fire, so every run
+  # compares both; each fires in about half of the draws, so 30 attempts
+  # fail to find one with probability < 1e-6.
   for _ in range(30):
     w, b, batches = draw()
-    probe = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory,
-                       step_rule=rule, **hyper)
-    for x, t in batches:
-      probe.step(x, t)
-    if np.any(probe.powell) and np.any(probe.lm):
+    probe = run_reference(w, b, batches, lr=_ref_lr, decay=0.95,
+                          memory=memory, step_rule=rule, **hyper)
+    kwargs = config(probe)
+    check = run_reference(w, b, batches, **kwargs)
+    if np.any(check.powell) and np.any(check.lm):
       break
-  assert np.any(probe.powell) and np.any(probe.lm), "no draw fired both"
-  # max_relative_change (ours): None is the paper's algorithm; the bounded
-  # case takes the median relative step of the unbounded run as the bound, so
-  # it shortens about half of the nonzero layer steps and spares the rest.
-  moving = np.array(probe.relative_steps)
-  rho = float(np.median(moving[moving > 0])) if bounded else None
-  # The per-layer step's clip: the median measured t_l, so it fires on about
-  # half of the accepted measurements (step 0, lr = 0, is a fallback).
-  max_t = float(np.median(probe.raw_t)) if rule == "layerwise" else 10.0
-  ref = _Reference(w, b, lr=_ref_lr, decay=0.95, memory=memory,
-                   max_relative_change=rho, step_rule=rule,
-                   max_step_scale=max_t, factor_interval=interval, **hyper)
+  assert np.any(check.powell) and np.any(check.lm), "no draw fired both"
+  rho = kwargs["max_relative_change"]
+  ref = _Reference(w, b, **kwargs)
   tx = olw.kbfgs(_lr_schedule, memory_size=memory, stat_decay=0.95,
                  max_relative_change=rho, step_rule=rule,
-                 max_step_scale=max_t, input_factor_interval=interval,
-                 **hyper)
+                 max_step_scale=kwargs["max_step_scale"],
+                 input_factor_interval=interval, **hyper)
   history = _run(framework, tx, w, b, batches)
   assert olw.kbfgs_layer_names(_plain_params(w, b)) == ("['l1']", "['l2']",
                                                         "['l3']")
