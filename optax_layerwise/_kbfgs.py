@@ -364,7 +364,7 @@ def kbfgs(
     input_factor_interval: refresh the input-side factor (``A`` from the
       tapped inputs' second moment, ``O(n d_in^2)``, and the ``H_a`` update)
       every this many steps (ours; kfac-jax's ``curvature_update_period``
-      plays the same role). 1 is the paper. A Python int.
+      plays the same role). 1 is the paper.
     dense_layers: which 2-D leaves are dense kernels that get Kronecker
       factors: a predicate ``(path, leaf) -> bool`` on key paths. Default:
       every 2-D float leaf whose key does not contain ``"embed"``; a 1-D
@@ -377,7 +377,8 @@ def kbfgs(
       statistics (``abar``, ``A_batch``, ``mean h``, ``mean gh``, and the
       pair ``s, y``) are averaged over the axis before any nonlinear use, so
       all devices hold identical factors (per dense layer and step,
-      ``d_in^2 + d_in + 4 d_out`` numbers in two all-reduces; see
+      ``d_in^2 + d_in + 4 d_out`` numbers in two all-reduces, and the
+      per-layer step's ``b_l, q_l`` in a third; see
       ``docs/distributed.md``). The incoming gradient must already be the
       global one. ``None`` (default) under plain ``jax.jit``, sharded or not.
 
@@ -467,10 +468,13 @@ def kbfgs(
       max_step_scale, "max_step_scale", transform=_NAME,
       why="It caps the per-layer multiple t_l of the trial step.")
   layerwise = step_rule == "layerwise"
-  if (isinstance(input_factor_interval, bool)
-      or not isinstance(input_factor_interval, int)
-      or input_factor_interval < 1):
-    raise ValueError(f"{_NAME}: input_factor_interval must be a Python int "
+  # Traced when injected by optax.inject_hyperparams: then not checked, and
+  # the refresh is decided under lax.cond.
+  interval_value = _curvature.concrete_int(input_factor_interval)
+  if interval_value is not None and (
+      isinstance(input_factor_interval, bool)
+      or interval_value != input_factor_interval or interval_value < 1):
+    raise ValueError(f"{_NAME}: input_factor_interval must be an integer "
                      f">= 1, got {input_factor_interval!r}.")
   sqrt_damping = (jnp.sqrt(damping) if damping_value is None
                   else math.sqrt(damping_value))
@@ -526,11 +530,12 @@ def kbfgs(
 
     # 1. Tapped pass at theta; A and H_a are refreshed every
     # input_factor_interval steps (always on the first).
-    refresh = True if input_factor_interval == 1 else (
+    refresh = True if interval_value == 1 else (
         state.count % input_factor_interval == 0)
     taps = _taps.tap_dense_layers(
         value_fn, params, kernels=[layer.kernel_index for layer in dense],
-        second_moment=refresh, with_grads=layerwise, axis_name=axis_name)
+        second_moment=refresh, with_grads=layerwise, axis_name=axis_name,
+        local_grads=True)
     if not taps.layers:
       raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
     untapped = [layer.name for layer in dense
@@ -622,7 +627,8 @@ def kbfgs(
           params, new_updates)
       plus = _taps.tap_dense_layers(value_fn, shifted, kernels=kernels,
                                     second_moment=False,
-                                    with_grads=layerwise, axis_name=axis_name)
+                                    with_grads=layerwise, axis_name=axis_name,
+                                    local_grads=True)
       grad_change = None if not layerwise else [
           a - b for a, b in zip(jax.tree_util.tree_leaves(plus.grads),
                                 jax.tree_util.tree_leaves(taps.grads))]
@@ -641,7 +647,8 @@ def kbfgs(
       def means(p):
         res = _taps.tap_dense_layers(value_fn, p, kernels=kernels,
                                      second_moment=False,
-                                     with_grads=layerwise, axis_name=axis_name)
+                                     with_grads=layerwise, axis_name=axis_name,
+                                     local_grads=True)
         return {i: (res.layers[i].output_mean, res.layers[i].output_grad)
                 for i in kernels}, res.grads
 
@@ -669,6 +676,9 @@ def kbfgs(
                      for pos in rows])
       q = jnp.stack([_layer_dot(grad_change, deltas, dense[pos], dtype)
                      for pos in rows])
+      # The gradients are this device's (local_grads): b and q are linear in
+      # them, so one all-reduce of 2 L numbers gives the global ones.
+      b, q = _curvature.global_mean(jnp.stack([b, q]), axis_name)
       limit = jnp.stack([limits[pos] for pos in rows]).astype(dtype)
       index = jnp.asarray(rows)
       scales, valid = _step_scales(b, q, step_sizes[index], limit,

@@ -338,6 +338,7 @@ def tap_dense_layers(
     second_moment: bool = True,
     with_grads: bool = True,
     axis_name: Optional[_curvature.AxisName] = None,
+    local_grads: bool = False,
 ) -> TapResult:
   """Runs ``value_fn(params)`` once with every dense layer tapped.
 
@@ -358,6 +359,9 @@ def tap_dense_layers(
       traced boolean scalar computes it under :func:`jax.lax.cond` (zeros
       when ``False``).
     with_grads: also return the params gradient.
+    local_grads: with ``axis_name``, return this device's params gradient
+      without averaging it (for callers that average only the few numbers
+      they derive from it, linearly).
     axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
       axis: ``value_fn`` is this device's loss (a mean over its shard, or
       that mean's ``pmean``) and the loss, gradient and every statistic
@@ -408,9 +412,11 @@ def tap_dense_layers(
   grads, pert_grads = vjp_fn(jnp.ones_like(scaled))
   ctx = box["ctx"]
   if axis_name is not None:  # one all-reduce for everything that is used
-    grads = grads if with_grads else None
+    local = grads if with_grads and local_grads else None
+    grads = grads if with_grads and not local_grads else None
     loss, grads, aux, pert_grads = _curvature.global_mean(
         (loss, grads, aux, {i: pert_grads[i] for i in aux}), axis_name)
+    grads = local if local is not None else grads
   layers = {}
   for index, rec in sorted(ctx.records.items()):
     sum_x, sum_xx, sum_y = aux[index]

@@ -94,8 +94,10 @@ def batches(key, num, batch=BATCH, sizes=SIZES, scales=None, noise=0.1):
 # name -> factory. Keep this list short: every entry costs a compilation in
 # each test that loops over it.
 TRANSFORMS = {
-    "layerwise_sgd": lambda: olw.layerwise_sgd(),
-    "layerwise_adamw": lambda: olw.layerwise_adamw(),
+    # Measured every step (the aliases' default measures every 40), so the
+    # fault and long-run tests see the measurement path on every step.
+    "layerwise_sgd": lambda: olw.layerwise_sgd(update_interval=1),
+    "layerwise_adamw": lambda: olw.layerwise_adamw(update_interval=1),
     "cblr": lambda: olw.cblr(0.05, max_lr=5.0),
     "mclr": lambda: olw.mclr(0.1, max_lr=2.0),
     "cblr_secant": lambda: olw.cblr(0.1, curvature="secant", initial_lr=0.1,
