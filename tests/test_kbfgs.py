@@ -98,6 +98,7 @@ class _Reference:
     self.raw_t = []            # every measured -b_l / q_l, for the test
     self.fallbacks = np.zeros(3, int)
     self.clipped = np.zeros(3, int)
+    self.unclipped = np.zeros(3, int)  # accepted and applied as measured
     self.count = 0
     k = [SIZES[l] + HAS_BIAS[l] for l in range(3)]
     self.k = k
@@ -225,6 +226,7 @@ class _Reference:
       if q > 0 and b < 0:
         self.raw_t.append(-b / q)
         self.clipped[l] += -b / q > self.max_t
+        self.unclipped[l] += -b / q <= self.max_t
         self.t[l] = min(-b / q, self.max_t)
       else:
         self.fallbacks[l] += 1          # reuse the last accepted t_l
@@ -427,6 +429,14 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
       ref.step(x, t)
     return ref
 
+  def informative(ref):
+    # Both damping rules fire; with the per-layer step, both the clip and
+    # the unclipped rule -b/q apply on some layer-steps (step 0 falls back).
+    fired = np.any(ref.powell) and np.any(ref.lm)
+    if rule == "layerwise":
+      fired = fired and np.any(ref.clipped) and np.any(ref.unclipped)
+    return fired
+
   # Fresh random draws until the (cheap, NumPy) reference, in the very
   # configuration tested, sees both damping rules fire, so every run
   # compares both; each fires in about half of the draws, so 30 attempts
@@ -437,9 +447,9 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
                           memory=memory, step_rule=rule, **hyper)
     kwargs = config(probe)
     check = run_reference(w, b, batches, **kwargs)
-    if np.any(check.powell) and np.any(check.lm):
+    if informative(check):
       break
-  assert np.any(check.powell) and np.any(check.lm), "no draw fired both"
+  assert informative(check), "no draw fired both damping rules"
   rho = kwargs["max_relative_change"]
   ref = _Reference(w, b, **kwargs)
   tx = olw.kbfgs(_lr_schedule, memory_size=memory, stat_decay=0.95,
@@ -510,10 +520,10 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
     relative = np.array(ref.relative_steps)
     assert np.any(relative > rho) and np.any((relative > 0) & (relative < rho))
   if rule == "layerwise":
-    # The safeguards fired (the zero first step falls back, the clip bit) and
-    # most layer-steps were measured and applied unclipped.
+    # The safeguards fired (the zero first step falls back, the clip bit) on
+    # some layer-steps and not on others, where t_l = -b_l / q_l exactly.
     assert np.all(ref.fallbacks >= 1) and np.any(ref.clipped)
-    assert np.sum(ref.fallbacks) + np.sum(ref.clipped) < 3 * len(batches)
+    assert np.any(ref.unclipped)
   # The memory wrapped around (more accepted pairs than slots).
   if memory is not None:
     assert int(state.layers[0].h_g.num_pairs) == memory
