@@ -603,11 +603,12 @@ def kbfgs(
       limits[pos] = jnp.asarray(jnp.inf, step.dtype)
       if max_relative_change is not None:
         theta_sq = _layer_dot(leaves, leaves, layer, step.dtype)
-        step = step * jnp.minimum(1.0, _layers.trust_ratio(
-            theta_sq, jnp.sum(jnp.square(step)), max_relative_change))
-        # The per-layer multiple t_l may not push the move past the bound.
-        limits[pos] = _layers.trust_ratio(
-            theta_sq, jnp.sum(jnp.square(step)), max_relative_change)
+        ratio = _layers.trust_ratio(theta_sq, jnp.sum(jnp.square(step)),
+                                    max_relative_change)
+        step = step * jnp.minimum(1.0, ratio)
+        # The per-layer multiple t_l may not push the move past the bound:
+        # the shortened step sits on it (ratio 1), a shorter one has room.
+        limits[pos] = jnp.maximum(ratio, 1.0)
       deltas[layer.kernel_index] = step[:layer.d_in]
       if layer.bias_index is not None:
         deltas[layer.bias_index] = step[layer.d_in]
