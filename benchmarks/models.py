@@ -29,7 +29,7 @@ __all__ = [
     "GCN",
 ]
 
-# Layer widths, input first (ALGORITHMS.md section 3).
+# Layer widths, input first (the autoencoders of arXiv 2006.08877).
 MNIST_AE_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 CURVES_AE_WIDTHS = (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784)
 FACES_AE_WIDTHS = (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625)

@@ -16,7 +16,7 @@ loss ``f = value_fn`` comes from one of two oracles (:func:`make_hvp`):
   Goldfarb's step measured where it lands).
 
 On top of an oracle, :func:`layer_quadratic_forms` returns, for a direction
-``d`` split into layers ``d^(l)`` (ALGORITHMS.md section 1):
+``d`` split into layers ``d^(l)`` (docs/step_sizes.md, "Algorithm"):
 
 * ``b_l = <g, d>_l`` (the first-order decrease),
 * ``q_l = <d^(l), H d^(l)>`` by ``"exact"`` (all ``L`` masked products in one

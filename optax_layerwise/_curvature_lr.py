@@ -3,7 +3,7 @@
 Large-batch training fails in part because layers see very different
 curvature; CBLR fits each layer's learning rate to its own curvature, and LARS
 is one instance. Only the paper's abstract could be consulted, so this module
-implements the library's reading (ALGORITHMS.md section 2)::
+implements the library's reading (docs/curvature_lr.md, "Algorithm")::
 
     kappa_l = g_l^T H_ll g_l / ||g_l||^2   (curvature along the layer gradient)
     lr_l    = scale / kappa_l               (CBLR: a Newton step along g_l)
@@ -169,7 +169,7 @@ def scale_by_curvature_lr(
   "Study on the Large Batch Size Training of Neural Networks Based on the
   Second Order Gradient", arXiv 2012.08795 (only the abstract could be
   consulted): ``lr_l = scale / kappa_l`` with
-  ``kappa_l = g_l^T H_ll g_l / ||g_l||^2`` (ALGORITHMS.md section 2), or the
+  ``kappa_l = g_l^T H_ll g_l / ||g_l||^2`` (docs/curvature_lr.md), or the
   median of an elementwise curvature estimate (MCLR). LARS (You et al. 2017,
   arXiv 1708.03888) is ``curvature="norm_ratio"``.
 

@@ -2,7 +2,7 @@
 
 The paper improves large-batch generalisation with two data-side methods
 next to CBLR: scheduling the batch size and discarding small-loss samples
-(ALGORITHMS.md section 2; the paper's own schedules could not be consulted,
+(docs/curvature_lr.md; the paper's own schedules could not be consulted,
 these are the library's):
 
 * :func:`batch_size_schedule`: a host-side function ``step -> batch size``

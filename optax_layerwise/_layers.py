@@ -1,6 +1,6 @@
 """Grouping a params pytree into layers; per-layer reductions and broadcasts.
 
-A *layer* is a group of leaves of the params pytree (ALGORITHMS.md, "Layers").
+A *layer* is a group of params leaves (docs/step_sizes.md, "Layers").
 By default the leaves that share the same parent node form one layer, so a
 Flax ``Dense`` (``{'kernel', 'bias'}``) is one layer. The grouping can be
 overridden, as in :func:`optax.multi_transform`, by

@@ -2,7 +2,7 @@
 
 For a first-order direction ``d`` (SGD momentum, Adam's ``m / sqrt(v)``), each
 layer ``l`` takes the step that minimises the quadratic model of the loss
-along ``d_l`` alone (ALGORITHMS.md section 1)::
+along ``d_l`` alone (docs/step_sizes.md, "Algorithm")::
 
     b_l = <g, d>_l,   q_l = d_l^T H_ll d_l,   alpha_l = b_l / q_l,
     update_l = alpha_l * d_l          (negated by the alias's learning-rate stage)
@@ -186,7 +186,7 @@ def scale_by_layerwise_step_size(
       activation pattern is about to change), ``b_l / q_l`` can move a layer
       by many times its norm.
     initial_step: the step of a layer whose measurements were all rejected so
-      far (ALGORITHMS.md suggests ``max_step``; 0 is the safe default because a
+      far (``max_step`` would be bolder; 0 is the safe default because a
       rejected first measurement may mean ``d_l`` is not a descent direction).
     ema: moving-average factor for accepted steps (0 = none).
     update_interval: measure curvature every this many steps and reuse the

@@ -1,6 +1,6 @@
 """Tests of K-BFGS / K-BFGS(L) (optax_layerwise._kbfgs).
 
-The centrepiece is `_Reference`: ALGORITHMS.md section 3 re-implemented in
+The centrepiece is `_Reference`: docs/kbfgs.md, "Algorithm", re-implemented in
 plain NumPy (float64), with the MLP's forward and backward passes written by
 hand and the per-example quantities formed explicitly. It shares no code with
 the library (in particular L-BFGS uses the two-loop recursion here, the
@@ -20,7 +20,7 @@ from flax import nnx
 import optax_layerwise as olw
 
 # ---------------------------------------------------------------------------
-# The reference: ALGORITHMS.md section 3 in NumPy.
+# The reference: docs/kbfgs.md, "Algorithm", in NumPy.
 # ---------------------------------------------------------------------------
 
 # A 5-6-4-3 MLP: tanh hidden layers, linear output, loss 0.5 ||z - t||^2
@@ -79,7 +79,7 @@ def _two_loop(pairs, v, gamma):
 
 
 class _Reference:
-  """K-BFGS on the 5-6-4-3 MLP, step by step, as ALGORITHMS.md states it."""
+  """K-BFGS on the 5-6-4-3 MLP, step by step, as docs/kbfgs.md states it."""
 
   def __init__(self, w, b, *, lr, damping, momentum, weight_decay, decay,
                memory, mu1=0.2, skip_tol=1e-4, max_relative_change=None,

@@ -1,4 +1,4 @@
-"""Tests for the layer-wise step sizes (_step_size.py, ALGORITHMS.md sec. 1)."""
+"""Tests for the layer-wise step sizes (_step_size.py; docs/step_sizes.md)."""
 
 import flax.linen as nn
 import jax
