@@ -26,6 +26,10 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax 3 shipped with the build (copied to _static/mathjax/), so the
+    # equations render from a local build with no network; the pip package
+    # sphinx-mathjax-offline (docs and dev extras) sets mathjax_path.
+    "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".md": "markdown"}
