@@ -42,7 +42,7 @@ printed), so methods whose code does not change can be trained in an earlier
 process. The side-by-side timing always runs in the current process.
 
 Outputs in ``results/fashion_mnist/`` (``--out``): ``results.json`` (the
-runner's schema, :func:`benchmarks.runner.validate_results`, plus a
+runner's schema, :func:`benchmarks.results.validate`, plus a
 ``"fashion_mnist"`` section with the table), ``loss_vs_epoch.png``,
 ``loss_vs_time.png`` (each a full-range log panel and a zoomed linear panel)
 and ``step_sizes.png``. If ``kfac_jax.json`` (from
@@ -57,13 +57,10 @@ MNIST-format IDX files); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
-import math
-import os
 import pathlib
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -72,11 +69,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import optax_layerwise as olw
+from benchmarks import loop
+from benchmarks import methods as methods_lib
 from benchmarks import models
+from benchmarks import results as results_lib
 from benchmarks import runner
 from benchmarks.data import DataUnavailableError
 from benchmarks.experiments import Experiment, mnist_ae
-from benchmarks.timing import time_side_by_side
+from benchmarks.methods import Method
+from benchmarks.report import aligned, format_number
+from benchmarks.results import BenchmarkResult, MethodResult, Run, write_json
+from benchmarks.run import csv_list, float_list, int_list
+from benchmarks.summary import summarise, time_to_target
+from benchmarks.timing import carried, time_side_by_side
 
 __all__ = ["build_experiment", "run", "main", "format_fm_table",
            "TABLE_EPOCHS"]
@@ -96,37 +102,17 @@ QUICK = dict(n_train=5000, n_test=1000, epochs=2, timing_rounds=3,
 
 # K-BFGS at its defaults: nothing passed, so a change of the library's
 # defaults (learning rate or step rule) is what runs.
-_KBFGS_METHODS = {
-    "kbfgs": runner.Method("kbfgs", "K-BFGS (defaults)", "optax_layerwise",
-                           "kbfgs", lambda c, lr: c()),
-    "kbfgs-l": runner.Method(
-        "kbfgs-l", f"K-BFGS(L) (memory {KBFGS_L_MEMORY})", "optax_layerwise",
-        "kbfgs", lambda c, lr: c(memory_size=KBFGS_L_MEMORY)),
-}
-
-
-@contextlib.contextmanager
-def _kbfgs_at_defaults():
-  """Swaps the runner's ``kbfgs``/``kbfgs-l`` (which pass lr 0.3) for the
-  library defaults, restoring them afterwards."""
-  saved = {k: runner.METHODS[k] for k in _KBFGS_METHODS if k in runner.METHODS}
-  runner.METHODS.update(_KBFGS_METHODS)
-  try:
-    yield
-  finally:
-    for k in _KBFGS_METHODS:
-      runner.METHODS.pop(k, None)
-    runner.METHODS.update(saved)
+REGISTRY: Dict[str, Method] = dict(
+    methods_lib.registry(),
+    kbfgs=Method("kbfgs", "K-BFGS (defaults)", lambda lr: olw.kbfgs()),
+    **{"kbfgs-l": Method("kbfgs-l", f"K-BFGS(L) (memory {KBFGS_L_MEMORY})",
+                         lambda lr: olw.kbfgs(memory_size=KBFGS_L_MEMORY))})
 
 
 def _kbfgs_defaults() -> Dict[str, str]:
-  try:
-    import optax_layerwise as olw  # pylint: disable=import-outside-toplevel
-    return {k: repr(p.default)
-            for k, p in inspect.signature(olw.kbfgs).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-  except Exception as e:  # pylint: disable=broad-except  # pragma: no cover
-    return {"error": f"{type(e).__name__}: {e}"}
+  return {k: repr(p.default)
+          for k, p in inspect.signature(olw.kbfgs).parameters.items()
+          if p.default is not inspect.Parameter.empty}
 
 
 # --------------------------------------------------------------------------
@@ -171,71 +157,100 @@ def build_experiment(*, data_dir: Optional[str] = None,
 # --------------------------------------------------------------------------
 
 
-def _cache_key(name: str, cfg: Dict[str, Any]) -> str:
-  blob = json.dumps(dict(cfg, method=name), sort_keys=True, default=str)
-  return hashlib.sha1(blob.encode()).hexdigest()[:12]
+class _Cache:
+  """Each method's finished entry as ``<dir>/<name>-<key>.json``, keyed by
+  the configuration (and the method's grid), plus a ``.partial.json`` of an
+  unfinished run, saved after every evaluation."""
 
+  def __init__(self, directory: pathlib.Path, base_cfg: Dict[str, Any],
+               grids: Dict[str, Sequence[float]]):
+    self.dir, self.base_cfg, self.grids = directory, base_cfg, grids
+    directory.mkdir(parents=True, exist_ok=True)
 
-def _cache_path(cache_dir: pathlib.Path, name: str, cfg) -> pathlib.Path:
-  return cache_dir / f"{name}-{_cache_key(name, cfg)}.json"
+  def path(self, name: str, grid=None) -> pathlib.Path:
+    grid = self.grids.get(name, ()) if grid is None else grid
+    cfg = dict(self.base_cfg, grid=list(grid) or None, method=name)
+    key = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()
+                       ).hexdigest()[:12]
+    return self.dir / f"{name}-{key}.json"
 
+  def partial(self, name: str) -> pathlib.Path:
+    path = self.path(name)
+    return path.with_name(path.stem + ".partial.json")
 
-def _method_cfg(name: str, base: Dict[str, Any], grids) -> Dict[str, Any]:
-  return dict(base, grid=list(grids.get(name, ())) or None)
+  def _read(self, path: pathlib.Path) -> MethodResult:
+    return MethodResult.from_json(json.loads(path.read_text()))
 
+  def load(self, name: str) -> Optional[MethodResult]:
+    """The cached entry (whole, merged from single-LR grid runs, or
+    partial), or ``None``."""
+    if self.path(name).exists():
+      entry = self._read(self.path(name))
+      print(f"[reuse] {name}: {self.path(name)} (commit "
+            f"{(entry.cached_from or {}).get('commit')})", flush=True)
+      return entry
+    merged = self._merge_grid(name)
+    if merged is not None:
+      print(f"[reuse] {name}: merged the single-LR cached runs of its grid "
+            f"{list(self.grids[name])}", flush=True)
+      return merged
+    if self.partial(name).exists():
+      entry = self._read(self.partial(name))
+      print(f"[reuse] {name}: PARTIAL run {self.partial(name)} "
+            f"({entry.reason})", flush=True)
+      return entry
+    print(f"[reuse] {name}: no cached run {self.path(name).name}; training "
+          "it", flush=True)
+    return None
 
-def _partial_path(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name(path.stem + ".partial.json")
-
-
-def _partial_saver(name: str, path: pathlib.Path, epochs: int, env: dict):
-  """``on_eval`` callback saving an unfinished run after every evaluation,
-  so that an interrupted long run still counts (marked partial)."""
-
-  def save(run: Dict[str, Any]) -> None:
-    r = {k: v for k, v in run.items() if not k.startswith("_")}
-    h = r["history"]
-    if len(h["step"]) < 2:
-      return
-    done = h["epoch"][-1]
-    r = dict(r, num_steps=h["step"][-1], train_time_s=h["time_s"][-1],
-             status="ok")
-    m = runner.METHODS[name]
-    entry = {
-        "label": m.label, "status": "ok",
-        "reason": f"partial: {done:g} of {epochs} epochs (interrupted)",
-        "lr": run["lr"] if m.default_lr is not None else None,
-        "tuned": False, "grid": [], "runs": [r], "summary": {},
-        "cached_from": {"commit": env.get("git", {}).get("commit"),
-                        "library_modified": env.get("git", {}).get(
-                            "library_modified"),
-                        "jax": env.get("jax"), "partial": True,
-                        "epochs_done": done}}
-    path.write_text(json.dumps(runner._json_safe(entry), indent=1))  # pylint: disable=protected-access
-
-  return save
-
-
-def _merge_grid(cache_dir: pathlib.Path, name: str, base_cfg: Dict[str, Any],
-                grid: Sequence[float]) -> Optional[dict]:
-  """A tuned method's entry assembled from single-LR cached runs (one
-  process per grid point, e.g. ``--adam-grid 3e-4``), or ``None`` if a grid
-  point has no cached run. The best final train loss wins, as in the
-  runner."""
-  parts = []
-  for lr in grid:
-    path = _cache_path(cache_dir, name, dict(base_cfg, grid=[lr]))
-    if not path.exists():
+  def _merge_grid(self, name: str) -> Optional[MethodResult]:
+    """A tuned method's entry assembled from single-LR cached runs (one
+    process per grid point, e.g. ``--adam-grid 3e-4``); the best final train
+    loss wins, as in the runner."""
+    paths = [self.path(name, [lr]) for lr in self.grids.get(name, ())]
+    if not paths or not all(p.exists() for p in paths):
       return None
-    parts.append(json.loads(path.read_text()))
-  best = min(range(len(parts)), key=lambda i: runner._final_loss(  # pylint: disable=protected-access
-      parts[i]["runs"][0]))
-  entry = dict(parts[best])
-  entry["grid"] = [g for p in parts for g in p["grid"]]
-  entry["cached_from"] = dict(parts[best].get("cached_from") or {},
-                              merged_from=[p.get("cached_from")
-                                           for p in parts])
-  return entry
+    parts = [self._read(p) for p in paths]
+    best = min(parts, key=lambda p: p.runs[0].final_loss)
+    return dataclasses.replace(
+        best, grid=[g for p in parts for g in p.grid],
+        cached_from=dict(best.cached_from or {},
+                         merged_from=[p.cached_from for p in parts]))
+
+  def store(self, name: str, entry: MethodResult, env: Dict[str, Any]):
+    """Caches a finished entry and drops its partial file."""
+    stored = dataclasses.replace(entry, cached_from=_provenance(env))
+    write_json(self.path(name), stored.to_json())
+    if self.partial(name).exists():
+      self.partial(name).unlink()
+
+  def partial_saver(self, name: str, epochs: int, env: Dict[str, Any]):
+    """``on_eval`` callback saving an unfinished run after every
+    evaluation, so that an interrupted long run still counts."""
+
+    def save(run: Run) -> None:
+      h = run.history
+      if len(h.step) < 2:
+        return
+      done = h.epoch[-1]
+      run = dataclasses.replace(run, num_steps=h.step[-1],
+                                train_time_s=h.time_s[-1], status="ok")
+      m = REGISTRY[name]
+      entry = MethodResult(
+          label=m.label, lr=run.lr if m.default_lr is not None else None,
+          reason=f"partial: {done:g} of {epochs} epochs (interrupted)",
+          runs=[run], cached_from=dict(_provenance(env), partial=True,
+                                       epochs_done=done))
+      write_json(self.partial(name), entry.to_json())
+
+    return save
+
+
+def _provenance(env: Dict[str, Any]) -> Dict[str, Any]:
+  git = env.get("git", {})
+  return {"commit": git.get("commit"),
+          "library_modified": git.get("library_modified"),
+          "date": env.get("date"), "jax": env.get("jax")}
 
 
 # --------------------------------------------------------------------------
@@ -251,22 +266,14 @@ def _step_callables(exp: Experiment, lrs: Dict[str, Optional[float]],
   batch = {k: jnp.asarray(v[:exp.batch_size]) for k, v in exp.train.items()}
   calls = {}
   for name, lr in lrs.items():
-    tx, reason = runner.resolve_method(name, lr)
+    tx, reason = methods_lib.resolve(name, lr, REGISTRY)
     if tx is None:
       print(f"[timing] skip {name}: {reason}", flush=True)
       continue
-    fn = jax.jit(runner._make_step(exp.loss_fn, tx))  # pylint: disable=protected-access
-    box = [params0, tx.init(params0)]
+    calls[name] = carried(loop.make_step(exp.loss_fn, tx), params0,
+                          tx.init(params0), batch)
     for _ in range(warmup):
-      p, s, _ = fn(box[0], box[1], batch)
-      box[:] = [p, s]
-
-    def call(fn=fn, box=box):
-      p, s, loss = fn(box[0], box[1], batch)
-      box[:] = [p, s]
-      return loss
-
-    calls[name] = call
+      calls[name]()
   return calls
 
 
@@ -292,7 +299,7 @@ def _loss_at_epoch(run: dict, epoch: float) -> Optional[float]:
 
 
 def _fmt(x, digits=4, missing="-"):
-  return runner.format_number(x, digits, missing)
+  return format_number(x, digits, missing)
 
 
 def table_epochs(epochs: int) -> List[int]:
@@ -351,8 +358,8 @@ def fm_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
   # Timed-only methods (e.g. AdamW as a baseline of the step-time ratios).
   for name, t in timing.items():
     if name not in results["methods"]:
-      rows.append({"method": name, "label": runner.METHODS[name].label
-                   if name in runner.METHODS else name,
+      rows.append({"method": name, "label": REGISTRY[name].label
+                   if name in REGISTRY else name,
                    "lr": None, "tuned": False, "status": "timed only",
                    "reason": None, "diverged": False,
                    "loss_at_epoch": {str(k): None
@@ -409,7 +416,6 @@ def format_fm_table(results: Dict[str, Any],
   if kfac:
     k = kfac_row(kfac, results, cols)
     table.append(k)
-  widths = [max(len(str(r[i])) for r in table) for i in range(len(head))]
   lines = [
       f"\n{exp['name']}: {exp['description']}",
       f"  {exp.get('architecture')}  params={exp.get('num_params')}  "
@@ -421,12 +427,7 @@ def format_fm_table(results: Dict[str, Any],
     lines.append(f"  target = tuned Adam's final full-train loss "
                  f"{_fmt(target.get('train_loss'), 5)} (lr "
                  f"{_fmt(target.get('lr'))})")
-  for i, r in enumerate(table):
-    lines.append("  " + "  ".join(str(c).rjust(w) if 1 < j < len(r) - 1
-                                  else str(c).ljust(w)
-                                  for j, (c, w) in enumerate(zip(r, widths))))
-    if i == 0:
-      lines.append("  " + "  ".join("-" * w for w in widths))
+  lines += aligned(table, right=lambda j, n: 1 < j < n - 1)
   lines.append(
       "  epN: full-training-set loss after epoch N; ep/s->Adam: first reach "
       "of tuned Adam's final loss (interpolated; s = measured training time "
@@ -468,19 +469,8 @@ def kfac_row(kfac: Dict[str, Any], results: Dict[str, Any],
   loss = dict(zip(h.get("epoch", []), h.get("train_loss", [])))
   ep = s = None
   if target is not None:
-    prev = None
-    for e, t, l in zip(h.get("epoch", []), h.get("time_s", []),
-                       h.get("train_loss", [])):
-      if l is None:
-        break
-      if l <= target:
-        if prev is None or prev[2] <= l:
-          ep, s = e, t
-        else:
-          f = (prev[2] - target) / (prev[2] - l)
-          ep, s = prev[0] + f * (e - prev[0]), prev[1] + f * (t - prev[1])
-        break
-      prev = (e, t, l)
+    ep, s = time_to_target(h.get("epoch", []), h.get("time_s", []),
+                           h.get("train_loss", []), target)
   timing = kfac.get("side_by_side") or {}
   k, a = timing.get("kfac-jax") or {}, timing.get("adam") or {}
   adam_t = (kfac.get("adam") or {}).get("time_to_target_s")
@@ -607,14 +597,6 @@ def write_plots(results: Dict[str, Any], out: pathlib.Path,
 # --------------------------------------------------------------------------
 
 
-def _csv(s: str) -> List[str]:
-  return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _floats(s: str) -> List[float]:
-  return [float(x) for x in _csv(s)]
-
-
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -629,15 +611,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="training images (default 60000; --quick 5000)")
   p.add_argument("--n-test", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=1000)
-  p.add_argument("--widths", type=lambda s: [int(x) for x in _csv(s)],
+  p.add_argument("--widths", type=int_list,
                  default=list(models.MNIST_AE_WIDTHS),
                  help="autoencoder widths (smoke tests shrink them)")
   p.add_argument("--init", default="lecun", choices=("lecun", "torch",
                                                       "glorot"),
                  help="weight init (default: Flax's, lecun)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--adam-grid", type=_floats, default=list(ADAM_GRID))
-  p.add_argument("--adamw-grid", type=_floats, default=list(ADAMW_GRID))
+  p.add_argument("--adam-grid", type=float_list, default=list(ADAM_GRID))
+  p.add_argument("--adamw-grid", type=float_list, default=list(ADAMW_GRID))
   p.add_argument("--time-only", default="adamw",
                  help="methods timed side by side without training "
                  "(default adamw, the second baseline; '' for none)")
@@ -664,191 +646,181 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def _settings(args: argparse.Namespace) -> argparse.Namespace:
+  """The arguments with the preset (--quick or the full run) filled in and
+  the method lists parsed."""
   preset = QUICK if args.quick else FULL
-  n_train = args.n_train if args.n_train is not None else preset["n_train"]
-  n_test = args.n_test if args.n_test is not None else preset["n_test"]
-  epochs = args.epochs if args.epochs is not None else preset["epochs"]
-  rounds = (args.timing_rounds if args.timing_rounds is not None
-            else preset["timing_rounds"])
-  calls = (args.timing_calls if args.timing_calls is not None
-           else preset["timing_calls"])
-  methods = (list(ALL_METHODS) if args.methods.strip() == "all"
-             else _csv(args.methods))
-  unknown = [m for m in methods if m not in ALL_METHODS]
+  s = argparse.Namespace(**vars(args))
+  for key in ("n_train", "n_test", "epochs", "timing_rounds", "timing_calls"):
+    if getattr(s, key) is None:
+      setattr(s, key, preset[key])
+  s.methods = (list(ALL_METHODS) if args.methods.strip() == "all"
+               else csv_list(args.methods))
+  unknown = [m for m in s.methods if m not in ALL_METHODS]
   if unknown:
     raise SystemExit(f"error: unknown method(s) {unknown}; choose from "
                      f"{list(ALL_METHODS)}")
-  reuse = (set(methods) if args.reuse.strip() == "all"
-           else set(_csv(args.reuse)))
-  time_only = [m for m in _csv(args.time_only) if m not in methods]
-  progress = not args.no_progress
+  s.reuse = (set(s.methods) if args.reuse.strip() == "all"
+             else set(csv_list(args.reuse)))
+  s.time_only = [m for m in csv_list(args.time_only) if m not in s.methods]
+  s.progress = not args.no_progress
+  s.grids = {"adam": tuple(args.adam_grid), "adamw": tuple(args.adamw_grid)}
+  return s
+
+
+def _experiment(s: argparse.Namespace) -> Experiment:
   try:
-    exp = build_experiment(data_dir=args.data_dir, n_train=n_train,
-                           n_test=n_test, batch_size=args.batch_size,
-                           widths=args.widths, weight_init=args.init)
+    return build_experiment(data_dir=s.data_dir, n_train=s.n_train,
+                            n_test=s.n_test, batch_size=s.batch_size,
+                            widths=s.widths, weight_init=s.init)
   except DataUnavailableError as e:
     print(f"error: {e}\nOn Debian/Ubuntu: `apt-get install "
           "dataset-fashion-mnist`, or pass --data-dir DIR.", file=sys.stderr)
     raise SystemExit(2) from e
 
-  out = pathlib.Path(args.out)
-  cache_dir = pathlib.Path(args.cache_dir) if args.cache_dir else out / "runs"
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  grids = {"adam": tuple(args.adam_grid), "adamw": tuple(args.adamw_grid)}
-  base_cfg = dict(data=exp.info.get("data"), n_train=exp.num_train,
-                  n_test=exp.num_test, batch_size=exp.batch_size,
-                  widths=list(args.widths), init=args.init, epochs=epochs,
-                  seed=args.seed, evals_per_epoch=1)
 
-  with _kbfgs_at_defaults():
-    cached: Dict[str, dict] = {}
-    for name in methods:
-      path = _cache_path(cache_dir, name, _method_cfg(name, base_cfg, grids))
-      if name in reuse:
-        if path.exists():
-          cached[name] = json.loads(path.read_text())
-          print(f"[reuse] {name}: {path} (commit "
-                f"{cached[name].get('cached_from', {}).get('commit')})",
-                flush=True)
-        elif name in grids and _merge_grid(cache_dir, name, base_cfg,
-                                           grids[name]) is not None:
-          cached[name] = _merge_grid(cache_dir, name, base_cfg, grids[name])
-          print(f"[reuse] {name}: merged the single-LR cached runs of its "
-                f"grid {list(grids[name])}", flush=True)
-        elif _partial_path(path).exists():
-          cached[name] = json.loads(_partial_path(path).read_text())
-          print(f"[reuse] {name}: PARTIAL run {_partial_path(path)} "
-                f"({cached[name]['reason']})", flush=True)
-        else:
-          print(f"[reuse] {name}: no cached run {path.name}; training it",
-                flush=True)
-    if args.no_train:
-      dropped = [m for m in methods if m not in cached]
-      if dropped:
-        print(f"[no-train] leaving out (no cached run): {dropped}",
-              flush=True)
-      methods = [m for m in methods if m in cached]
-    to_train = [m for m in methods if m not in cached]
-    # One runner call per method, each cached as soon as it is done (a
-    # later process can --reuse it even if this one is interrupted).
-    results = runner.run_benchmark(
-        exp, [], seeds=[args.seed], epochs=epochs, reference="adam",
-        evals_per_epoch=1, timing_rounds=0, out_dir=None, plots=False,
-        progress=progress, verbose=False)
-    env = results["environment"]
-    trained: Dict[str, dict] = {}
-    for name in to_train:
-      tune = [name] if name in grids else []
-      path = _cache_path(cache_dir, name, _method_cfg(name, base_cfg, grids))
-      part = runner.run_benchmark(
-          exp, [name], seeds=[args.seed], epochs=epochs, tune=tune,
-          lr_grids={name: grids[name]} if tune else None, reference="adam",
-          evals_per_epoch=1, timing_rounds=0, out_dir=None, plots=False,
-          progress=progress, verbose=False,
-          on_eval=None if tune else _partial_saver(
-              name, _partial_path(path), epochs, env))
-      entry = trained[name] = part["methods"][name]
-      results["config"]["lr_grids"].update(part["config"]["lr_grids"])
-      entry["cached_from"] = None
-      if entry["status"] == "ok":
-        stored = dict(entry, cached_from={
-            "commit": env.get("git", {}).get("commit"),
-            "library_modified": env.get("git", {}).get("library_modified"),
-            "date": part["environment"].get("date"), "jax": env.get("jax")})
-        path.write_text(json.dumps(runner._json_safe(stored), indent=1))  # pylint: disable=protected-access
-        if _partial_path(path).exists():
-          _partial_path(path).unlink()
-      print(f"[done] {name}: final train loss "
-            f"{_fmt((entry.get('summary') or {}).get('final_train_loss'))}"
-            f" ({entry['status']})", flush=True)
-    ordered = {}
-    for name in methods:
-      ordered[name] = cached.get(name) or trained[name]
-      if name in cached:
-        for g in ordered[name].get("grid", ()):
-          results["config"]["lr_grids"].setdefault(name, []).append(g["lr"])
-    results["methods"] = ordered
-    results["config"]["methods"] = methods
-    results["config"]["tune"] = [m for m in ("adam", "adamw") if m in methods]
-    runner.summarise_results(results)
+def _benchmark(exp: Experiment, s: argparse.Namespace, methods: Sequence[str],
+               **kw) -> BenchmarkResult:
+  """The runner on ``methods`` with this script's fixed settings."""
+  return runner.run_benchmark(
+      exp, methods, registry=REGISTRY, seeds=[s.seed], epochs=s.epochs,
+      reference="adam", evals_per_epoch=1, timing_rounds=0, out_dir=None,
+      plots=False, progress=s.progress, verbose=False, **kw)
 
-    # Side-by-side step timing of every method at its chosen LR.
-    side = {}
-    if args.timing_from:
-      side = json.loads(pathlib.Path(args.timing_from).read_text())[
-          "fashion_mnist"]["side_by_side"]
-      print(f"side-by-side step times from {args.timing_from}", flush=True)
-    elif rounds > 0:
-      lrs: Dict[str, Optional[float]] = {}
-      for name in (["adam"] + [m for m in methods if m != "adam"]
-                   + time_only):
-        e = results["methods"].get(name)
-        if e is not None and e["status"] != "ok":
-          continue
-        if e is None and name not in runner.METHODS:
-          continue
-        # Trained methods at their chosen LR; timed-only ones (and Adam if
-        # not trained) at the runner's default LR (step time is LR-free).
-        lrs[name] = e.get("lr") if e else runner.METHODS[name].default_lr
-      calls_fns = _step_callables(exp, lrs, args.seed)
-      if "adam" in calls_fns:
-        print(f"timing {len(calls_fns)} steps side by side ({rounds} "
-              f"rounds x {calls} calls): {', '.join(calls_fns)}", flush=True)
-        side = time_side_by_side(calls_fns, baseline="adam", rounds=rounds,
-                                 calls_per_round=calls, progress=progress)
-    for name, t in side.items():
-      if name in results["methods"]:
-        results["methods"][name]["interleaved_step_time_ms"] = t["median_ms"]
-    runner.summarise_results(results)
-    results["fashion_mnist"] = {
-        "side_by_side": side, "timing_rounds": rounds,
-        "timing_from": args.timing_from,
-        "timing_calls_per_round": calls,
-        "time_only": time_only, "reused": sorted(cached),
-        "kbfgs_signature_defaults": _kbfgs_defaults(),
-        "kbfgs_l_memory_size": KBFGS_L_MEMORY,
-        "adam_grid": list(grids["adam"]), "adamw_grid": list(grids["adamw"]),
-        "quick": bool(args.quick),
-    }
-    results["fashion_mnist"]["table"] = fm_rows(results)
 
-  kfac = None
-  kpath = out / "kfac_jax.json"
-  if kpath.exists():
-    try:
-      kfac = json.loads(kpath.read_text())
-      if kfac.get("config", {}).get("n_train") != exp.num_train:
-        kfac = None
-    except (OSError, ValueError):
-      kfac = None
+def _train(exp: Experiment, s: argparse.Namespace, name: str,
+           cache: _Cache) -> MethodResult:
+  """One method trained by the runner (grid-tuned if it has a grid), cached
+  as soon as it is done so that a later process can --reuse it."""
+  env = results_lib.environment()
+  tune = name in s.grids
+  part = _benchmark(exp, s, [name], tune=[name] if tune else [],
+                    lr_grids={name: s.grids[name]} if tune else None,
+                    on_eval=None if tune else cache.partial_saver(
+                        name, s.epochs, env))
+  entry = part.methods[name]
+  if entry.status == "ok":
+    cache.store(name, entry, part.environment)
+  print(f"[done] {name}: final train loss "
+        f"{_fmt(entry.summary.get('final_train_loss'))} ({entry.status})",
+        flush=True)
+  return entry
+
+
+def _train_or_reuse(exp: Experiment, s: argparse.Namespace,
+                    cache: _Cache) -> BenchmarkResult:
+  """Every method's entry, from the cache (--reuse) or trained here."""
+  cached = {n: e for n in s.methods if n in s.reuse
+            for e in [cache.load(n)] if e is not None}
+  if s.no_train:
+    dropped = [m for m in s.methods if m not in cached]
+    if dropped:
+      print(f"[no-train] leaving out (no cached run): {dropped}", flush=True)
+    s.methods = [m for m in s.methods if m in cached]
+  result = _benchmark(exp, s, [])
+  for name in s.methods:
+    entry = cached.get(name) or _train(exp, s, name, cache)
+    result.methods[name] = entry
+    if entry.grid:
+      result.config["lr_grids"][name] = [g.lr for g in entry.grid]
+  result.config["methods"] = s.methods
+  result.config["tune"] = [m for m in ("adam", "adamw") if m in s.methods]
+  result.extra["fashion_mnist"] = {"reused": sorted(cached)}
+  return summarise(result)
+
+
+def _side_by_side(exp: Experiment, s: argparse.Namespace,
+                  result: BenchmarkResult) -> Dict[str, dict]:
+  """Every method's step at its chosen learning rate (timed-only ones, and
+  Adam if not trained, at the registry's default: step time is LR-free),
+  timed in interleaved rounds; or the times of --timing-from."""
+  if s.timing_from:
+    print(f"side-by-side step times from {s.timing_from}", flush=True)
+    return json.loads(pathlib.Path(s.timing_from).read_text())[
+        "fashion_mnist"]["side_by_side"]
+  if s.timing_rounds <= 0:
+    return {}
+  lrs: Dict[str, Optional[float]] = {}
+  for name in ["adam"] + [m for m in s.methods if m != "adam"] + s.time_only:
+    e = result.methods.get(name)
+    if (e is not None and e.status != "ok") or (
+        e is None and name not in REGISTRY):
+      continue
+    lrs[name] = e.lr if e else REGISTRY[name].default_lr
+  calls = _step_callables(exp, lrs, s.seed)
+  if "adam" not in calls:
+    return {}
+  print(f"timing {len(calls)} steps side by side ({s.timing_rounds} rounds x "
+        f"{s.timing_calls} calls): {', '.join(calls)}", flush=True)
+  return time_side_by_side(calls, baseline="adam", rounds=s.timing_rounds,
+                           calls_per_round=s.timing_calls,
+                           progress=s.progress)
+
+
+def _kfac(out: pathlib.Path, num_train: int) -> Optional[Dict[str, Any]]:
+  """kfac_jax.json of the same training-set size, if in ``out``."""
+  try:
+    kfac = json.loads((out / "kfac_jax.json").read_text())
+  except (OSError, ValueError):
+    return None
+  return kfac if kfac.get("config", {}).get("n_train") == num_train else None
+
+
+def _fm_section(s: argparse.Namespace, result: BenchmarkResult,
+                side: Dict[str, dict], kfac, out: pathlib.Path) -> None:
+  """The ``fashion_mnist`` section of the JSON: timing, settings, table."""
+  for name, t in side.items():
+    if name in result.methods:
+      result.methods[name].interleaved_step_time_ms = t["median_ms"]
+  summarise(result)
+  section = result.extra["fashion_mnist"]
+  section.update(
+      side_by_side=side, timing_rounds=s.timing_rounds,
+      timing_from=s.timing_from, timing_calls_per_round=s.timing_calls,
+      time_only=s.time_only, reused=section["reused"],
+      kbfgs_signature_defaults=_kbfgs_defaults(),
+      kbfgs_l_memory_size=KBFGS_L_MEMORY, adam_grid=list(s.grids["adam"]),
+      adamw_grid=list(s.grids["adamw"]), quick=bool(s.quick))
+  section["table"] = fm_rows(result.to_json())
   if kfac:
-    cols = table_epochs(epochs)
-    results["fashion_mnist"]["kfac_jax"] = {
-        "source": str(kpath), "status": kfac.get("status"),
+    cols = table_epochs(s.epochs)
+    section["kfac_jax"] = {
+        "source": str(out / "kfac_jax.json"), "status": kfac.get("status"),
         "columns": (["method", "lr"] + [f"ep{k}" for k in cols]
                     + ["ep->Adam", "s->Adam", "x Adam s", "adj s",
                        "x Adam adj", "ms/step", "step x Adam",
                        "step x AdamW", "status"]),
-        "row": kfac_row(kfac, results, cols)}
+        "row": kfac_row(kfac, result.to_json(), cols)}
+
+
+def run(args: argparse.Namespace) -> BenchmarkResult:
+  s = _settings(args)
+  exp = _experiment(s)
+  out = pathlib.Path(s.out)
+  cache = _Cache(
+      pathlib.Path(s.cache_dir) if s.cache_dir else out / "runs",
+      dict(data=exp.info.get("data"), n_train=exp.num_train,
+           n_test=exp.num_test, batch_size=exp.batch_size,
+           widths=list(s.widths), init=s.init, epochs=s.epochs, seed=s.seed,
+           evals_per_epoch=1), s.grids)
+  result = _train_or_reuse(exp, s, cache)
+  kfac = _kfac(out, exp.num_train)
+  _fm_section(s, result, _side_by_side(exp, s, result), kfac, out)
   out.mkdir(parents=True, exist_ok=True)
-  if not args.no_plots:
+  if not s.no_plots:
     try:
-      results["plots"] = write_plots(results, out, kfac)
+      result.plots = write_plots(result.to_json(), out, kfac)
     except Exception as e:  # pylint: disable=broad-except
       print(f"[warn] plotting failed: {type(e).__name__}: {e}", flush=True)
-  path = out / "results.json"
-  with open(path, "w") as f:
-    json.dump(runner._json_safe(results), f, indent=1, allow_nan=False)  # pylint: disable=protected-access
-  results["json"] = str(path)
-  print(format_fm_table(results, kfac), flush=True)
-  print(f"\nResults: {path}")
-  for kind, p in results.get("plots", {}).items():
+  result.write(out / "results.json")
+  print(format_fm_table(result.to_json(), kfac), flush=True)
+  print(f"\nResults: {out / 'results.json'}")
+  for kind, p in result.plots.items():
     print(f"Plot ({kind}): {p}")
-  return results
+  return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> BenchmarkResult:
   return run(build_parser().parse_args(argv))
 
 

@@ -26,6 +26,7 @@ import sys
 from typing import Optional, Sequence
 
 from benchmarks import run
+from benchmarks.results import BenchmarkResult
 
 # Sized for a few minutes on 2 CPU cores (measured: docs/benchmarks.md).
 # K-BFGS runs at its default (the authors') learning rate 0.3 and the
@@ -45,7 +46,7 @@ PAPER = dict(n_train=20_000, n_test=10_000, batch_size=1000, epochs=20,
                       "sgd=1e-3,3e-3,1e-2,3e-2,1e-1"])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> BenchmarkResult:
   argv = list(sys.argv[1:] if argv is None else argv)
   defaults = dict(QUICK)
   if "--paper-scale" in argv:

@@ -5,7 +5,7 @@
         --tune adam,sgd --epochs 10 --seeds 0,1
 
 Experiments: ``curves-ae``, ``mnist-ae``, ``digits-cnn``, ``gcn`` (see
-:mod:`benchmarks.experiments`); methods: see :data:`benchmarks.runner.METHODS`
+:mod:`benchmarks.experiments`); methods: see :data:`benchmarks.methods.METHODS`
 (``--methods all`` runs them all). Results go to ``results/<experiment>/``
 (``results.json``, ``loss_vs_epoch.png``, ``loss_vs_time.png``,
 ``step_sizes.png``).
@@ -17,21 +17,23 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from benchmarks import methods as methods_lib
 from benchmarks import runner
 from benchmarks.data import DataUnavailableError
 from benchmarks.experiments import EXPERIMENTS, build_experiment
+from benchmarks.results import BenchmarkResult
 
 
-def _csv(s: str) -> List[str]:
+def csv_list(s: str) -> List[str]:
   return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def _floats(s: str) -> List[float]:
-  return [float(x) for x in _csv(s)]
+def float_list(s: str) -> List[float]:
+  return [float(x) for x in csv_list(s)]
 
 
-def _ints(s: str) -> List[int]:
-  return [int(x) for x in _csv(s)]
+def int_list(s: str) -> List[int]:
+  return [int(x) for x in csv_list(s)]
 
 
 def _method_values(items: Optional[Sequence[str]], many: bool) -> Dict:
@@ -41,7 +43,7 @@ def _method_values(items: Optional[Sequence[str]], many: bool) -> Dict:
     if "=" not in item:
       raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}")
     name, value = item.split("=", 1)
-    out[name.strip()] = _floats(value) if many else float(value)
+    out[name.strip()] = float_list(value) if many else float(value)
   return out
 
 
@@ -53,12 +55,12 @@ def build_parser(defaults: Optional[dict] = None,
   p.add_argument("--experiment", choices=sorted(EXPERIMENTS),
                  default="curves-ae")
   p.add_argument("--methods", type=str,
-                 default=",".join(runner.DEFAULT_METHODS),
+                 default=",".join(methods_lib.DEFAULT_METHODS),
                  help="comma-separated method names, or 'all'. Known: "
-                 + ", ".join(runner.METHODS))
+                 + ", ".join(methods_lib.METHODS))
   p.add_argument("--epochs", type=int, default=None,
                  help="epochs per run (default: the experiment's)")
-  p.add_argument("--seeds", type=_ints, default=[0],
+  p.add_argument("--seeds", type=int_list, default=[0],
                  help="comma-separated seeds, e.g. 0,1,2")
   p.add_argument("--batch-size", type=int, default=None)
   p.add_argument("--n-train", type=int, default=None,
@@ -92,26 +94,26 @@ def build_parser(defaults: Optional[dict] = None,
   g.add_argument("--cache-dir", type=str, default=None,
                  help="cache generated CURVES here (.npz)")
   g.add_argument("--data-seed", type=int, default=None)
-  g.add_argument("--widths", type=_ints, default=None,
+  g.add_argument("--widths", type=int_list, default=None,
                  help="autoencoder widths, input first, e.g. 784,64,8,64,784")
   g.add_argument("--hidden", type=int, default=None,
                  help="hidden width (digits-cnn dense, gcn)")
   g.add_argument("--num-nodes", type=int, default=None, help="gcn nodes")
-  g.add_argument("--kbfgs-memory", type=int, default=runner.KBFGS_MEMORY,
+  g.add_argument("--kbfgs-memory", type=int, default=methods_lib.KBFGS_MEMORY,
                  help="K-BFGS(L) memory p")
   if defaults:
     p.set_defaults(**defaults)
   return p
 
 
-def run_from_args(args: argparse.Namespace) -> dict:
-  runner.KBFGS_MEMORY = args.kbfgs_memory
-  methods = (list(runner.METHODS) if args.methods.strip() == "all"
-             else _csv(args.methods))
-  tune = [] if args.tune.strip() in ("", "none") else _csv(args.tune)
+def run_from_args(args: argparse.Namespace) -> BenchmarkResult:
+  registry = methods_lib.registry(kbfgs_memory=args.kbfgs_memory)
+  methods = (list(registry) if args.methods.strip() == "all"
+             else csv_list(args.methods))
+  tune = [] if args.tune.strip() in ("", "none") else csv_list(args.tune)
   if tune == ["all"]:
     tune = [m for m in methods
-            if m in runner.METHODS and runner.METHODS[m].default_lr is not None]
+            if m in registry and registry[m].default_lr is not None]
   try:
     exp = build_experiment(
         args.experiment, n_train=args.n_train, n_test=args.n_test,
@@ -124,7 +126,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     raise SystemExit(2) from e
   out = args.out or f"results/{args.experiment}"
   return runner.run_benchmark(
-      exp, methods, seeds=args.seeds, epochs=args.epochs, tune=tune,
+      exp, methods, registry=registry, seeds=args.seeds, epochs=args.epochs, tune=tune,
       lr_grids=_method_values(args.lr_grid, True),
       lrs=_method_values(args.lr, False), reference=args.reference,
       evals_per_epoch=args.evals_per_epoch, max_steps=args.max_steps,
@@ -132,7 +134,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
       out_dir=out, plots=not args.no_plots, progress=not args.no_progress)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> BenchmarkResult:
   return run_from_args(build_parser().parse_args(argv))
 
 

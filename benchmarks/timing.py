@@ -9,12 +9,30 @@ slows both sides of a ratio alike.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping
 
 import jax
 import numpy as np
 
-__all__ = ["time_side_by_side"]
+__all__ = ["carried", "time_side_by_side"]
+
+
+def carried(step: Callable, params: Any, state: Any,
+            batch: Any) -> Callable[[], Any]:
+  """A zero-argument callable running ``step(params, state, batch)`` on its
+  own carried ``(params, state)`` (advanced by every call) and returning the
+  loss: what :func:`time_side_by_side` times.
+
+  ``step`` is a training step ``(params, state, batch) -> (params, state,
+  loss)`` such as :func:`benchmarks.loop.make_step`'s.
+  """
+  box = [params, state]
+
+  def call():
+    box[0], box[1], loss = step(box[0], box[1], batch)
+    return loss
+
+  return call
 
 
 def time_side_by_side(

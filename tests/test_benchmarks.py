@@ -16,12 +16,17 @@ import optax
 import pytest
 
 from benchmarks import data
+from benchmarks import diagnostics
 from benchmarks import experiments
+from benchmarks import loop
 from benchmarks import main as main_lib
+from benchmarks import methods as methods_lib
 from benchmarks import models
 from benchmarks import report as report_lib
+from benchmarks import results as results_lib
 from benchmarks import run as run_lib
 from benchmarks import runner
+from benchmarks import summary as summary_lib
 
 # Tiny versions of every experiment (same code paths, small sizes).
 TINY = {
@@ -206,80 +211,139 @@ def test_autoencoder_architectures():
 # ---------------------------------------------------------------------------
 
 
-def _with_fake_methods(monkeypatch):
-  """Adds methods that are unavailable, fail to build, or fail to run."""
+def _with_fake_methods():
+  """The registry plus methods that fail to build, build something else, or
+  fail to run."""
 
-  def broken_build(ctor, lr):
+  def broken_build(lr):
     raise TypeError("unexpected keyword argument 'foo'")
 
-  def failing_tx(ctor, lr):
+  def failing_tx(lr):
     def update(updates, state, params=None, **extra):
       raise RuntimeError("boom at trace time")
     return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
-  fakes = {
-      "not-yet": runner.Method("not-yet", "Not yet", "optax_layerwise",
-                               "definitely_not_implemented_yet",
-                               lambda c, lr: c()),
-      "bad-build": runner.Method("bad-build", "Bad", "optax", "sgd",
-                                 broken_build, 0.1),
-      "bad-run": runner.Method("bad-run", "Bad run", "optax", "sgd",
-                               failing_tx, 0.1),
-  }
-  monkeypatch.setattr(runner, "METHODS", dict(runner.METHODS, **fakes))
-  return list(fakes)
+  fakes = [methods_lib.Method("bad-build", "Bad", broken_build, 0.1),
+           methods_lib.Method("not-a-tx", "Not a tx", lambda lr: "sgd"),
+           methods_lib.Method("bad-run", "Bad run", failing_tx, 0.1)]
+  return dict(methods_lib.registry(), **{m.name: m for m in fakes})
 
 
-def test_resolve_method_lazy_and_unavailable(monkeypatch):
-  fakes = _with_fake_methods(monkeypatch)
-  tx, why = runner.resolve_method("no-such-method")
+def test_resolve_method_and_unavailable():
+  registry = _with_fake_methods()
+  tx, why = methods_lib.resolve("no-such-method", methods=registry)
   assert tx is None and "unknown" in why
-  tx, why = runner.resolve_method("not-yet")
-  assert tx is None and "definitely_not_implemented_yet" in why
-  tx, why = runner.resolve_method("bad-build")
+  tx, why = methods_lib.resolve("bad-build", methods=registry)
   assert tx is None and "unexpected keyword" in why
-  tx, why = runner.resolve_method("adam", 1e-3)
+  tx, why = methods_lib.resolve("not-a-tx", methods=registry)
+  assert tx is None and "not an optax" in why
+  tx, why = methods_lib.resolve("adam", 1e-3)
   assert why is None and isinstance(tx, optax.GradientTransformationExtraArgs)
-  # Every registered name resolves or gives a reason; none raises.
-  for name in runner.METHODS:
-    tx, why = runner.resolve_method(name)
-    assert (tx is None) != (why is None)
-  assert len(fakes) == 3
+  # Every registered method builds at its default learning rate.
+  for name in methods_lib.METHODS:
+    tx, why = methods_lib.resolve(name)
+    assert why is None and tx is not None, (name, why)
+  assert methods_lib.registry(kbfgs_memory=7)["kbfgs-l"].make(0.1) is not None
 
 
 def test_time_to_target_interpolates():
-  run = {"history": {"epoch": [0.0, 1.0, 2.0], "time_s": [0.0, 10.0, 20.0],
-                     "train_loss": [10.0, 6.0, 2.0]}}
-  e, t = runner._time_to_target(run, 4.0)
+  hist = ([0.0, 1.0, 2.0], [0.0, 10.0, 20.0], [10.0, 6.0, 2.0])
+  e, t = summary_lib.time_to_target(*hist, 4.0)
   assert e == pytest.approx(1.5) and t == pytest.approx(15.0)
-  assert runner._time_to_target(run, 1.0) == (None, None)
-  assert runner._time_to_target(run, 20.0) == (0.0, 0.0)
+  assert summary_lib.time_to_target(*hist, 1.0) == (None, None)
+  assert summary_lib.time_to_target(*hist, 20.0) == (0.0, 0.0)
 
 
 def test_step_time_uses_grid_runs():
-  run = lambda lr, seed, ms: {"lr": lr, "seed": seed, "status": "ok",
-                              "step_time_ms": {"median": ms}}
-  entry = {"runs": [run(0.1, 0, 10.0), run(0.1, 1, 12.0)],
-           "grid": [{"lr": 0.01, "step_time_ms": 30.0},
-                    {"lr": 0.1, "step_time_ms": 10.0},  # = runs[0]
-                    {"lr": 1.0, "step_time_ms": 11.0}]}
-  assert runner._step_ms(entry) == pytest.approx(11.5)  # median(10,12,30,11)
-  assert runner._step_ms({"runs": [], "grid": []}) is None
+  run = lambda lr, seed, ms: results_lib.Run(
+      "m", lr, seed, step_time_ms={"median": ms})
+  point = lambda lr, ms: results_lib.GridPoint(lr, "ok", False, 1.0, ms, None)
+  entry = results_lib.MethodResult(
+      "M", runs=[run(0.1, 0, 10.0), run(0.1, 1, 12.0)],
+      grid=[point(0.01, 30.0), point(0.1, 10.0),  # = runs[0]
+            point(1.0, 11.0)])
+  assert summary_lib.step_ms(entry) == pytest.approx(11.5)  # of 10,12,30,11
+  assert summary_lib.step_ms(results_lib.MethodResult("M")) is None
 
 
 def test_find_diagnostics_layerwise_sgd():
   import optax_layerwise as olw
   params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(2)}}
   state = olw.layerwise_sgd().init(params)
-  found = runner._find_diagnostics(state)
+  found = diagnostics.find_diagnostics(state)
   assert found["step_sizes"].shape == (2,)
-  assert runner._layer_labels(params, 2) == ["a", "b"]
+  assert diagnostics.layer_labels(params, 2) == ["a", "b"]
+  assert diagnostics.layer_labels(params, 3) == ["layer 0", "layer 1",
+                                                 "layer 2"]
+
+
+def test_validate_rejects_broken_results():
+  run = results_lib.Run("adam", 1e-3, 0)
+  run.history.append(0, 0, 0.0, 2.0)
+  run.history.append(1, 4, 1.0, float("nan"))
+  entry = results_lib.MethodResult("Adam", runs=[run])
+  result = results_lib.BenchmarkResult(
+      experiment=dict(name="e", description="d", num_train=1, batch_size=1,
+                      steps_per_epoch=4, num_params=3),
+      config=dict(methods=["adam"], seeds=[0], epochs=1, tune=[],
+                  reference="adam"), environment={},
+      methods={"adam": entry})
+  summary_lib.summarise(result)
+  good = result.to_json()
+  assert good["methods"]["adam"]["runs"][0]["history"]["train_loss"] == [
+      2.0, None]  # non-finite -> null
+  json.dumps(good, allow_nan=False)
+  results_lib.validate(good)
+  back = results_lib.BenchmarkResult.from_json(good)
+  assert back.to_json() == good
+  assert back.methods["adam"].runs[0].history.step == [0, 4]
+  for path, value in ((("methods", "adam", "runs", 0, "history", "step"),
+                       [0]),
+                      (("methods", "adam", "status"), "weird"),
+                      (("methods", "adam", "runs", 0, "history"), {}),
+                      (("schema_version",), 99)):
+    bad = json.loads(json.dumps(good))
+    d = bad
+    for k in path[:-1]:
+      d = d[k]
+    d[path[-1]] = value
+    with pytest.raises(ValueError):
+      results_lib.validate(bad)
+
+
+def test_loop_stops_on_divergence_and_scans():
+  loss_fn = lambda p, b: jnp.sum((p * b) ** 2)
+  step = loop.make_step(loss_fn, optax.sgd(0.1))
+  batches = loop.shuffled_batches(jnp.arange(1.0, 9.0), 2,
+                                  np.random.default_rng(0))
+  evals = []
+  params, _, log = loop.train(
+      step, jnp.ones(()), optax.sgd(0.1).init(jnp.ones(())), batches, 8,
+      eval_every=4, on_eval=lambda k, p, s, t: evals.append(k))
+  assert evals == [4, 8] and len(log.losses) == len(log.seconds) == 8
+  assert not log.diverged and np.isfinite(float(params))
+  # A large step diverges: the loop stops at the first non-finite loss.
+  step = loop.make_step(loss_fn, optax.sgd(1e3))
+  _, _, log = loop.train(step, jnp.ones(()), optax.sgd(1e3).init(
+      jnp.ones(())), iter(lambda: jnp.ones(()), None), 50)
+  assert log.diverged and len(log.seconds) < 50
+  assert not np.isfinite(log.losses[-1])
+  # A scanned step: one call, several steps, the same trajectory.
+  scan = loop.make_step(loss_fn, optax.sgd(0.1), scan=True)
+  xs = jnp.arange(1.0, 5.0)
+  p1, _, losses = scan(jnp.ones(()), optax.sgd(0.1).init(jnp.ones(())), xs)
+  p2, s2 = jnp.ones(()), optax.sgd(0.1).init(jnp.ones(()))
+  plain = loop.make_step(loss_fn, optax.sgd(0.1))
+  for x in xs:
+    p2, s2, _ = plain(p2, s2, x)
+  assert losses.shape == (4,) and float(p1) == pytest.approx(float(p2))
 
 
 def _check_outputs(out: pathlib.Path, name: str, plots=("loss_vs_epoch",
                                                         "loss_vs_time")):
   on_disk = json.loads((out / "results.json").read_text())
-  runner.validate_results(on_disk)
+  results_lib.validate(on_disk)
+  assert results_lib.BenchmarkResult.from_json(on_disk).to_json() == on_disk
   assert on_disk["experiment"]["name"] == name
   for kind in plots:
     p = pathlib.Path(on_disk["plots"][kind])
@@ -316,20 +380,21 @@ def test_smoke_every_experiment(name, tmp_path):
   # Round-robin timing after training: reference ratio exactly 1.
   assert ms["adam"]["summary"]["step_time_ratio_interleaved"] == 1.0
   assert ms["layerwise-sgd"]["summary"]["interleaved_step_time_ms"] > 0
-  assert all("_step" not in r for m in ms.values() for r in m["runs"])
 
 
-def test_tuning_seeds_and_unavailable_methods(tmp_path, monkeypatch):
-  fakes = _with_fake_methods(monkeypatch)
+def test_tuning_seeds_and_unavailable_methods(tmp_path):
+  registry = _with_fake_methods()
   exp = experiments.build_experiment("curves-ae", **TINY["curves-ae"])
   out = tmp_path / "tune"
   runner.run_benchmark(
-      exp, ["adam", "sgd"] + fakes, seeds=[0, 1], epochs=2,
+      exp, ["adam", "sgd", "bad-build", "not-a-tx", "bad-run", "nope"],
+      registry=registry, seeds=[0, 1], epochs=2,
       tune=["adam"], lr_grids={"adam": [1e-3, 3e-2]}, max_steps=4,
       timing_rounds=0, out_dir=str(out), progress=False, verbose=False)
   res = _check_outputs(out, "curves-ae")
   ms = res["methods"]
-  assert ms["not-yet"]["status"] == "unavailable"
+  assert ms["nope"]["status"] == "unavailable"
+  assert ms["not-a-tx"]["status"] == "unavailable"
   assert ms["bad-build"]["status"] == "unavailable"
   assert ms["bad-run"]["status"] == "failed"
   assert "boom" in ms["bad-run"]["reason"]
@@ -343,8 +408,13 @@ def test_tuning_seeds_and_unavailable_methods(tmp_path, monkeypatch):
       adam["summary"]["final_train_loss"])
   assert adam["summary"]["reached_target"].endswith("/2")
   assert adam["summary"]["step_time_ratio_interleaved"] is None  # rounds=0
-  table = runner.format_table(res)
-  assert "not-yet" in table and "unavailable" in table and "LR grids" in table
+  table = report_lib.format_table(res)
+  assert "not-a-tx" in table and "unavailable" in table and "LR grids" in table
+  lines = table.splitlines()
+  head = next(i for i, l in enumerate(lines) if l.split()[:2] == ["method",
+                                                                  "lr"])
+  rows = [l.split()[0] for l in lines[head + 2:head + 8]]
+  assert rows == ["adam", "sgd", "bad-build", "not-a-tx", "bad-run", "nope"]
 
 
 def test_cli_run_and_main(tmp_path, capsys):
@@ -354,7 +424,7 @@ def test_cli_run_and_main(tmp_path, capsys):
                 "--lr", "adam=0.01", "--epochs", "3", "--out", str(out),
                 "--no-progress"])
   res = json.loads((out / "results.json").read_text())
-  runner.validate_results(res)
+  results_lib.validate(res)
   assert res["methods"]["adam"]["lr"] == 0.01
   assert res["methods"]["nope"]["status"] == "unavailable"
   assert res["methods"]["adam"]["runs"][0]["num_steps"] == 3  # full batch
@@ -373,8 +443,8 @@ def test_cli_run_and_main(tmp_path, capsys):
                        "--lr-grid", "sgd=1e-3", "--out", str(out),
                        "--cache-dir", str(tmp_path / "cache"),
                        "--no-progress"])
-  assert res["config"]["tune"] == ["adam", "adamw", "sgd"]
-  assert res["config"]["lr_grids"] == {"adam": [1e-3], "sgd": [1e-3]}
+  assert res.config["tune"] == ["adam", "adamw", "sgd"]
+  assert res.config["lr_grids"] == {"adam": [1e-3], "sgd": [1e-3]}
   assert (out / "loss_vs_epoch.png").exists()
   printed = capsys.readouterr().out
   assert "ep->target" in printed and str(out / "loss_vs_epoch.png") in printed
@@ -442,13 +512,13 @@ def test_fashion_mnist_quick_smoke(tmp_path, capsys):
   assert not list((out / "runs").glob("*.partial.json"))
   printed = capsys.readouterr().out
   assert "ep1" in printed and "step x AdamW" in printed
-  assert res["target"]["method"] == "adam"
+  assert res.target["method"] == "adam"
 
   # Adam's run is cached and reused (not retrained) by a later process.
   res2 = fashion_mnist.main(common + ["--methods", "adam", "--reuse", "adam",
                                       "--timing-rounds", "0", "--no-plots"])
-  assert res2["fashion_mnist"]["reused"] == ["adam"]
-  assert (res2["methods"]["adam"]["runs"][0]["history"]
+  assert res2.extra["fashion_mnist"]["reused"] == ["adam"]
+  assert (res2.methods["adam"].runs[0].history.to_json()
           == ms["adam"]["runs"][0]["history"])
   assert "cached" in capsys.readouterr().out
 
