@@ -10,9 +10,11 @@
 * the equations render with no network: MathJax is shipped with the build
   (``sphinx-mathjax-offline``), and no page loads a script or stylesheet
   from a remote URL;
-* every ``*.md`` file named in a docstring, a comment or a page exists.
+* every ``*.md`` file named in a docstring, a comment or a page exists;
+* the defaults tables of the method pages match the code's signatures.
 """
 
+import ast
 import doctest
 import html
 import importlib
@@ -110,6 +112,39 @@ def _assert_math_renders_offline(out: pathlib.Path) -> None:
     assert (page.parent / scripts[0]).resolve() == (
         mathjax / "tex-chtml.js").resolve(), page.name
   assert pages_with_math >= 3
+
+
+# Defaults tables whose simple rows ("`name` | literal") must match the
+# signature of the page's main function (defaults change; the tables must
+# follow).
+_DEFAULTS_TABLES = {"curvature_lr.md": "cblr", "kbfgs.md": "kbfgs"}
+
+
+@pytest.mark.parametrize("page", sorted(_DEFAULTS_TABLES))
+def test_defaults_tables_match_the_signatures(page):
+  params = inspect.signature(getattr(olw, _DEFAULTS_TABLES[page])).parameters
+  text = (DOCS / page).read_text()
+  table = text.split("## Defaults and when to change them", 1)[1]
+  table = table.split("\n#", 1)[0]
+  checked = []
+  for names_cell, default_cell in re.findall(r"^\| (.*?) \| (.*?) \|", table,
+                                             re.M):
+    names = re.findall(r"`(\w+)`", names_cell)
+    values = [v.strip() for v in default_cell.split(",")]
+    if (not names or len(names) != len(values)
+        or any(n not in params for n in names)):
+      continue
+    for name, value in zip(names, values):
+      value = re.sub(r"\s+\(.*\)$", "", value).strip("` ")
+      try:
+        documented = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        continue  # prose, e.g. "sqrt(damping)"
+      assert params[name].default == documented, (
+          f"docs/{page}: `{name}` documented as {value}, the code's default "
+          f"is {params[name].default!r}")
+      checked.append(name)
+  assert len(checked) >= 8, checked
 
 
 # Typesets TeX with the MathJax copy of the build, in Node (no browser):
