@@ -1,4 +1,4 @@
-"""Array-level BFGS machinery for K-BFGS (ALGORITHMS.md section 3, steps 5-7).
+"""Array-level BFGS machinery for K-BFGS (docs/kbfgs.md, steps 6-8).
 
 Nothing here knows about pytrees or layers: plain vectors and matrices, all
 pure ``jnp`` code with static shapes, so it runs under ``jax.jit``,
@@ -7,13 +7,13 @@ pure ``jnp`` code with static shapes, so it runs under ``jax.jit``,
 2020 (arXiv 2006.08877), and the authors' public code:
 
 * :func:`bfgs_inverse_update`: the BFGS update of an inverse Hessian
-  approximation ``H`` with the authors' skip rule (ALGORITHMS.md step 6).
+  approximation ``H`` with the authors' skip rule (docs/kbfgs.md, step 7).
 * :func:`double_damping`: Powell damping followed by Levenberg-Marquardt-like
   damping of a pair ``(s, y)`` (the paper's "double damping" (DD);
-  ALGORITHMS.md step 5).
+  docs/kbfgs.md, step 6).
 * :func:`hessian_action_pair`: the pair ``(H_a abar, (A + sqrt(lambda) I)
   H_a abar)`` that updates ``H_a`` without an explicit inverse (the paper's
-  "Hessian-action" BFGS; ALGORITHMS.md step 7).
+  "Hessian-action" BFGS; docs/kbfgs.md, step 8).
 * :class:`LBFGSMemory`, :func:`lbfgs_init`, :func:`lbfgs_append`,
   :func:`lbfgs_apply`: limited-memory BFGS in a fixed-size chronological
   buffer of the last ``p`` pairs, applied through the compact representation
@@ -23,7 +23,8 @@ pure ``jnp`` code with static shapes, so it runs under ``jax.jit``,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +165,7 @@ def double_damping(
 
 def hessian_action_pair(h_a: jax.Array, a_damped: jax.Array,
                         abar: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The Hessian-action pair for ``H_a`` (ALGORITHMS.md step 7).
+  """The Hessian-action pair for ``H_a`` (docs/kbfgs.md, step 8).
 
   ``s_a = H_a abar`` and ``y_a = (A + sqrt(lambda) I) s_a``: a pair whose
   "Hessian" is exactly the damped ``A``, so BFGS updates of ``H_a`` with it
@@ -308,3 +309,38 @@ def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
   out = (gamma * rows + (vs @ c - gamma * (vy @ r_inv)) @ s
          - gamma * ((vs @ r_inv.T) @ y))
   return out[0] if v.ndim == 1 else out
+
+
+# --- The pre-activation factor H_g: K-BFGS's dense BFGS or K-BFGS(L)'s L-BFGS
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseInverse:
+  """K-BFGS's ``H_g``: a dense ``(d, d)`` inverse updated by BFGS."""
+
+  def init(self, dim: int, dtype) -> jax.Array:
+    return jnp.eye(dim, dtype=dtype)
+
+  def apply(self, h: jax.Array, v: jax.Array) -> jax.Array:
+    """``H v`` for a vector, ``v H`` for the rows of a matrix."""
+    return v @ h
+
+  def update(self, h: jax.Array, s: jax.Array, y: jax.Array, **skip_rule):
+    return bfgs_inverse_update(h, s, y, **skip_rule)
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitedMemory:
+  """K-BFGS(L)'s ``H_g``: the L-BFGS operator of the last ``memory_size``
+  pairs with initial matrix ``gamma I``."""
+  memory_size: int
+  gamma: Any = 1.0
+
+  def init(self, dim: int, dtype) -> LBFGSMemory:
+    return lbfgs_init(self.memory_size, dim, dtype)
+
+  def apply(self, h: LBFGSMemory, v: jax.Array) -> jax.Array:
+    return lbfgs_apply(h, v, self.gamma)
+
+  def update(self, h: LBFGSMemory, s: jax.Array, y: jax.Array, **skip_rule):
+    return lbfgs_append(h, s, y, **skip_rule)

@@ -73,7 +73,7 @@ def require_value_fn(value_fn: Optional[ValueFn], *, transform: str) -> ValueFn:
   return value_fn
 
 
-def _checked_value_fn(value_fn: ValueFn, transform: str) -> ValueFn:
+def checked_value_fn(value_fn: ValueFn, transform: str) -> ValueFn:
   """Wraps ``value_fn`` so a non-scalar or non-float output fails clearly."""
 
   def wrapped(params):
@@ -415,7 +415,7 @@ def make_hvp(
   """
   if method not in HVP_METHODS:
     raise ValueError(f"Unknown hvp method {method!r}; use one of {HVP_METHODS}.")
-  loss = _checked_value_fn(local_value_fn(value_fn, axis_name), transform)
+  loss = checked_value_fn(local_value_fn(value_fn, axis_name), transform)
   grad_fn = jax.grad(loss)
   params = local_params(params, axis_name)
 

@@ -7,7 +7,7 @@ their inverses by BFGS: ``H_a`` (input side, ``(d_in+1)^2``) and ``H_g``
 pairs for K-BFGS(L)). The step for layer ``l`` is ``-lr * H_a M_l H_g`` with
 ``M_l`` the momentum of the regularised gradient of ``[W; b]``.
 
-The algorithm follows ALGORITHMS.md section 3 (the paper, arXiv 2006.08877,
+The algorithm follows docs/kbfgs.md, "Algorithm" (the paper, arXiv 2006.08877,
 as implemented in the authors' public code
 renyiryry/kbfgs_neurips2020_public, rewritten for Flax's ``(d_in, d_out)``
 kernel layout). Per step, on the mini-batch of ``value_fn``:
@@ -43,6 +43,7 @@ update and is counted in ``num_skipped``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -53,6 +54,7 @@ import optax
 
 from optax_layerwise import _bfgs
 from optax_layerwise import _curvature
+from optax_layerwise import _layer_kinds
 from optax_layerwise import _layers
 from optax_layerwise import _taps
 
@@ -132,68 +134,11 @@ class KBFGSState(NamedTuple):
   num_fallbacks: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dense:
-  """Static description of one dense layer of the params."""
-  name: str
-  kernel_index: int
-  bias_index: Optional[int]
-  d_in: int
-  d_out: int
-
-  @property
-  def k(self) -> int:
-    return self.d_in + (self.bias_index is not None)
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _strip_value(path: tuple) -> tuple:
-  # Non-pure nnx.State leaves sit under a trailing `.value` attribute.
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
-      path[-1].name in ("value", "raw_value")):
-    return path[:-1]
-  return path
-
-
-def _default_is_dense(path: tuple, leaf) -> bool:
-  del leaf
-  return "embed" not in _key_name(path[-1]).lower() if path else True
-
-
-def _dense_layers(params: PyTree, dense_layers) -> tuple:
-  """The static list of dense layers (kernel and optional bias leaves)."""
-  with_path, _ = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_strip_value(p) for p, _ in with_path]
-  leaves = [leaf for _, leaf in with_path]
-  is_dense = dense_layers if dense_layers is not None else _default_is_dense
-  layers = []
-  for i in _taps.candidate_kernels(params):
-    if not paths[i] or not is_dense(paths[i], leaves[i]):
-      continue
-    d_in, d_out = leaves[i].shape
-    parent = paths[i][:-1]
-    biases = [
-        j for j, p in enumerate(paths)
-        if j != i and p[:-1] == parent and jnp.ndim(leaves[j]) == 1
-        and leaves[j].shape[0] == d_out
-        and _key_name(p[-1]) in ("bias", "b")]
-    bias = None
-    if biases:
-      named = [j for j in biases if _key_name(paths[j][-1]) == "bias"]
-      bias = (named or biases)[0]
-    name = jax.tree_util.keystr(parent if parent else paths[i])
-    layers.append(_Dense(name, i, bias, d_in, d_out))
-  return tuple(layers)
+Spec = _layer_kinds.LayerSpec
 
 
 def kbfgs_layer_names(params: PyTree, dense_layers=None) -> tuple:
-  """Names of the dense layers :func:`kbfgs` keeps Kronecker factors for.
+  """Names of the layers :func:`kbfgs` keeps Kronecker factors for.
 
   The order is that of the per-layer vectors and ``layers`` of
   :class:`KBFGSState`.
@@ -203,7 +148,7 @@ def kbfgs_layer_names(params: PyTree, dense_layers=None) -> tuple:
     dense_layers: the ``dense_layers`` predicate given to :func:`kbfgs`.
 
   Returns:
-    A tuple of key-path strings of the dense layers' parent nodes.
+    A tuple of key-path strings of the layers' parent nodes.
 
   Example:
     >>> import jax.numpy as jnp
@@ -214,7 +159,8 @@ def kbfgs_layer_names(params: PyTree, dense_layers=None) -> tuple:
     >>> olw.kbfgs_layer_names(params)  # 'norm' takes the momentum fallback
     ("['l1']", "['l2']")
   """
-  return tuple(layer.name for layer in _dense_layers(params, dense_layers))
+  return tuple(spec.name
+               for spec in _layer_kinds.find_kernels(params, dense_layers))
 
 
 def _sym(x: jax.Array) -> jax.Array:
@@ -227,15 +173,38 @@ def _spd_inverse(x: jax.Array) -> jax.Array:
   return _sym(jax.scipy.linalg.cho_solve((chol, True), eye))
 
 
-def _homogeneous(layer: _Dense, tap: _taps.DenseTap):
+def _homogeneous(spec: Spec, tap: _taps.DenseTap):
   """``abar`` and ``A_batch`` with the homogeneous coordinate for a bias."""
   mean, second = tap.input_mean, tap.input_second_moment
-  if layer.bias_index is None:
+  if spec.bias_index is None:
     return mean, second
   one = jnp.ones((1,), mean.dtype)
   abar = jnp.concatenate([mean, one])
   a_batch = jnp.block([[second, mean[:, None]], [mean[None, :], one[None]]])
   return abar, a_batch
+
+
+def _matrix(leaves: list, spec: Spec) -> jax.Array:
+  """A layer's ``(k, d_out)`` matrix ``[W; b]`` from its kernel and bias."""
+  w = leaves[spec.kernel_index].reshape(spec.d_in, spec.d_out)
+  if spec.bias_index is None:
+    return w
+  return jnp.concatenate([w, leaves[spec.bias_index].reshape(1, -1)])
+
+
+def _set_matrix(leaves: list, spec: Spec, matrix: jax.Array) -> None:
+  """Writes a ``(k, d_out)`` matrix back into the kernel and bias leaves."""
+  kernel = spec.kernel_index
+  leaves[kernel] = matrix[:spec.d_in].reshape(jnp.shape(leaves[kernel]))
+  if spec.bias_index is not None:
+    leaves[spec.bias_index] = matrix[spec.d_in].reshape(
+        jnp.shape(leaves[spec.bias_index]))
+
+
+def _layer_dot(a_leaves, b_leaves, spec: Spec, dtype) -> jax.Array:
+  """``<a, b>_l`` over the kernel and bias of one layer."""
+  return sum(jnp.vdot(a_leaves[i].astype(dtype), b_leaves[i].astype(dtype))
+             for i in (spec.kernel_index, spec.bias_index) if i is not None)
 
 
 def _step_scales(decrease: jax.Array, curvature: jax.Array,
@@ -260,10 +229,427 @@ def _step_scales(decrease: jax.Array, curvature: jax.Array,
   return jnp.minimum(scales, limit), valid
 
 
-def _layer_dot(a_leaves, b_leaves, layer: _Dense, dtype) -> jax.Array:
-  """``<a, b>_l`` over the kernel and bias of one dense layer."""
-  return sum(jnp.vdot(a_leaves[i].astype(dtype), b_leaves[i].astype(dtype))
-             for i in (layer.kernel_index, layer.bias_index) if i is not None)
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """The checked hyperparameters (some may be traced when injected)."""
+  learning_rate: Any
+  sqrt_damping: Any
+  momentum: Any
+  weight_decay: Any
+  beta: Any
+  mu1: Any
+  mu2: Any
+  skip_tol: Any
+  max_relative_change: Any
+  layerwise: bool
+  max_step_scale: Any
+  input_factor_interval: Any
+  pair: str
+  h_g: Any  # _bfgs.DenseInverse or _bfgs.LimitedMemory
+  select: Any
+  axis_name: Any
+
+  def lr(self, count):
+    rate = self.learning_rate
+    return rate(count) if callable(rate) else rate
+
+  def refresh(self, count):
+    """Whether ``A`` and ``H_a`` are refreshed at this step."""
+    if _curvature.concrete_int(self.input_factor_interval) == 1:
+      return True
+    return count % self.input_factor_interval == 0
+
+
+class _Work(NamedTuple):
+  """One layer's input-side quantities, computed once per step."""
+  abar: jax.Array
+  a: jax.Array
+  a_damped: jax.Array
+  h_a: jax.Array
+
+
+# --- Phase 1: the tapped pass at theta -------------------------------------
+
+
+def _tap(cfg: _Config, value_fn, params, specs, *, second_moment):
+  return _taps.tap_dense_layers(
+      value_fn, params, kernels={s.kernel_index: s.d_out for s in specs},
+      second_moment=second_moment, with_grads=cfg.layerwise,
+      axis_name=cfg.axis_name, local_grads=True)
+
+
+def _tapped_layers(specs: tuple, taps: _taps.TapResult) -> tuple:
+  """The layers the tap saw, checked against the params; warns on the rest."""
+  if not taps.layers:
+    raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
+  reasons = dict(taps.unsupported)
+  untapped = [f"{s.name} ({reasons.get(s.kernel_index, 'not called')})"
+              for s in specs if s.kernel_index not in taps.layers]
+  if untapped:
+    warnings.warn(
+        f"{_NAME}: no tapped call used the kernel(s) {untapped}; they take "
+        "the fallback -lr * momentum. Exclude them with `dense_layers` to "
+        "save their state memory.", stacklevel=3)
+  for spec in specs:
+    tap = taps.layers.get(spec.kernel_index)
+    if tap is None:
+      continue
+    if tap.bias_index != spec.bias_index:
+      raise ValueError(
+          f"{_NAME}: the layer {spec.name} was called with bias leaf "
+          f"{tap.bias_index} but its params have bias leaf "
+          f"{spec.bias_index} (None = no bias). Call the layer with its own "
+          "`bias` sibling leaf, or none if it has none.")
+    if tap.input_mean.shape != (spec.d_in,):
+      raise ValueError(
+          f"{_NAME}: the layer {spec.name} was called with {tap.input_mean.shape[0]} "
+          f"inputs per row but its kernel was read as ({spec.d_in}, "
+          f"{spec.d_out}). Pass a `dense_layers` predicate returning the "
+          "number of contracted leading kernel axes for this leaf.")
+  return tuple(s for s in specs if s.kernel_index in taps.layers)
+
+
+def _preconditioned(treedef, num_leaves: int, tapped: tuple):
+  flags = [False] * num_leaves
+  for spec in tapped:
+    for i in (spec.kernel_index, spec.bias_index):
+      if i is not None:
+        flags[i] = True
+  return jax.tree_util.tree_unflatten(treedef,
+                                      [jnp.asarray(f) for f in flags])
+
+
+# --- Phases 2-3: momentum and the preconditioned trial step ----------------
+
+
+def _momentum(cfg: _Config, grad_leaves, leaves, mom_leaves) -> list:
+  """``M <- mu M + (1 - mu) (g + tau theta)`` for every leaf."""
+  new = []
+  for g, p, m in zip(grad_leaves, leaves, mom_leaves):
+    g_reg = g.astype(m.dtype) + cfg.weight_decay * p.astype(m.dtype)
+    new.append(cfg.momentum * m + (1.0 - cfg.momentum) * g_reg)
+  return new
+
+
+def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
+                  first, refresh) -> _Work:
+  """``A`` (moving average of ``A_batch``) and ``H_a`` (inverted only on
+  the first step)."""
+  abar, a_batch = _homogeneous(spec, tap)
+  a_new = jnp.where(first, a_batch, jnp.where(
+      refresh, cfg.beta * ls.a + (1.0 - cfg.beta) * a_batch, ls.a))
+  a_damped = a_new + cfg.sqrt_damping * jnp.eye(spec.k, dtype=a_new.dtype)
+  h_a = jax.lax.cond(first, _spd_inverse, lambda _, h=ls.h_a: h, a_damped)
+  return _Work(abar, a_new, a_damped, h_a)
+
+
+def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
+                mom_leaves, leaves, lr):
+  """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
+  step = -lr * cfg.h_g.apply(ls.h_g, work.h_a @ _matrix(mom_leaves, spec))
+  if cfg.max_relative_change is None:
+    return step, jnp.asarray(jnp.inf, step.dtype)
+  theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)
+  ratio = _layers.trust_ratio(theta_sq, jnp.sum(jnp.square(step)),
+                              cfg.max_relative_change)
+  # The per-layer multiple t_l may not push the move past the bound: the
+  # shortened step sits on it (ratio 1), a shorter one has room.
+  return step * jnp.minimum(1.0, ratio), jnp.maximum(ratio, 1.0)
+
+
+# --- Phase 4: the pair, at theta + delta or along delta ---------------------
+
+
+def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps):
+  """Per layer ``(mean h, mean g_h)`` changes, and the params gradient's
+  change (``None`` unless the step is per layer)."""
+  if cfg.pair == "secant":
+    shifted = jax.tree_util.tree_map(
+        lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
+        params, updates)
+    plus = _tap(cfg, value_fn, shifted, tapped, second_moment=False)
+    pairs = {}
+    for spec in tapped:
+      before, after = taps.layers[spec.kernel_index], plus.layers.get(
+          spec.kernel_index)
+      if after is None:
+        raise ValueError(f"{_NAME}: the layer {spec.name} was tapped at "
+                         "theta but not at theta + delta; value_fn must "
+                         "call the same layers for all params.")
+      pairs[spec.kernel_index] = (after.output_mean - before.output_mean,
+                                  after.output_grad - before.output_grad)
+    grad_change = None if not cfg.layerwise else [
+        a - b for a, b in zip(jax.tree_util.tree_leaves(plus.grads),
+                              jax.tree_util.tree_leaves(taps.grads))]
+    return pairs, grad_change
+
+  def means(p):
+    res = _tap(cfg, value_fn, p, tapped, second_moment=False)
+    return {s.kernel_index: (res.layers[s.kernel_index].output_mean,
+                             res.layers[s.kernel_index].output_grad)
+            for s in tapped}, res.grads
+
+  # The tangent of the gradient is the Hessian-vector product H delta.
+  _, (pairs, hess_delta) = jax.jvp(means, (params,), (updates,))
+  grad_change = None if not cfg.layerwise else jax.tree_util.tree_leaves(
+      hess_delta)
+  return pairs, grad_change
+
+
+# --- Phase 5: the per-layer step -------------------------------------------
+
+
+def _layer_steps(cfg: _Config, state: KBFGSState, rows: list, specs: tuple,
+                 grad0, grad_change, trial, limits):
+  """``t_l`` for the tapped layers (rows of the per-layer vectors); returns
+  the new ``(step_sizes, decreases, curvatures, measured)``."""
+  dtype = state.step_sizes.dtype
+  b = jnp.stack([_layer_dot(grad0, trial, specs[r], dtype) for r in rows])
+  q = jnp.stack([_layer_dot(grad_change, trial, specs[r], dtype)
+                 for r in rows])
+  # The gradients are this device's (local_grads): b and q are linear in
+  # them, so one all-reduce of 2 L numbers gives the global ones.
+  b, q = _curvature.global_mean(jnp.stack([b, q]), cfg.axis_name)
+  index = jnp.asarray(rows)
+  limit = jnp.stack([limits[r] for r in rows]).astype(dtype)
+  scales, valid = _step_scales(b, q, state.step_sizes[index], limit,
+                               cfg.max_step_scale)
+  keep = lambda new, old: jnp.where(jnp.isfinite(new), new, old[index])
+  return (state.step_sizes.at[index].set(scales.astype(dtype)),
+          state.decreases.at[index].set(keep(b, state.decreases)),
+          state.curvatures.at[index].set(keep(q, state.curvatures)),
+          jnp.zeros(state.step_sizes.shape, bool).at[index].set(valid))
+
+
+# --- Phases 6-7: damping and the factor updates -----------------------------
+
+
+def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
+                    pair, refresh):
+  """Double damping, BFGS of ``H_g`` and the Hessian-action BFGS of
+  ``H_a``; returns the layer's new state and its (powell, lm, skipped,
+  skipped_a) flags."""
+  s_new, y_new = pair
+  pair_ok = _curvature.tree_all_finite((s_new, y_new))
+  beta = cfg.beta
+  s_bar = jnp.where(pair_ok, beta * ls.s + (1.0 - beta) * s_new, ls.s)
+  y_bar = jnp.where(pair_ok, beta * ls.y + (1.0 - beta) * y_new, ls.y)
+  hy = cfg.h_g.apply(ls.h_g, y_bar)
+  s_d, y_d, powell, lm = _bfgs.double_damping(s_bar, y_bar, hy, mu1=cfg.mu1,
+                                              mu2=cfg.mu2)
+  h_g, updated = cfg.h_g.update(
+      ls.h_g, s_d, y_d, grad_norm=jnp.linalg.norm(tap.output_grad),
+      skip_tol=cfg.skip_tol, valid=pair_ok)
+  s_a, y_a = _bfgs.hessian_action_pair(work.h_a, work.a_damped, work.abar)
+  h_a, updated_a = _bfgs.bfgs_inverse_update(
+      work.h_a, s_a, y_a, grad_norm=jnp.linalg.norm(work.abar),
+      skip_tol=cfg.skip_tol, valid=refresh)
+  flags = (powell & pair_ok, lm & pair_ok, ~updated, refresh & ~updated_a)
+  return KBFGSLayerState(a=work.a, h_a=h_a, h_g=h_g, s=s_bar,
+                         y=y_bar), flags
+
+
+def _counts(flags: list, num: int) -> tuple:
+  """Per-layer int32 vectors of the four flags (False for untapped rows)."""
+  false = (jnp.asarray(False),) * 4
+  rows = [flags.get(r, false) for r in range(num)]
+  if not rows:
+    return (jnp.zeros((0,), jnp.int32),) * 4
+  return tuple(jnp.stack([row[i] for row in rows]).astype(jnp.int32)
+               for i in range(4))
+
+
+
+def _check_args(learning_rate, damping, mu1, mu2, momentum, stat_decay,
+                weight_decay, max_relative_change, memory_size, pair,
+                step_rule, max_step_scale, input_factor_interval) -> None:
+  """Clear errors for bad hyperparameters. Values injected by
+  :func:`optax.inject_hyperparams` arrive traced and are not checked."""
+  lr_value = None if callable(learning_rate) else _curvature.concrete_float(
+      learning_rate)
+  if lr_value is not None and lr_value < 0:
+    raise ValueError(f"{_NAME}: learning_rate must be >= 0, got "
+                     f"{learning_rate}. kbfgs returns the descent step "
+                     "-lr * H_a M H_g itself: pass a positive rate.")
+  damping_value = _curvature.concrete_float(damping)
+  if damping_value is not None and not damping_value > 0:
+    raise ValueError(f"{_NAME}: damping must be > 0 (A is damped by "
+                     f"sqrt(damping) I), got {damping}.")
+  if mu2 is None and damping_value is not None and damping_value >= 1:
+    raise ValueError(
+        f"{_NAME}: damping={damping} gives mu2 = sqrt(damping) >= 1; pass "
+        "mu2 in (0, 1) explicitly for damping >= 1.")
+  for name, value in (("mu2", mu2), ("mu1", mu1)):
+    number = _curvature.concrete_float(value)
+    if number is not None and not 0 < number < 1:
+      raise ValueError(f"{_NAME}: {name} must lie in (0, 1), got {value}.")
+  for name, value in (("momentum", momentum), ("stat_decay", stat_decay)):
+    _curvature.check_decay(value, name, transform=_NAME)
+  weight_decay_value = _curvature.concrete_float(weight_decay)
+  if weight_decay_value is not None and weight_decay_value < 0:
+    raise ValueError(f"{_NAME}: weight_decay must be >= 0, got "
+                     f"{weight_decay}.")
+  if max_relative_change is not None:
+    _curvature.check_non_negative(
+        max_relative_change, "max_relative_change", transform=_NAME,
+        why="It bounds each layer's step relative to its norm; pass None to "
+        "remove the bound.")
+  _check_memory_size(memory_size)
+  if pair not in PAIRS:
+    raise ValueError(f"{_NAME}: pair must be one of {PAIRS}, got {pair!r}.")
+  if step_rule not in STEP_RULES:
+    raise ValueError(f"{_NAME}: step_rule must be one of {STEP_RULES}, got "
+                     f"{step_rule!r}.")
+  _curvature.check_non_negative(
+      max_step_scale, "max_step_scale", transform=_NAME,
+      why="It caps the per-layer multiple t_l of the trial step.")
+  interval = _curvature.concrete_int(input_factor_interval)
+  if interval is not None and (
+      isinstance(input_factor_interval, bool)
+      or interval != input_factor_interval or interval < 1):
+    raise ValueError(f"{_NAME}: input_factor_interval must be an integer "
+                     f">= 1, got {input_factor_interval!r}.")
+
+
+def _check_memory_size(memory_size) -> None:
+  if memory_size is None:
+    return
+  if _curvature.concrete_int(memory_size) is None:
+    raise ValueError(
+        f"{_NAME}: memory_size sets the shape of the L-BFGS state and must be "
+        "a Python int. With optax.inject_hyperparams, pass "
+        "static_args=('memory_size',).")
+  if (isinstance(memory_size, bool) or int(memory_size) != memory_size
+      or memory_size < 1):
+    raise ValueError(f"{_NAME}: memory_size must be None (K-BFGS) or an "
+                     f"integer >= 1 (K-BFGS(L)), got {memory_size!r}.")
+
+
+def _sqrt(value):
+  number = _curvature.concrete_float(value)
+  return jnp.sqrt(value) if number is None else math.sqrt(number)
+
+
+def _init_layer(spec: Spec, kernel, h_g_factor) -> KBFGSLayerState:
+  dtype = _layers.stats_dtype(kernel.dtype)
+  eye_k = jnp.eye(spec.k, dtype=dtype)
+  return KBFGSLayerState(
+      a=jnp.zeros_like(eye_k), h_a=eye_k,
+      h_g=h_g_factor.init(spec.d_out, dtype),
+      s=jnp.zeros((spec.d_out,), dtype), y=jnp.zeros((spec.d_out,), dtype))
+
+
+def _init(cfg: _Config, params) -> KBFGSState:
+  _layers.check_params(params, transform=_NAME)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  specs = _layer_kinds.find_kernels(params, cfg.select)
+  num = len(specs)
+  # Distinct buffers everywhere, so the state can be donated to jax.jit.
+  counts = lambda: jnp.zeros((num,), jnp.int32)
+  stats = lambda: jnp.zeros((num,), _layers.tree_stats_dtype(params))
+  return KBFGSState(
+      count=jnp.zeros([], jnp.int32),
+      momentum=jax.tree_util.tree_unflatten(treedef, [
+          jnp.zeros(jnp.shape(x), _layers.stats_dtype(x.dtype))
+          for x in leaves]),
+      layers=tuple(_init_layer(s, leaves[s.kernel_index], cfg.h_g)
+                   for s in specs),
+      preconditioned=jax.tree_util.tree_unflatten(
+          treedef, [jnp.zeros([], bool) for _ in leaves]),
+      num_powell=counts(), num_lm=counts(), num_skipped=counts(),
+      num_skipped_a=counts(), num_nonfinite=jnp.zeros([], jnp.int32),
+      step_sizes=stats() + 1.0, decreases=stats(), curvatures=stats(),
+      num_fallbacks=counts())
+
+
+def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
+  """One K-BFGS step: the orchestration of the phases above."""
+  value_fn = _curvature.checked_value_fn(
+      _curvature.require_value_fn(value_fn, transform=_NAME), _NAME)
+  _layers.check_params(params, transform=_NAME)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  grad_leaves = _layers.flatten_like(
+      updates, treedef, f"{_NAME}: the updates (gradients)")
+  specs = _layer_kinds.find_kernels(params, cfg.select)
+  if len(specs) != len(state.layers):
+    raise ValueError(f"{_NAME}: the params have {len(specs)} layers with "
+                     f"factors but the state was built for "
+                     f"{len(state.layers)}; re-run init.")
+  # 1. Tapped pass at theta; A and H_a refreshed every input_factor_interval.
+  refresh = cfg.refresh(state.count)
+  taps = _tap(cfg, value_fn, params, specs, second_moment=refresh)
+  tapped = _tapped_layers(specs, taps)
+  rows = [r for r, spec in enumerate(specs) if spec in tapped]
+  preconditioned = _preconditioned(treedef, len(leaves), tapped)
+  finite = _curvature.tree_all_finite((grad_leaves, taps.layers, taps.loss))
+  # 2-3. Momentum, and the trial step: preconditioned, or -lr M elsewhere.
+  lr = cfg.lr(state.count)
+  new_mom = _momentum(cfg, grad_leaves, leaves,
+                      jax.tree_util.tree_leaves(state.momentum))
+  trial = [(-lr * m).astype(m.dtype) for m in new_mom]
+  work, limits = {}, {}
+  for r in rows:
+    spec, ls = specs[r], state.layers[r]
+    work[r] = _input_factor(cfg, spec, ls, taps.layers[spec.kernel_index],
+                            state.count == 0, refresh)
+    step, limits[r] = _trial_step(cfg, spec, ls, work[r], new_mom, leaves, lr)
+    _set_matrix(trial, spec, step)
+  out = [d.astype(p.dtype) for d, p in zip(trial, leaves)]
+  # A step not finite in the params' dtypes skips the step.
+  finite = finite & _curvature.tree_all_finite(out)
+  # 4. The pair (zero for a zero step, which has none in exact arithmetic:
+  # the recomputed pass may differ by round-off, and BFGS would take it).
+  pairs, grad_change = _measure_pair(
+      cfg, value_fn, params, jax.tree_util.tree_unflatten(treedef, out),
+      tapped, taps)
+  zero_step = ~jnp.any(jnp.stack([jnp.any(u != 0) for u in out]))
+  pairs = {i: tuple(jnp.where(zero_step, jnp.zeros_like(v), v) for v in sy)
+           for i, sy in pairs.items()}
+  # 5. The per-layer step (ours): t_l times the trial step.
+  scales = (state.step_sizes, state.decreases, state.curvatures,
+            jnp.zeros(state.step_sizes.shape, bool))
+  if cfg.layerwise and rows:
+    scales = _layer_steps(cfg, state, rows, specs,
+                          jax.tree_util.tree_leaves(taps.grads), grad_change,
+                          trial, limits)
+    for r in rows:
+      for i in (specs[r].kernel_index, specs[r].bias_index):
+        if i is not None:
+          out[i] = (scales[0][r] * trial[i]).astype(leaves[i].dtype)
+    finite = finite & _curvature.tree_all_finite(out)
+
+  # 6-7. Damping and the factor updates; a non-finite step skips it all
+  # (lax.cond rather than jnp.where: the big factors are not copied).
+  def take_step(_):
+    new_layers, flags = list(state.layers), {}
+    for r in rows:
+      kernel = specs[r].kernel_index
+      new_layers[r], flags[r] = _update_factors(
+          cfg, state.layers[r], work[r], taps.layers[kernel], pairs[kernel],
+          refresh)
+    powell, lm, skipped, skipped_a = _counts(flags, len(specs))
+    step_sizes, decreases, curvatures, measured = scales
+    fallbacks = jnp.asarray([r in work for r in range(len(specs))],
+                            bool) & ~measured
+    return state._replace(
+        count=state.count + 1,
+        momentum=jax.tree_util.tree_unflatten(treedef, new_mom),
+        layers=tuple(new_layers), preconditioned=preconditioned,
+        num_powell=state.num_powell + powell, num_lm=state.num_lm + lm,
+        num_skipped=state.num_skipped + skipped,
+        num_skipped_a=state.num_skipped_a + skipped_a,
+        step_sizes=step_sizes, decreases=decreases, curvatures=curvatures,
+        num_fallbacks=state.num_fallbacks + (
+            fallbacks.astype(jnp.int32) if cfg.layerwise else 0))
+
+  def skip_step(_):
+    return state._replace(preconditioned=preconditioned,
+                          num_nonfinite=state.num_nonfinite + 1)
+
+  new_state = jax.lax.cond(finite, take_step, skip_step, None)
+  new_updates = jax.tree_util.tree_unflatten(
+      treedef, [jnp.where(finite, u, jnp.zeros_like(u)) for u in out])
+  return new_updates, new_state
 
 
 def kbfgs(
@@ -289,8 +675,8 @@ def kbfgs(
   r"""K-BFGS / K-BFGS(L): Kronecker-factored BFGS for dense layers.
 
   Goldfarb, Ren and Bahamou, "Practical Quasi-Newton Methods for Training
-  Deep Neural Networks", NeurIPS 2020, arXiv 2006.08877 (ALGORITHMS.md
-  section 3). Each dense layer ``h = a @ W + b`` moves by
+  Deep Neural Networks", NeurIPS 2020, arXiv 2006.08877 (docs/kbfgs.md,
+  "Algorithm"). Each dense layer ``h = a @ W + b`` moves by
   ``delta = -lr * H_a M H_g``, ``M`` being the momentum of ``grad + tau *
   theta`` for ``[W; b]``, ``H_a ~ (A + sqrt(lambda) I)^-1`` and ``H_g`` a BFGS
   (or, with ``memory_size=p``, L-BFGS) approximation of the inverse
@@ -415,362 +801,23 @@ def kbfgs(
     >>> olw.kbfgs_layer_names(params), state.layers[0].h_a.shape  # d_in + 1
     (("['l1']", "['l2']"), (5, 5))
   """
-  # Hyperparameters injected by optax.inject_hyperparams arrive traced and
-  # are not checked (_concrete gives None); memory_size sets shapes and must
-  # then be listed in static_args.
-  lr_value = None if callable(learning_rate) else _curvature.concrete_float(learning_rate)
-  if lr_value is not None and lr_value < 0:
-    raise ValueError(f"{_NAME}: learning_rate must be >= 0, got "
-                     f"{learning_rate}. kbfgs returns the descent step "
-                     "-lr * H_a M H_g itself: pass a positive rate.")
-  damping_value = _curvature.concrete_float(damping)
-  if damping_value is not None and not damping_value > 0:
-    raise ValueError(f"{_NAME}: damping must be > 0 (A is damped by "
-                     f"sqrt(damping) I), got {damping}.")
-  if mu2 is None:
-    mu2 = jnp.sqrt(damping) if damping_value is None else math.sqrt(
-        damping_value)
-    if damping_value is not None and mu2 >= 1:
-      raise ValueError(
-          f"{_NAME}: damping={damping} gives mu2 = sqrt(damping) >= 1; pass "
-          "mu2 in (0, 1) explicitly for damping >= 1.")
-  for name, value in (("mu2", mu2), ("mu1", mu1)):
-    number = _curvature.concrete_float(value)
-    if number is not None and not 0 < number < 1:
-      raise ValueError(f"{_NAME}: {name} must lie in (0, 1), got {value}.")
-  for name, value in (("momentum", momentum), ("stat_decay", stat_decay)):
-    _curvature.check_decay(value, name, transform=_NAME)
-  weight_decay_value = _curvature.concrete_float(weight_decay)
-  if weight_decay_value is not None and weight_decay_value < 0:
-    raise ValueError(f"{_NAME}: weight_decay must be >= 0, got "
-                     f"{weight_decay}.")
-  if max_relative_change is not None:
-    _curvature.check_non_negative(
-        max_relative_change, "max_relative_change", transform=_NAME,
-        why="It bounds each dense layer's step relative to its norm; pass "
-        "None to remove the bound.")
-  if memory_size is not None and _curvature.concrete_int(memory_size) is None:
-    raise ValueError(
-        f"{_NAME}: memory_size sets the shape of the L-BFGS state and must be "
-        "a Python int. With optax.inject_hyperparams, pass "
-        "static_args=('memory_size',).")
-  if memory_size is not None and (
-      isinstance(memory_size, bool) or int(memory_size) != memory_size
-      or memory_size < 1):
-    raise ValueError(f"{_NAME}: memory_size must be None (K-BFGS) or an "
-                     f"integer >= 1 (K-BFGS(L)), got {memory_size!r}.")
-  if pair not in PAIRS:
-    raise ValueError(f"{_NAME}: pair must be one of {PAIRS}, got {pair!r}.")
-  if step_rule not in STEP_RULES:
-    raise ValueError(f"{_NAME}: step_rule must be one of {STEP_RULES}, got "
-                     f"{step_rule!r}.")
-  _curvature.check_non_negative(
-      max_step_scale, "max_step_scale", transform=_NAME,
-      why="It caps the per-layer multiple t_l of the trial step.")
-  layerwise = step_rule == "layerwise"
-  # Traced when injected by optax.inject_hyperparams: then not checked, and
-  # the refresh is decided under lax.cond.
-  interval_value = _curvature.concrete_int(input_factor_interval)
-  if interval_value is not None and (
-      isinstance(input_factor_interval, bool)
-      or interval_value != input_factor_interval or interval_value < 1):
-    raise ValueError(f"{_NAME}: input_factor_interval must be an integer "
-                     f">= 1, got {input_factor_interval!r}.")
-  sqrt_damping = (jnp.sqrt(damping) if damping_value is None
-                  else math.sqrt(damping_value))
-  beta = stat_decay
-
-  def init_fn(params):
-    _layers.check_params(params, transform=_NAME)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    layer_states = []
-    for layer in _dense_layers(params, dense_layers):
-      dtype = _layers.stats_dtype(leaves[layer.kernel_index].dtype)
-      eye_k = jnp.eye(layer.k, dtype=dtype)
-      if memory_size is None:
-        h_g = jnp.eye(layer.d_out, dtype=dtype)
-      else:
-        h_g = _bfgs.lbfgs_init(int(memory_size), layer.d_out, dtype)
-      layer_states.append(KBFGSLayerState(
-          a=jnp.zeros_like(eye_k), h_a=eye_k, h_g=h_g,
-          s=jnp.zeros((layer.d_out,), dtype),
-          y=jnp.zeros((layer.d_out,), dtype)))
-    num = len(layer_states)
-    # Distinct buffers everywhere, so the state can be donated to jax.jit.
-    counts = lambda: jnp.zeros((num,), jnp.int32)
-    stats = lambda: jnp.zeros((num,), _layers.tree_stats_dtype(params))
-    return KBFGSState(
-        count=jnp.zeros([], jnp.int32),
-        momentum=jax.tree_util.tree_unflatten(treedef, [
-            jnp.zeros(jnp.shape(x), _layers.stats_dtype(x.dtype))
-            for x in leaves]),
-        layers=tuple(layer_states),
-        preconditioned=jax.tree_util.tree_unflatten(
-            treedef, [jnp.zeros([], bool) for _ in leaves]),
-        num_powell=counts(), num_lm=counts(), num_skipped=counts(),
-        num_skipped_a=counts(), num_nonfinite=jnp.zeros([], jnp.int32),
-        step_sizes=stats() + 1.0, decreases=stats(), curvatures=stats(),
-        num_fallbacks=counts())
+  _check_args(learning_rate, damping, mu1, mu2, momentum, stat_decay,
+              weight_decay, max_relative_change, memory_size, pair, step_rule,
+              max_step_scale, input_factor_interval)
+  h_g = _bfgs.DenseInverse() if memory_size is None else _bfgs.LimitedMemory(
+      int(memory_size), lbfgs_gamma)
+  cfg = _Config(
+      learning_rate=learning_rate, sqrt_damping=_sqrt(damping),
+      momentum=momentum, weight_decay=weight_decay, beta=stat_decay, mu1=mu1,
+      mu2=_sqrt(damping) if mu2 is None else mu2, skip_tol=skip_tol,
+      max_relative_change=max_relative_change,
+      layerwise=step_rule == "layerwise", max_step_scale=max_step_scale,
+      input_factor_interval=input_factor_interval, pair=pair, h_g=h_g,
+      select=dense_layers, axis_name=axis_name)
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
-    value_fn = _curvature.require_value_fn(value_fn, transform=_NAME)
-    # A non-scalar or non-float loss fails naming kbfgs, not the tap.
-    value_fn = _curvature._checked_value_fn(  # pylint: disable=protected-access
-        value_fn, _NAME)
-    _layers.check_params(params, transform=_NAME)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    grad_leaves = _layers.flatten_like(
-        updates, treedef, f"{_NAME}: the updates (gradients)")
-    dense = _dense_layers(params, dense_layers)
-    if len(dense) != len(state.layers):
-      raise ValueError(f"{_NAME}: the params have {len(dense)} dense layers "
-                       f"but the state was built for {len(state.layers)}; "
-                       "re-run init.")
+    return _update(cfg, updates, state, params, value_fn)
 
-    # 1. Tapped pass at theta; A and H_a are refreshed every
-    # input_factor_interval steps (always on the first).
-    refresh = True if interval_value == 1 else (
-        state.count % input_factor_interval == 0)
-    taps = _taps.tap_dense_layers(
-        value_fn, params, kernels=[layer.kernel_index for layer in dense],
-        second_moment=refresh, with_grads=layerwise, axis_name=axis_name,
-        local_grads=True)
-    if not taps.layers:
-      raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
-    untapped = [layer.name for layer in dense
-                if layer.kernel_index not in taps.layers]
-    if untapped:
-      warnings.warn(
-          f"{_NAME}: no tapped call used the dense kernel(s) {untapped}; they "
-          "take the fallback -lr * momentum. Exclude them with `dense_layers` "
-          "to save their state memory.", stacklevel=2)
-    for layer in dense:
-      tap = taps.layers.get(layer.kernel_index)
-      if tap is not None and tap.bias_index != layer.bias_index:
-        raise ValueError(
-            f"{_NAME}: the dense layer {layer.name} was called with bias leaf "
-            f"{tap.bias_index} but its params have bias leaf "
-            f"{layer.bias_index} (None = no bias). Call the layer with its own "
-            "`bias` sibling leaf, or none if it has none.")
-    tapped = tuple(layer for layer in dense
-                   if layer.kernel_index in taps.layers)
-
-    precond = [False] * len(leaves)
-    for layer in tapped:
-      precond[layer.kernel_index] = True
-      if layer.bias_index is not None:
-        precond[layer.bias_index] = True
-    preconditioned = jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(flag) for flag in precond])
-
-    stats = [(t.input_mean, t.input_second_moment, t.output_mean,
-              t.output_grad) for t in taps.layers.values()]
-    finite = _curvature.tree_all_finite((grad_leaves, stats, taps.loss))
-
-    lr = learning_rate(state.count) if callable(learning_rate) else (
-        learning_rate)
-
-    # 2. Momentum of the regularised gradient.
-    mom_leaves = jax.tree_util.tree_leaves(state.momentum)
-    new_mom = []
-    for g, p, m in zip(grad_leaves, leaves, mom_leaves):
-      g_reg = g.astype(m.dtype) + weight_decay * p.astype(m.dtype)
-      new_mom.append(momentum * m + (1.0 - momentum) * g_reg)
-
-    # 3. Directions: preconditioned for tapped layers, -lr M elsewhere.
-    deltas = [(-lr * m).astype(m.dtype) for m in new_mom]
-    first = state.count == 0
-    layer_work, limits = {}, {}
-    for pos, layer in enumerate(dense):
-      if layer not in tapped:
-        continue
-      ls = state.layers[pos]
-      abar, a_batch = _homogeneous(layer, taps.layers[layer.kernel_index])
-      a_new = jnp.where(first, a_batch, jnp.where(
-          refresh, beta * ls.a + (1.0 - beta) * a_batch, ls.a))
-      a_damped = a_new + sqrt_damping * jnp.eye(layer.k, dtype=a_new.dtype)
-      h_a = jax.lax.cond(first, _spd_inverse, lambda _, h=ls.h_a: h, a_damped)
-      m_w = new_mom[layer.kernel_index]
-      if layer.bias_index is not None:
-        m_w = jnp.concatenate([m_w, new_mom[layer.bias_index][None]])
-      left = h_a @ m_w
-      if memory_size is None:
-        direction = left @ ls.h_g
-      else:
-        direction = _bfgs.lbfgs_apply(ls.h_g, left, lbfgs_gamma)
-      step = -lr * direction
-      limits[pos] = jnp.asarray(jnp.inf, step.dtype)
-      if max_relative_change is not None:
-        theta_sq = _layer_dot(leaves, leaves, layer, step.dtype)
-        ratio = _layers.trust_ratio(theta_sq, jnp.sum(jnp.square(step)),
-                                    max_relative_change)
-        step = step * jnp.minimum(1.0, ratio)
-        # The per-layer multiple t_l may not push the move past the bound:
-        # the shortened step sits on it (ratio 1), a shorter one has room.
-        limits[pos] = jnp.maximum(ratio, 1.0)
-      deltas[layer.kernel_index] = step[:layer.d_in]
-      if layer.bias_index is not None:
-        deltas[layer.bias_index] = step[layer.d_in]
-      layer_work[pos] = (abar, a_new, a_damped, h_a)
-
-    out_leaves = [d.astype(p.dtype) for d, p in zip(deltas, leaves)]
-    new_updates = jax.tree_util.tree_unflatten(treedef, out_leaves)
-    # A step that is not finite in the params' dtypes (a float16 overflow, a
-    # preconditioner gone bad) skips the step, as a non-finite gradient does.
-    finite = finite & _curvature.tree_all_finite(out_leaves)
-
-    # 4. The pair: second pass at theta + delta, or directional derivatives.
-    kernels = [layer.kernel_index for layer in tapped]
-    if pair == "secant":
-      shifted = jax.tree_util.tree_map(
-          lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
-          params, new_updates)
-      plus = _taps.tap_dense_layers(value_fn, shifted, kernels=kernels,
-                                    second_moment=False,
-                                    with_grads=layerwise, axis_name=axis_name,
-                                    local_grads=True)
-      grad_change = None if not layerwise else [
-          a - b for a, b in zip(jax.tree_util.tree_leaves(plus.grads),
-                                jax.tree_util.tree_leaves(taps.grads))]
-      pairs = {}
-      for layer in tapped:
-        before = taps.layers[layer.kernel_index]
-        after = plus.layers.get(layer.kernel_index)
-        if after is None:
-          raise ValueError(f"{_NAME}: the layer {layer.name} was tapped at "
-                           "theta but not at theta + delta; value_fn must "
-                           "call the same layers for all params.")
-        pairs[layer.kernel_index] = (after.output_mean - before.output_mean,
-                                     after.output_grad - before.output_grad)
-    else:
-
-      def means(p):
-        res = _taps.tap_dense_layers(value_fn, p, kernels=kernels,
-                                     second_moment=False,
-                                     with_grads=layerwise, axis_name=axis_name,
-                                     local_grads=True)
-        return {i: (res.layers[i].output_mean, res.layers[i].output_grad)
-                for i in kernels}, res.grads
-
-      # The tangent of the gradient is the Hessian-vector product H delta.
-      _, (pairs, hess_delta) = jax.jvp(means, (params,), (new_updates,))
-      grad_change = None if not layerwise else jax.tree_util.tree_leaves(
-          hess_delta)
-    # A zero step (lr = 0, e.g. a warm-up schedule's first step) has a zero
-    # pair in exact arithmetic; the recomputed second pass may differ from the
-    # first by round-off, and BFGS would take that noise at face value.
-    zero_step = jnp.logical_not(jnp.any(jnp.stack(
-        [jnp.any(u != 0) for u in out_leaves])))
-    pairs = {i: tuple(jnp.where(zero_step, jnp.zeros_like(v), v) for v in sy)
-             for i, sy in pairs.items()}
-
-    # The per-layer step (ours): t_l times the trial step of tapped layers.
-    step_sizes, decreases, curvatures = (state.step_sizes, state.decreases,
-                                         state.curvatures)
-    measured = jnp.zeros(step_sizes.shape, bool)
-    if layerwise and tapped:
-      dtype = step_sizes.dtype
-      grad0 = jax.tree_util.tree_leaves(taps.grads)
-      rows = [pos for pos, layer in enumerate(dense) if pos in layer_work]
-      b = jnp.stack([_layer_dot(grad0, deltas, dense[pos], dtype)
-                     for pos in rows])
-      q = jnp.stack([_layer_dot(grad_change, deltas, dense[pos], dtype)
-                     for pos in rows])
-      # The gradients are this device's (local_grads): b and q are linear in
-      # them, so one all-reduce of 2 L numbers gives the global ones.
-      b, q = _curvature.global_mean(jnp.stack([b, q]), axis_name)
-      limit = jnp.stack([limits[pos] for pos in rows]).astype(dtype)
-      index = jnp.asarray(rows)
-      scales, valid = _step_scales(b, q, step_sizes[index], limit,
-                                   max_step_scale)
-      step_sizes = step_sizes.at[index].set(scales.astype(dtype))
-      decreases = decreases.at[index].set(jnp.where(jnp.isfinite(b), b,
-                                                    decreases[index]))
-      curvatures = curvatures.at[index].set(jnp.where(jnp.isfinite(q), q,
-                                                      curvatures[index]))
-      measured = measured.at[index].set(valid)
-      for row, pos in enumerate(rows):
-        layer = dense[pos]
-        for i in (layer.kernel_index, layer.bias_index):
-          if i is not None:
-            out_leaves[i] = (scales[row] * deltas[i]).astype(leaves[i].dtype)
-      new_updates = jax.tree_util.tree_unflatten(treedef, out_leaves)
-      finite = finite & _curvature.tree_all_finite(out_leaves)
-
-    # 5-7. Damping and the BFGS updates of H_g and H_a, and the new state.
-    def take_step(_):
-      new_layers = list(state.layers)
-      powell_flags, lm_flags, skip_flags, skip_a_flags = [], [], [], []
-      for pos, layer in enumerate(dense):
-        ls = state.layers[pos]
-        if pos not in layer_work:
-          for flags in (powell_flags, lm_flags, skip_flags, skip_a_flags):
-            flags.append(jnp.asarray(False))
-          continue
-        abar, a_new, a_damped, h_a = layer_work[pos]
-        tap = taps.layers[layer.kernel_index]
-        s_new, y_new = pairs[layer.kernel_index]
-        pair_ok = _curvature.tree_all_finite((s_new, y_new))
-        s_bar = jnp.where(pair_ok, beta * ls.s + (1.0 - beta) * s_new, ls.s)
-        y_bar = jnp.where(pair_ok, beta * ls.y + (1.0 - beta) * y_new, ls.y)
-        if memory_size is None:
-          hy = ls.h_g @ y_bar
-        else:
-          hy = _bfgs.lbfgs_apply(ls.h_g, y_bar, lbfgs_gamma)
-        s_d, y_d, powell, lm = _bfgs.double_damping(s_bar, y_bar, hy, mu1=mu1,
-                                                    mu2=mu2)
-        g_norm = jnp.linalg.norm(tap.output_grad)
-        if memory_size is None:
-          h_g, updated = _bfgs.bfgs_inverse_update(
-              ls.h_g, s_d, y_d, grad_norm=g_norm, skip_tol=skip_tol,
-              valid=pair_ok)
-        else:
-          h_g, updated = _bfgs.lbfgs_append(ls.h_g, s_d, y_d, grad_norm=g_norm,
-                                            skip_tol=skip_tol, valid=pair_ok)
-        s_a, y_a = _bfgs.hessian_action_pair(h_a, a_damped, abar)
-        h_a_new, updated_a = _bfgs.bfgs_inverse_update(
-            h_a, s_a, y_a, grad_norm=jnp.linalg.norm(abar), skip_tol=skip_tol,
-            valid=refresh)
-        new_layers[pos] = KBFGSLayerState(a=a_new, h_a=h_a_new, h_g=h_g,
-                                          s=s_bar, y=y_bar)
-        powell_flags.append(powell & pair_ok)
-        lm_flags.append(lm & pair_ok)
-        skip_flags.append(~updated)
-        skip_a_flags.append(refresh & ~updated_a)
-
-      def count(flags):
-        if not flags:
-          return jnp.zeros((0,), jnp.int32)
-        return jnp.stack(flags).astype(jnp.int32)
-
-      new_state = KBFGSState(
-          count=state.count + 1,
-          momentum=jax.tree_util.tree_unflatten(treedef, new_mom),
-          layers=tuple(new_layers),
-          preconditioned=preconditioned,
-          num_powell=state.num_powell + count(powell_flags),
-          num_lm=state.num_lm + count(lm_flags),
-          num_skipped=state.num_skipped + count(skip_flags),
-          num_skipped_a=state.num_skipped_a + count(skip_a_flags),
-          num_nonfinite=state.num_nonfinite,
-          step_sizes=step_sizes, decreases=decreases, curvatures=curvatures,
-          num_fallbacks=state.num_fallbacks + (
-              jnp.asarray([pos in layer_work for pos in range(len(dense))],
-                          bool) & ~measured).astype(jnp.int32)
-          if layerwise else state.num_fallbacks)
-      return new_state
-
-    def skip_step(_):
-      return state._replace(preconditioned=preconditioned,
-                            num_nonfinite=state.num_nonfinite + 1)
-
-    # A non-finite gradient or statistic skips the whole step: zero update,
-    # state unchanged but the counter. lax.cond rather than jnp.where, so the
-    # big factors are not copied through selects every step.
-    new_state = jax.lax.cond(finite, take_step, skip_step, None)
-    new_updates = jax.tree_util.tree_map(
-        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      functools.partial(_init, cfg), update_fn)

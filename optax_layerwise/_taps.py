@@ -14,7 +14,7 @@ pre-activations ``h``. Neither is in the params or the gradient, so
   layers at once, together with the params gradient.
 
 K-BFGS only ever uses the *means* over examples of ``h`` and of ``gh_i = n
-dL/dh_i`` (ALGORITHMS.md section 3), so a ``(d_out,)`` perturbation suffices:
+dL/dh_i`` (docs/kbfgs.md), so a ``(d_out,)`` perturbation suffices:
 it costs no memory per example, and ``mean_i gh_i = dL/de`` exactly.
 
 Supported layers, with no change to the model:
@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import threading
 from typing import Any, Callable, Optional
 
@@ -47,6 +48,9 @@ import jax
 import jax.numpy as jnp
 
 from optax_layerwise import _curvature
+from optax_layerwise import _kind_conv  # pylint: disable=unused-import
+from optax_layerwise import _kind_dense
+from optax_layerwise import _layer_kinds
 from optax_layerwise import _layers
 
 PyTree = Any
@@ -100,7 +104,7 @@ class DenseTap:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["loss", "grads", "layers"],
-    meta_fields=["num_untapped_calls"])
+    meta_fields=["num_untapped_calls", "unsupported"])
 @dataclasses.dataclass(frozen=True)
 class TapResult:
   """Result of :func:`tap_dense_layers` (a pytree; jit-returnable).
@@ -109,12 +113,15 @@ class TapResult:
     loss: ``value_fn(params)``.
     grads: its gradient (params' structure), or ``None`` if not requested.
     layers: ``{kernel leaf index: DenseTap}`` for every tapped layer.
-    num_untapped_calls: dense calls whose kernel was not a params leaf.
+    num_untapped_calls: layer calls whose kernel was not a params leaf.
+    unsupported: ``((kernel index, reason), ...)`` for tapped kernels whose
+      calls their kind cannot precondition (e.g. a grouped convolution).
   """
   loss: jax.Array
   grads: Optional[PyTree]
   layers: dict
   num_untapped_calls: int
+  unsupported: tuple = ()
 
 
 @dataclasses.dataclass
@@ -138,24 +145,50 @@ class _Context:
     self.stats_dtype = stats_dtype
     self.records: dict = {}
     self.untapped = 0
+    self.unsupported: dict = {}
 
-  def record(self, x, y, kernel, bias):
+  def skip(self, kernel, reason: str) -> None:
+    """A call of a tapped kernel that its kind cannot precondition."""
     index = self.kernel_pos.get(id(kernel))
     if index is None:
       self.untapped += 1
+    else:
+      self.unsupported[index] = reason
+
+  def record(self, call: _layer_kinds.LayerCall):
+    """Accumulates one call's statistics; returns its perturbed output."""
+    y = call.outputs
+    index = self.kernel_pos.get(id(call.kernel))
+    if index is None:
+      self.untapped += 1
       return y
-    bias_index = None if bias is None else self.leaf_index.get(id(bias))
-    d_in, d_out = kernel.shape
+    bias_index = None if call.bias is None else self.leaf_index.get(
+        id(call.bias))
+    out_shape = y.shape[y.ndim - call.out_axes:]
+    pert = self.perts[index]
+    if math.prod(out_shape) != pert.shape[0]:
+      raise ValueError(
+          f"The layer with kernel leaf {index} (shape {call.kernel.shape}) "
+          f"was called with {math.prod(out_shape)} outputs per row, but "
+          f"{pert.shape[0]} were expected from the params: its kernel's "
+          "contracted and output axes were guessed wrong. Pass kbfgs a "
+          "`dense_layers` predicate returning the number of contracted "
+          "leading kernel axes for this leaf.")
     rec = self.records.get(index)
     if rec is None:
       rec = self.records[index] = _Record(index, bias_index)
     elif rec.bias_index != bias_index:
       raise ValueError(
-          "A dense layer was called several times with different biases "
+          "A layer was called several times with different biases "
           f"(leaf {index}); give each call its own layer.")
-    dtype = self.stats_dtype
-    rows = x.reshape(-1, d_in).astype(dtype)
-    out = y.reshape(-1, d_out).astype(dtype)
+    self._accumulate(rec, call.rows, y.reshape(-1, pert.shape[0]))
+    if y.dtype == pert.dtype:
+      return y + pert.reshape(out_shape)
+    # Add in the statistics dtype so the summed cotangent stays accurate.
+    return (y.astype(pert.dtype) + pert.reshape(out_shape)).astype(y.dtype)
+
+  def _accumulate(self, rec: _Record, rows, out) -> None:
+    rows, out = rows.astype(self.stats_dtype), out.astype(self.stats_dtype)
     sum_x = jnp.sum(rows, axis=0)
     sum_y = jnp.sum(out, axis=0)
     sum_xx = _second_moment(rows, self.want_second_moment)
@@ -165,11 +198,6 @@ class _Context:
       sum_xx = None if sum_xx is None else rec.sum_xx + sum_xx
     rec.num_rows += rows.shape[0]
     rec.sum_x, rec.sum_y, rec.sum_xx = sum_x, sum_y, sum_xx
-    pert = self.perts[index]
-    if y.dtype == pert.dtype:
-      return y + pert
-    # Add in the statistics dtype so the summed cotangent stays accurate.
-    return (y.astype(pert.dtype) + pert).astype(y.dtype)
 
 
 def gram(rows: jax.Array, block: int = 192) -> jax.Array:
@@ -217,12 +245,6 @@ def _second_moment(rows: jax.Array, want) -> Optional[jax.Array]:
                       lambda r: jnp.zeros((d, d), r.dtype), rows)
 
 
-def _record(x, y, kernel, bias):
-  if not _CONTEXTS:
-    return y
-  return _CONTEXTS[-1].record(x, y, kernel, bias)
-
-
 def dense(x: jax.Array, kernel: jax.Array,
           bias: Optional[jax.Array] = None, *,
           precision=None) -> jax.Array:
@@ -257,56 +279,65 @@ def dense(x: jax.Array, kernel: jax.Array,
                           precision=precision)
   if bias is not None:
     y = y + bias
-  return _record(x, y, kernel, bias)
+  if not _CONTEXTS:
+    return y
+  rows = x.reshape(-1, kernel.shape[0])
+  return _CONTEXTS[-1].record(_layer_kinds.LayerCall(rows, y, 1, kernel, bias))
 
 
 # --- Flax adapters ---------------------------------------------------------
 
 
+def _tapped_call(kind, module, args, kwargs, y):
+  """Records one call of a module of ``kind``; returns its output."""
+  call = kind.adapter(module, args, kwargs, y)
+  if isinstance(call, str):
+    _CONTEXTS[-1].skip(_kind_dense.kernel_and_bias(module)[0], call)
+    return y
+  return _CONTEXTS[-1].record(call)
+
+
 def _linen_interceptor(next_fun, args, kwargs, context):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  module = context.module
-  if (not _CONTEXTS or context.method_name != "__call__"
-      or not isinstance(module, nn.Dense)):
+  if not _CONTEXTS or context.method_name != "__call__":
     return next_fun(*args, **kwargs)
-  y = next_fun(*args, **kwargs)
-  x = args[0] if args else kwargs["inputs"]
-  kernel = module.get_variable("params", "kernel")
-  bias = module.get_variable("params", "bias") if module.use_bias else None
-  return _record(x, y, kernel, bias)
+  for kind in _layer_kinds.layer_kinds():
+    if isinstance(context.module, kind.linen_types()):
+      y = next_fun(*args, **kwargs)
+      return _tapped_call(kind, context.module, args, kwargs, y)
+  return next_fun(*args, **kwargs)
 
 
-def _raw(variable):
-  get = getattr(variable, "get_value", None)
-  return get() if get is not None else variable.value
+def _nnx_classes() -> list:
+  """``(kind, class)`` for the NNX classes of every kind that define their
+  own ``__call__``."""
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:  # pragma: no cover
+    return []
+  return [(kind, cls) for kind in _layer_kinds.layer_kinds()
+          for cls in kind.nnx_types() if "__call__" in cls.__dict__]
 
 
 @contextlib.contextmanager
 def _nnx_patched():
-  """Wraps ``nnx.Linear.__call__`` for the duration of the tap."""
-  try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    yield
-    return
+  """Wraps the NNX layers' ``__call__`` for the duration of the tap."""
   with _PATCH_LOCK:
-    own = "__call__" in nnx.Linear.__dict__
-    original = nnx.Linear.__call__
+    originals = []
+    for kind, cls in _nnx_classes():
+      original = cls.__dict__["__call__"]
 
-    def tapped_call(self, inputs, *args, **kwargs):
-      y = original(self, inputs, *args, **kwargs)
-      bias = None if self.bias is None else _raw(self.bias)
-      return _record(inputs, y, _raw(self.kernel), bias)
+      def tapped_call(self, *args, _kind=kind, _original=original, **kwargs):
+        y = _original(self, *args, **kwargs)
+        return _tapped_call(_kind, self, args, kwargs, y)
 
-    tapped_call.__wrapped__ = original
-    nnx.Linear.__call__ = tapped_call
+      tapped_call.__wrapped__ = original
+      originals.append((cls, original))
+      cls.__call__ = tapped_call
     try:
       yield
     finally:
-      if own:
-        nnx.Linear.__call__ = original
-      else:  # pragma: no cover - inherited __call__
-        del nnx.Linear.__call__
+      for cls, original in originals:
+        cls.__call__ = original
 
 
 @contextlib.contextmanager
@@ -354,7 +385,8 @@ def tap_dense_layers(
       :func:`dense` calls on the params leaves.
     params: the params.
     kernels: flatten indices of the leaves to tap (default: every 2-D float
-      leaf).
+      leaf), or ``{index: d_out}`` for kernels of higher rank, ``d_out``
+      being the product of their output axes.
     second_moment: also return ``mean_i a_i a_i^T`` (``O(n d_in^2)``); a
       traced boolean scalar computes it under :func:`jax.lax.cond` (zeros
       when ``False``).
@@ -387,7 +419,7 @@ def tap_dense_layers(
     Array([3., 3.], dtype=float32)
   """
   value_fn = _curvature.require_value_fn(value_fn, transform="tap_dense_layers")
-  checked = _curvature._checked_value_fn(  # pylint: disable=protected-access
+  checked = _curvature.checked_value_fn(
       value_fn, "tap_dense_layers")
   with_path, _ = jax.tree_util.tree_flatten_with_path(params)
   leaves = [leaf for _, leaf in with_path]
@@ -395,7 +427,9 @@ def tap_dense_layers(
     kernels = candidate_kernels(params)
   dtype = _layers.stats_dtype(*[leaves[i].dtype for i in kernels]) if (
       kernels) else jnp.float32
-  perts = {i: jnp.zeros((leaves[i].shape[1],), dtype) for i in kernels}
+  sizes = kernels if isinstance(kernels, dict) else {
+      i: leaves[i].shape[-1] for i in kernels}
+  perts = {i: jnp.zeros((d_out,), dtype) for i, d_out in sizes.items()}
   box = {}
 
   def tapped(p, e):
@@ -430,7 +464,8 @@ def tap_dense_layers(
         num_rows=n,
         kernel_index=index,
         bias_index=rec.bias_index)
-  return TapResult(loss, grads if with_grads else None, layers, ctx.untapped)
+  return TapResult(loss, grads if with_grads else None, layers, ctx.untapped,
+                   tuple(sorted(ctx.unsupported.items())))
 
 
 def no_tappable_layer_error(transform: str, untapped: int) -> ValueError:

@@ -206,15 +206,6 @@ def test_equations_typeset_with_the_shipped_mathjax(built_docs, tmp_path):
 # Source and documentation files whose *.md references must resolve.
 _CITING = ("optax_layerwise/**/*.py", "benchmarks/**/*.py", "examples/**/*.py",
            "tests/**/*.py", "docs/**/*.md", "README.md", "CHANGELOG.md")
-# The algorithm notes once cited as a file outside the repository, now the
-# "Algorithm" sections of the method pages.
-_OLD_NOTES = "ALGORITHMS" ".md"
-# Files being restructured elsewhere (the K-BFGS layer kinds) that still cite
-# the old notes; the citations are rewritten there, to docs/kbfgs.md,
-# "Algorithm". Remove an entry once its file no longer cites them.
-_PENDING_OLD_NOTES = frozenset({
-    "optax_layerwise/_kbfgs.py", "optax_layerwise/_taps.py",
-    "optax_layerwise/_bfgs.py"})
 _MD_NAME = re.compile(r"(?<![\w*/.-])((?:\.\.?/)*[\w][\w./-]*\.md)\b")
 
 
@@ -227,8 +218,6 @@ def test_every_cited_markdown_file_exists():
         continue
       for lineno, line in enumerate(path.read_text().splitlines(), 1):
         for name in _MD_NAME.findall(line):
-          if name == _OLD_NOTES and rel in _PENDING_OLD_NOTES:
-            continue
           candidates = (ROOT / name, path.parent / name, DOCS / name)
           if not any(c.is_file() for c in candidates):
             missing.append(f"{rel}:{lineno}: {name}")

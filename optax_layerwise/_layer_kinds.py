@@ -1,0 +1,226 @@
+"""Layer kinds: the one interface K-BFGS's Kronecker factors see.
+
+K-BFGS (Goldfarb, Ren and Bahamou, arXiv 2006.08877, section 3) keeps two
+factors per layer ``h = a @ W + b``: ``H_a`` on the input side and ``H_g`` on
+the pre-activation side. Every layer it supports is such a dense layer once
+its call is written over *rows*:
+
+* a dense layer, ``nn.DenseGeneral`` or ``nnx.LinearGeneral``: the contracted
+  input axes are flattened into ``d_in``, every other input axis (batch,
+  sequence, heads not contracted) joins the rows;
+* a convolution: the input *patches* are the rows (KF-QN-CNN, Ren, Bahamou
+  and Goldfarb, arXiv 2102.06737: a convolution is a dense layer over
+  patches, its statistics averaged over the batch and the spatial
+  positions).
+
+The kernel is then the ``(d_in, d_out)`` matrix ``kernel.reshape(d_in,
+d_out)``: its leading axes are the contracted ones, its trailing axes the
+outputs. A *kind* (one module each: :mod:`optax_layerwise._kind_dense`,
+:mod:`optax_layerwise._kind_conv`) says which Flax modules it taps and how
+one of their calls becomes a :class:`LayerCall`; :func:`register_layer_kind`
+adds one of your own. :func:`find_kernels` finds the kernels in the params
+before any call (``init`` has no ``value_fn``), and the tap checks each call
+against what it found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+__all__ = ["LayerCall", "LayerKind", "LayerSpec", "register_layer_kind",
+           "layer_kinds", "find_kernels", "key_name", "strip_value"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """One call of a layer, written as a dense layer over rows.
+
+  Attributes:
+    rows: ``(n, d_in)`` inputs, one row per example and position.
+    outputs: the layer's output (before any activation), whose trailing
+      ``out_axes`` axes are the kernel's output axes.
+    out_axes: number of trailing output axes of ``outputs``.
+    kernel: the kernel leaf as the layer used it (matched to the params by
+      identity).
+    bias: the bias leaf, or ``None``.
+  """
+  rows: jax.Array
+  outputs: jax.Array
+  out_axes: int
+  kernel: jax.Array
+  bias: Optional[jax.Array]
+
+
+# A kind's adapter returns the call, or a string saying why this call cannot
+# be preconditioned (the layer then takes the fallback, with that reason).
+Adapter = Callable[[Any, tuple, dict, jax.Array], Union[LayerCall, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+  """A kind of layer K-BFGS preconditions.
+
+  Attributes:
+    name: shown in reports and errors, e.g. ``"dense"``, ``"conv"``.
+    linen_types: returns the ``flax.linen`` module classes of this kind
+      (imported lazily).
+    nnx_types: returns the ``flax.nnx`` module classes of this kind.
+    adapter: ``(module, args, kwargs, output) -> LayerCall | reason``, for a
+      module of one of those classes called with ``args, kwargs``.
+  """
+  name: str
+  linen_types: Callable[[], tuple]
+  nnx_types: Callable[[], tuple]
+  adapter: Adapter
+
+
+_KINDS: dict = {}
+
+
+def register_layer_kind(kind: LayerKind) -> LayerKind:
+  """Registers a kind (replacing one of the same name); returns it."""
+  _KINDS[kind.name] = kind
+  return kind
+
+
+def layer_kinds() -> tuple:
+  """The registered kinds, in registration order."""
+  return tuple(_KINDS.values())
+
+
+# --- Finding the kernels in the params -------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Static description of one layer K-BFGS keeps factors for.
+
+  Attributes:
+    name: key path of the layer (the kernel's parent node).
+    kernel_index: flatten index of the kernel leaf in the params.
+    bias_index: flatten index of its bias leaf, or ``None``.
+    d_in: rows of the kernel matrix (product of the contracted axes).
+    d_out: columns (product of the output axes).
+  """
+  name: str
+  kernel_index: int
+  bias_index: Optional[int]
+  d_in: int
+  d_out: int
+
+  @property
+  def k(self) -> int:
+    """Size of ``H_a``: ``d_in``, plus one for the bias."""
+    return self.d_in + (self.bias_index is not None)
+
+
+def key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def strip_value(path: tuple) -> tuple:
+  """Drops the trailing ``.value`` of boxed leaves (NNX variables, Flax
+  ``Partitioned`` boxes) so paths name the param itself."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name in ("value", "raw_value")):
+    return path[:-1]
+  return path
+
+
+def _default_selects(path: tuple, leaf) -> bool:
+  """Every kernel but embeddings (whose rows are looked up, not applied)."""
+  del leaf
+  return "embed" not in key_name(path[-1]).lower() if path else True
+
+
+def _is_kernel(path: tuple, leaf) -> bool:
+  """2-D float leaves, and named ``kernel`` leaves of higher rank."""
+  if not jnp.issubdtype(jnp.asarray(leaf).dtype if not hasattr(
+      leaf, "dtype") else leaf.dtype, jnp.floating):
+    return False
+  if jnp.ndim(leaf) == 2:
+    return True
+  return jnp.ndim(leaf) > 2 and bool(path) and key_name(path[-1]) == "kernel"
+
+
+def _split(shape: tuple, bias_shape: Optional[tuple]) -> int:
+  """How many leading kernel axes are contracted with the input.
+
+  A bias has the output axes' shape, which settles it. Without one, the
+  split whose matrix is closest to square (attention's projections, and
+  convolutions: a ``(3, 3, c_in, c_out)`` kernel is ``(9 c_in, c_out)``),
+  the fewest contracted axes on a tie; the tap checks the guess against the
+  call, and a ``kernels`` predicate returning the number of contracted axes
+  overrides it.
+  """
+  ndim = len(shape)
+  if ndim == 2:
+    return 1
+  if bias_shape is not None:
+    for split in range(ndim - 1, 0, -1):
+      if tuple(shape[split:]) == tuple(bias_shape):
+        return split
+
+  def imbalance(split):
+    d_in, d_out = math.prod(shape[:split]), math.prod(shape[split:])
+    return max(d_in, d_out) / max(min(d_in, d_out), 1)
+
+  return min(range(1, ndim), key=lambda s: (imbalance(s), s))
+
+
+def _bias_of(index: int, paths: list, leaves: list) -> Optional[int]:
+  """The sibling ``bias`` (or ``b``) leaf of a kernel, if any."""
+  parent = paths[index][:-1]
+  candidates = [j for j, p in enumerate(paths)
+                if j != index and p[:-1] == parent
+                and key_name(p[-1]) in ("bias", "b") and jnp.ndim(leaves[j])]
+  named = [j for j in candidates if key_name(paths[j][-1]) == "bias"]
+  return (named or candidates or [None])[0]
+
+
+def find_kernels(params: PyTree, select=None) -> tuple:
+  """The static list of layers to keep factors for, from the params alone.
+
+  Args:
+    params: the params (or their shapes).
+    select: ``(path, leaf) -> bool | int`` on the kernels' key paths: falsy
+      excludes the leaf, an ``int`` (not ``bool``) gives the number of
+      contracted leading axes. Default: every kernel whose key does not
+      contain ``"embed"``.
+
+  Returns:
+    A tuple of :class:`LayerSpec`, in flatten order.
+  """
+  with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+  paths = [strip_value(p) for p, _ in with_path]
+  leaves = [leaf for _, leaf in with_path]
+  select = _default_selects if select is None else select
+  specs = []
+  for i, (path, leaf) in enumerate(zip(paths, leaves)):
+    if not path or not _is_kernel(path, leaf):
+      continue
+    chosen = select(path, leaf)
+    if not chosen:
+      continue
+    bias = _bias_of(i, paths, leaves)
+    bias_shape = None if bias is None else tuple(jnp.shape(leaves[bias]))
+    shape = tuple(jnp.shape(leaf))
+    split = chosen if (isinstance(chosen, int) and not isinstance(
+        chosen, bool)) else _split(shape, bias_shape)
+    d_in, d_out = math.prod(shape[:split]), math.prod(shape[split:])
+    if bias is not None and math.prod(bias_shape) != d_out:
+      bias = None  # a sibling of another shape is not this kernel's bias
+    parent = path[:-1]
+    name = jax.tree_util.keystr(parent if parent else path)
+    specs.append(LayerSpec(name, i, bias, d_in, d_out))
+  return tuple(specs)
