@@ -144,7 +144,10 @@ def _default_selects(path: tuple, leaf) -> bool:
 
 
 def _is_kernel(path: tuple, leaf) -> bool:
-  """2-D float leaves, and named ``kernel`` leaves of higher rank."""
+  """2-D float leaves but biases, and named ``kernel`` leaves of higher
+  rank."""
+  if path and key_name(path[-1]) == "bias":
+    return False
   if not jnp.issubdtype(jnp.asarray(leaf).dtype if not hasattr(
       leaf, "dtype") else leaf.dtype, jnp.floating):
     return False
@@ -153,15 +156,17 @@ def _is_kernel(path: tuple, leaf) -> bool:
   return jnp.ndim(leaf) > 2 and bool(path) and key_name(path[-1]) == "kernel"
 
 
-def _split(shape: tuple, bias_shape: Optional[tuple]) -> int:
+def _split(path: tuple, shape: tuple, bias_shape: Optional[tuple]) -> int:
   """How many leading kernel axes are contracted with the input.
 
-  A bias has the output axes' shape, which settles it. Without one, the
-  split whose matrix is closest to square (attention's projections, and
-  convolutions: a ``(3, 3, c_in, c_out)`` kernel is ``(9 c_in, c_out)``),
-  the fewest contracted axes on a tie; the tap checks the guess against the
-  call, and a ``kernels`` predicate returning the number of contracted axes
-  overrides it.
+  A bias has the output axes' shape, which settles it. Without one, a
+  kernel of rank 4 or 5, or under a key containing ``"conv"``, is a
+  convolution's ``(*window, c_in, c_out)`` (one output axis); a rank-3
+  kernel takes the split whose matrix is closest to square (attention's
+  projections ``(d, heads, head_dim)`` and ``(heads, head_dim, d)``, and
+  1-D convolutions), the fewest contracted axes on a tie. The tap checks
+  the guess against every call; a ``dense_layers`` predicate returning the
+  number of contracted axes overrides it.
   """
   ndim = len(shape)
   if ndim == 2:
@@ -170,6 +175,8 @@ def _split(shape: tuple, bias_shape: Optional[tuple]) -> int:
     for split in range(ndim - 1, 0, -1):
       if tuple(shape[split:]) == tuple(bias_shape):
         return split
+  if ndim > 3 or any("conv" in key_name(k).lower() for k in path):
+    return ndim - 1
 
   def imbalance(split):
     d_in, d_out = math.prod(shape[:split]), math.prod(shape[split:])
@@ -216,7 +223,7 @@ def find_kernels(params: PyTree, select=None) -> tuple:
     bias_shape = None if bias is None else tuple(jnp.shape(leaves[bias]))
     shape = tuple(jnp.shape(leaf))
     split = chosen if (isinstance(chosen, int) and not isinstance(
-        chosen, bool)) else _split(shape, bias_shape)
+        chosen, bool)) else _split(path, shape, bias_shape)
     d_in, d_out = math.prod(shape[:split]), math.prod(shape[split:])
     if bias is not None and math.prod(bias_shape) != d_out:
       bias = None  # a sibling of another shape is not this kernel's bias
