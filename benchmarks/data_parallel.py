@@ -33,12 +33,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_layerwise as olw
 from benchmarks import experiments
+from benchmarks import loop
 from benchmarks import models
 
 AX = "data"
@@ -60,30 +60,19 @@ SMOKE_WIDTHS = (784, 32, 8, 32, 784)
 
 
 def _step_fns(loss_fn, tx, mesh, mode: str):
-  """The jitted train step ``(params, state, batch) -> (params, state, loss)``."""
-  if mode == "shard_map":
+  """The jitted train step ``(params, state, batch) -> (params, state, loss)``.
 
-    def local_step(params, state, batch):
-      value_fn = lambda p: loss_fn(p, batch)  # this device's loss
-      # The pmean-ed loss's gradient w.r.t. the replicated params is the
-      # global gradient (shard_map sums the cotangents over the axis).
-      loss, grads = jax.value_and_grad(
-          lambda p: jax.lax.pmean(value_fn(p), AX))(params)
-      updates, state = tx.update(grads, state, params, value_fn=value_fn)
-      return optax.apply_updates(params, updates), state, loss
-
-    return jax.jit(jax.shard_map(local_step, mesh=mesh,
-                                 in_specs=(P(), P(), P(AX)),
-                                 out_specs=(P(), P(), P())),
-                   donate_argnums=(0, 1))
-
-  def step(params, state, batch):  # the single-device code, unchanged
-    value_fn = lambda p: loss_fn(p, batch)
-    loss, grads = jax.value_and_grad(value_fn)(params)
-    updates, state = tx.update(grads, state, params, value_fn=value_fn)
-    return optax.apply_updates(params, updates), state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
+  ``shard_map``: per device, the gradient of the ``pmean``-ed loss (the
+  global gradient: shard_map sums the cotangents over the axis) and
+  ``value_fn`` the device's own loss; ``jit``: the single-device step,
+  unchanged.
+  """
+  if mode == "jit":
+    return loop.make_step(loss_fn, tx, donate=True)
+  return jax.jit(jax.shard_map(loop.step_fn(loss_fn, tx, axis_name=AX),
+                               mesh=mesh, in_specs=(P(), P(), P(AX)),
+                               out_specs=(P(), P(), P())),
+                 donate_argnums=(0, 1))
 
 
 def state_spread(tree) -> float:
@@ -108,26 +97,23 @@ def train(exp, method: str, mode: str, mesh, *, epochs: int, seed: int = 0,
     params = jax.device_put(exp.init_fn(jax.random.PRNGKey(seed)), replicated)
     state = jax.jit(tx.init, out_shardings=replicated)(params)
     step = _step_fns(exp.loss_fn, tx, mesh, mode)
-    x = exp.train["x"]
     bs = exp.batch_size
-    first = {"x": jax.device_put(x[:bs], batched)}
+    first = {"x": jax.device_put(exp.train["x"][:bs], batched)}
     t0 = time.perf_counter()
     compiled = step.lower(params, state, first).compile()
     compile_s = time.perf_counter() - t0
-    rng = np.random.default_rng(seed)
+    batches = loop.shuffled_batches(
+        exp.train, bs, np.random.default_rng(seed),
+        take=lambda data, idx: {k: jax.device_put(v[idx], batched)
+                                for k, v in data.items()})
     history: List[Dict[str, Any]] = []
     for epoch in range(1, epochs + 1):
-      order = rng.permutation(len(x))
-      losses, times = [], []
-      for i in range(exp.steps_per_epoch):
-        batch = {"x": jax.device_put(x[order[i * bs:(i + 1) * bs]], batched)}
-        t = time.perf_counter()
-        params, state, loss = compiled(params, state, batch)
-        loss = float(loss)  # waits for the step
-        times.append(time.perf_counter() - t)
-        losses.append(loss)
-      history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                      "step_ms": 1e3 * statistics.median(times)})
+      params, state, steps = loop.train(compiled, params, state, batches,
+                                        exp.steps_per_epoch,
+                                        stop_at_divergence=False)
+      history.append({"epoch": epoch,
+                      "train_loss": float(np.mean(steps.losses)),
+                      "step_ms": 1e3 * statistics.median(steps.seconds)})
       log(f"  {label:18s} {mode:9s} epoch {epoch:2d}  train loss "
           f"{history[-1]['train_loss']:9.3f}  step {history[-1]['step_ms']:8.1f}"
           " ms")

@@ -82,7 +82,7 @@ from benchmarks.report import aligned, format_number
 from benchmarks.results import BenchmarkResult, MethodResult, Run, write_json
 from benchmarks.run import csv_list, float_list, int_list
 from benchmarks.summary import summarise, time_to_target
-from benchmarks.timing import carried, time_side_by_side
+from benchmarks.timing import Carried, time_side_by_side
 
 __all__ = ["build_experiment", "run", "main", "format_fm_table",
            "TABLE_EPOCHS"]
@@ -270,7 +270,7 @@ def _step_callables(exp: Experiment, lrs: Dict[str, Optional[float]],
     if tx is None:
       print(f"[timing] skip {name}: {reason}", flush=True)
       continue
-    calls[name] = carried(loop.make_step(exp.loss_fn, tx), params0,
+    calls[name] = Carried(loop.make_step(exp.loss_fn, tx), params0,
                           tx.init(params0), batch)
     for _ in range(warmup):
       calls[name]()

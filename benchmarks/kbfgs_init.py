@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import optax_layerwise as olw
-from benchmarks import data, models
+from benchmarks import data, loop, models
 
 CONFIGS = (("torch", None), ("torch", 0.1), ("lecun", None), ("lecun", 0.1),
            ("glorot", None), ("glorot", 0.1))
@@ -37,24 +37,11 @@ def run_one(weight_init, bound, images, *, steps, batch, lr=0.3, seed=0,
     return optax.sigmoid_binary_cross_entropy(logits, x).sum(-1).mean()
 
   tx = olw.kbfgs(lr, max_relative_change=bound)
-
-  @jax.jit
-  def step(p, s, x):
-    loss, grads = jax.value_and_grad(loss_fn)(p, x)
-    updates, s = tx.update(grads, s, p, value_fn=lambda q: loss_fn(q, x))
-    return optax.apply_updates(p, updates), s, loss
-
-  state = tx.init(params)
-  order = np.random.default_rng(seed)
-  per_epoch = len(images) // batch
-  losses = []
-  for i in range(steps):
-    if i % per_epoch == 0:
-      perm = order.permutation(len(images))
-    idx = perm[(i % per_epoch) * batch:(i % per_epoch + 1) * batch]
-    params, state, loss = step(params, state, images[idx])
-    losses.append(float(loss) if np.isfinite(float(loss)) else float("nan"))
-  return losses
+  batches = loop.shuffled_batches(images, batch, np.random.default_rng(seed))
+  _, _, log = loop.train(loop.make_step(loss_fn, tx), params,
+                         tx.init(params), batches, steps,
+                         stop_at_divergence=False)
+  return [v if np.isfinite(v) else float("nan") for v in log.losses]
 
 
 def main(argv=None):
@@ -64,6 +51,9 @@ def main(argv=None):
   parser.add_argument("--n-train", type=int, default=8000)
   parser.add_argument("--small", action="store_true",
                       help="a 784-32-6-32-784 model (smoke test)")
+  parser.add_argument("--configs", default=None,
+                      help="a subset of INIT/BOUND pairs, e.g. "
+                      "torch/0.1,lecun/None (default: all six)")
   parser.add_argument("--out", default="results/kbfgs_init.json")
   args = parser.parse_args(argv)
   ds = data.make_curves(args.n_train, 100)
@@ -71,7 +61,10 @@ def main(argv=None):
   widths = (784, 32, 6, 32, 784) if args.small else models.CURVES_AE_WIDTHS
   results = {}
   print(f"{'init':<8}{'bound':>7}  loss every 10 steps")
-  for weight_init, bound in CONFIGS:
+  configs = CONFIGS
+  if args.configs:
+    configs = [c for c in CONFIGS if f"{c[0]}/{c[1]}" in args.configs.split(",")]
+  for weight_init, bound in configs:
     losses = run_one(weight_init, bound, images, steps=args.steps,
                      batch=args.batch, widths=widths)
     results[f"{weight_init}/{bound}"] = dict(

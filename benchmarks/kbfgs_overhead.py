@@ -31,8 +31,9 @@ import numpy as np
 import optax
 
 import optax_layerwise as olw
+from benchmarks import loop
 from benchmarks import models
-from benchmarks.timing import time_side_by_side
+from benchmarks.timing import Carried, time_side_by_side
 
 WIDTHS = models.MNIST_AE_WIDTHS
 
@@ -42,15 +43,6 @@ def _loss_fn(model):
     logits = model.apply(params, x)
     return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), -1))
   return loss
-
-
-def _make_step(tx, loss):
-  def step(params, state, x):
-    value, grads = jax.value_and_grad(loss)(params, x)
-    updates, state = tx.update(grads, state, params,
-                               value_fn=lambda p: loss(p, x))
-    return optax.apply_updates(params, updates), state, value
-  return jax.jit(step, donate_argnums=(0, 1))
 
 
 def _megabytes(tree) -> float:
@@ -70,7 +62,7 @@ def _compile(step, params, state, x) -> tuple[float, float]:
 
 def run(batch: int = 1000, rounds: int = 9, calls: int = 3,
         memory_size: int = 100, widths=WIDTHS, warmup: int = 3,
-        seed: int = 0) -> dict:
+        seed: int = 0, tangent: bool = True) -> dict:
   """Measures every method; returns the results dictionary."""
   model = models.Autoencoder(tuple(widths))
   key = jax.random.PRNGKey(seed)
@@ -81,33 +73,23 @@ def run(batch: int = 1000, rounds: int = 9, calls: int = 3,
       "adam": optax.adam(1e-3),
       "kbfgs": olw.kbfgs(0.3),
       f"kbfgs_l{memory_size}": olw.kbfgs(0.3, memory_size=memory_size),
-      "kbfgs_tangent": olw.kbfgs(0.3, pair="tangent"),
   }
+  if tangent:
+    methods["kbfgs_tangent"] = olw.kbfgs(0.3, pair="tangent")
   runs = {}
   for name, tx in methods.items():
-    step = _make_step(tx, loss)
+    step = loop.make_step(loss, tx, donate=True)
     params = jax.tree_util.tree_map(jnp.copy, params0)
     state = tx.init(params)
     flops, compile_s = _compile(step, params, state, x)
-    params, state, value = step(params, state, x)
-    losses = [float(value)]
-    for _ in range(warmup):
-      params, state, value = step(params, state, x)
-      losses.append(float(value))
-    runs[name] = dict(step=step, params=params, state=state, flops=flops,
-                      compile_s=compile_s, losses=losses,
-                      state_mb=_megabytes(tx.init(params0)))
+    call = Carried(step, params, state, x)
+    losses = [float(call()) for _ in range(1 + warmup)]
+    runs[name] = dict(call=call, flops=flops, compile_s=compile_s,
+                      losses=losses, state_mb=_megabytes(tx.init(params0)))
     print(f"  compiled {name}: {compile_s:.1f} s, warm-up losses "
           f"{', '.join(f'{v:.1f}' for v in losses)}", flush=True)
 
-  def one_step(item):
-    def call():
-      item["params"], item["state"], value = item["step"](
-          item["params"], item["state"], x)
-      return value
-    return call
-
-  timings = time_side_by_side({name: one_step(item) for name, item in
+  timings = time_side_by_side({name: item["call"] for name, item in
                                runs.items()}, baseline="adam", rounds=rounds,
                               calls_per_round=calls)
   names = list(runs)
@@ -133,7 +115,7 @@ def run(batch: int = 1000, rounds: int = 9, calls: int = 3,
         state_mb=item["state_mb"],
         state_ratio_vs_adam=item["state_mb"] / runs["adam"]["state_mb"],
         compile_s=item["compile_s"],
-        final_loss=float(loss(item["params"], x)),
+        final_loss=float(loss(item["call"].params, x)),
         samples_ms=timing["samples_ms"])
   return results
 
@@ -163,13 +145,16 @@ def main(argv=None):
   parser.add_argument("--memory-size", type=int, default=100)
   parser.add_argument("--small", action="store_true",
                       help="a 784-100-30-100-784 model (smoke test)")
+  parser.add_argument("--skip-tangent", action="store_true",
+                      help="leave out the pair='tangent' variant")
   parser.add_argument("--out", default="results/kbfgs_overhead.json")
   args = parser.parse_args(argv)
   widths = (784, 100, 30, 100, 784) if args.small else WIDTHS
   print(f"K-BFGS overhead, autoencoder {'-'.join(map(str, widths))}, batch "
         f"{args.batch}, backend {jax.default_backend()}", flush=True)
   results = run(batch=args.batch, rounds=args.rounds, calls=args.calls,
-                memory_size=args.memory_size, widths=widths)
+                memory_size=args.memory_size, widths=widths,
+                tangent=not args.skip_tangent)
   print(_table(results))
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

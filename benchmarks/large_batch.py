@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 import optax_layerwise as olw
+from benchmarks import loop
 
 try:
   from tqdm import tqdm
@@ -146,25 +147,13 @@ GRIDS = {
 LABELS = {"sgdm": "SGD-m", "lars": "LARS", "cblr": "CBLR", "mclr": "MCLR"}
 
 
-@functools.partial(jax.jit, static_argnames=("tx", "batch_size"))
-def train_epoch(params, opt_state, key, x, y, *, tx, batch_size):
-  """One epoch of shuffled mini-batches, scanned; returns the mean loss."""
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def epoch_batches(key, x, y, *, batch_size):
+  """One epoch of shuffled mini-batches, stacked for a scanned step."""
   steps = x.shape[0] // batch_size
   perm = jax.random.permutation(key, x.shape[0])[:steps * batch_size]
-  xb = x[perm].reshape(steps, batch_size, -1)
-  yb = y[perm].reshape(steps, batch_size)
-
-  def step(carry, batch):
-    p, s = carry
-    bx, by = batch
-    value_fn = lambda q: loss_fn(q, bx, by)  # noqa: E731
-    loss, grads = jax.value_and_grad(value_fn)(p)
-    updates, s = tx.update(grads, s, p, value_fn=value_fn)
-    return (optax.apply_updates(p, updates), s), loss
-
-  (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
-                                             (xb, yb))
-  return params, opt_state, jnp.mean(losses)
+  return (x[perm].reshape(steps, batch_size, -1),
+          y[perm].reshape(steps, batch_size))
 
 
 def run(method, scale, batch_size, epochs, data, seed=0):
@@ -173,12 +162,13 @@ def run(method, scale, batch_size, epochs, data, seed=0):
   total_steps = epochs * (x.shape[0] // batch_size)
   tx = make_optimizer(method, scale, total_steps)
   params = init_params(jax.random.PRNGKey(seed))
-  opt_state = tx.init(params)
   key = jax.random.PRNGKey(seed + 1)
-  for epoch in range(epochs):
-    params, opt_state, _ = train_epoch(
-        params, opt_state, jax.random.fold_in(key, epoch), x, y, tx=tx,
-        batch_size=batch_size)
+  batches = (epoch_batches(jax.random.fold_in(key, epoch), x, y,
+                           batch_size=batch_size) for epoch in range(epochs))
+  # One call per epoch: the epoch's steps under one jax.lax.scan.
+  step = loop.make_step(lambda p, b: loss_fn(p, *b), tx, scan=True)
+  params, opt_state, _ = loop.train(step, params, tx.init(params), batches,
+                                    epochs, stop_at_divergence=False)
   train_loss, train_acc = evaluate(params, x, y)
   val_loss, val_acc = evaluate(params, *map(jnp.asarray, data["val"]))
   test_loss, test_acc = evaluate(params, *map(jnp.asarray, data["test"]))

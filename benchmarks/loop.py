@@ -119,7 +119,8 @@ def train(step: Callable, params: Any, state: Any, batches: Iterator[Any],
           num_steps: int, *, eval_every: int = 0,
           on_step: Optional[Callable[..., None]] = None,
           on_eval: Optional[Callable[..., Optional[float]]] = None,
-          progress: Optional[str] = None, log: Optional[Log] = None):
+          progress: Optional[str] = None, log: Optional[Log] = None,
+          stop_at_divergence: bool = True):
   """Runs ``num_steps`` calls of a compiled ``step`` on ``batches``.
 
   Args:
@@ -135,10 +136,11 @@ def train(step: Callable, params: Any, state: Any, batches: Iterator[Any],
       non-finite returned loss counts as divergence and stops the loop.
     progress: the progress bar's description (``None``: no bar).
     log: a :class:`Log` to append to (kept if the step raises).
+    stop_at_divergence: stop at the first non-finite loss (else only mark
+      ``log.diverged`` and go on: the transform may skip such steps).
 
   Returns:
-    ``(params, state, log)``; the loop stops early at a non-finite loss
-    (``log.diverged``).
+    ``(params, state, log)``.
   """
   log = Log() if log is None else log
   bar = _bar(num_steps, progress)
@@ -157,7 +159,8 @@ def train(step: Callable, params: Any, state: Any, batches: Iterator[Any],
         bar.set_postfix(loss=f"{loss[-1]:.4g}", refresh=False)
       if not np.all(np.isfinite(loss)):
         log.diverged = True
-        break
+        if stop_at_divergence:
+          break
       if on_eval is not None and (k == num_steps or (
           eval_every and k % eval_every == 0)):
         monitored = on_eval(k, params, state, log.elapsed)

@@ -39,8 +39,9 @@ import optax
 
 import optax_layerwise as olw
 from benchmarks import data
+from benchmarks import loop
 from benchmarks import models
-from benchmarks.timing import time_side_by_side
+from benchmarks.timing import Carried, time_side_by_side
 from optax_layerwise import _curvature
 from optax_layerwise import _layers
 
@@ -110,33 +111,22 @@ def _problem(arch: str, batch: int, seed: int):
 
 def _batches(x: np.ndarray, batch: int, seed: int):
   """An endless iterator of device mini-batches, reshuffled every epoch."""
-  rng = np.random.default_rng(seed)
-  while True:
-    perm = rng.permutation(len(x))
-    for i in range(len(x) // batch):
-      yield jnp.asarray(x[perm[i * batch:(i + 1) * batch]])
+  return loop.shuffled_batches(x, batch, np.random.default_rng(seed),
+                               take=lambda a, idx: jnp.asarray(a[idx]))
 
 
-def _trainer(tx, params, loss, x, batch, seed):
+def _trainer(tx, params, loss, x, batch, seed) -> Carried:
   """A zero-argument callable running one jitted step on carried state."""
+  return Carried(loop.make_step(loss, tx), params, tx.init(params),
+                 _batches(x, batch, seed))
 
-  @jax.jit
-  def step(params, state, xb):
-    value, grads = jax.value_and_grad(loss)(params, xb)
-    updates, state = tx.update(grads, state, params,
-                               value_fn=lambda p: loss(p, xb))
-    return optax.apply_updates(params, updates), state, value
 
-  carry = {"params": params, "state": tx.init(params), "losses": []}
-  batches = _batches(x, batch, seed)
-
-  def run():
-    carry["params"], carry["state"], value = step(
-        carry["params"], carry["state"], next(batches))
-    carry["losses"].append(value)
-    return value
-
-  return run, carry
+def _train(trainer: Carried, steps: int) -> list:
+  """``steps`` steps of a trainer; their losses."""
+  trainer.params, trainer.state, log = loop.train(
+      trainer.step, trainer.params, trainer.state, trainer.batches, steps,
+      stop_at_divergence=False)
+  return log.losses
 
 
 def _fallback_fraction(state) -> float:
@@ -181,14 +171,13 @@ def estimator_accuracy(params, loss, x, batch: int, seed: int,
             "exact, secant": q(secant, "exact", tangent_scales=scales),
             "row, secant": q(secant, "row", tangent_scales=scales)}
 
-  run, carry = _trainer(olw.layerwise_sgd(), params, loss, x, batch, seed)
+  trainer = _trainer(olw.layerwise_sgd(), params, loss, x, batch, seed)
   batches = _batches(x, batch, seed + 1)
   samples = {}
   for point in range(num_points):
-    for _ in range(25):
-      run()
-    d = carry["state"][0].direction_state[0].trace
-    out = forms(carry["params"], d, next(batches),
+    _train(trainer, 25)
+    d = trainer.state[0].direction_state[0].trace
+    out = forms(trainer.params, d, next(batches),
                 jax.random.PRNGKey(point))
     for name, value in out.items():
       samples.setdefault(name, []).append(np.asarray(value))
@@ -226,23 +215,21 @@ def main(argv=None):
   for name in names:
     make, _, trained = METHODS[name]
     runs[name] = _trainer(make(), params, loss, x, args.batch, args.seed)
-    for _ in range(args.train_steps if trained else 0):
-      runs[name][0]()
-    losses = [float(v) for v in runs[name][1]["losses"]]
+    losses = _train(runs[name], args.train_steps if trained else 0)
     summary[name] = {
         "final_loss": float(np.mean(losses[-20:])) if trained else None,
-        "fallback_fraction": _fallback_fraction(runs[name][1]["state"])}
+        "fallback_fraction": _fallback_fraction(runs[name].state)}
     if trained:
       print(f"  trained {name}: loss {summary[name]['final_loss']:.2f}, "
             f"fallbacks {summary[name]['fallback_fraction']:.1%}", flush=True)
-  timings = time_side_by_side({n: r[0] for n, r in runs.items()},
+  timings = time_side_by_side(runs,
                               baseline=names[0], rounds=args.rounds,
                               calls_per_round=args.calls)
   for name, t in timings.items():
     base = METHODS[name][1] or name
     if not METHODS[name][2]:  # fallbacks over the timed steps only
       summary[name]["fallback_fraction"] = _fallback_fraction(
-          runs[name][1]["state"])
+          runs[name].state)
     ratios = (np.asarray(t["samples_ms"])
               / np.asarray(timings[base]["samples_ms"]))
     summary[name].update(base=base, median_ms=t["median_ms"],

@@ -36,7 +36,7 @@ from benchmarks.results import (BenchmarkResult, GridPoint, MethodResult, Run,
                                 environment, finite)
 from benchmarks.results import validate as validate_results  # docs cite it
 from benchmarks.summary import summarise
-from benchmarks.timing import carried, time_side_by_side
+from benchmarks.timing import Carried, time_side_by_side
 
 __all__ = ["run_single", "run_benchmark", "validate_results"]
 
@@ -108,7 +108,7 @@ def _start(exp: Experiment, tx, data: DeviceData, seed: int, run: Run):
   step = loop.make_step(exp.loss_fn, tx).lower(params, state, first).compile()
   run.compile_time_s = time.perf_counter() - start
   warm = jax.block_until_ready(step(params, state, first))
-  timer = carried(step, warm[0], warm[1], first)
+  timer = Carried(step, warm[0], warm[1], first)
   return step, params, state, itertools.chain([first], batches), timer
 
 

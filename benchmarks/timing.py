@@ -8,31 +8,38 @@ slows both sides of a ratio alike.
 
 from __future__ import annotations
 
+import collections.abc
+import itertools
 import time
 from typing import Any, Callable, Dict, Mapping
 
 import jax
 import numpy as np
 
-__all__ = ["carried", "time_side_by_side"]
+__all__ = ["Carried", "time_side_by_side"]
 
 
-def carried(step: Callable, params: Any, state: Any,
-            batch: Any) -> Callable[[], Any]:
-  """A zero-argument callable running ``step(params, state, batch)`` on its
-  own carried ``(params, state)`` (advanced by every call) and returning the
-  loss: what :func:`time_side_by_side` times.
+class Carried:
+  """A zero-argument callable running one training step on its own carried
+  ``params`` and ``state`` (advanced by every call) and returning the loss:
+  what :func:`time_side_by_side` times.
 
-  ``step`` is a training step ``(params, state, batch) -> (params, state,
-  loss)`` such as :func:`benchmarks.loop.make_step`'s.
+  Args:
+    step: ``(params, state, batch) -> (params, state, loss)``, such as
+      :func:`benchmarks.loop.make_step`'s.
+    params, state: the start.
+    batches: one batch used by every call, or an iterator of batches.
   """
-  box = [params, state]
 
-  def call():
-    box[0], box[1], loss = step(box[0], box[1], batch)
+  def __init__(self, step: Callable, params: Any, state: Any, batches: Any):
+    self.step, self.params, self.state = step, params, state
+    self.batches = (batches if isinstance(batches, collections.abc.Iterator)
+                    else itertools.repeat(batches))
+
+  def __call__(self):
+    self.params, self.state, loss = self.step(self.params, self.state,
+                                              next(self.batches))
     return loss
-
-  return call
 
 
 def time_side_by_side(
