@@ -81,8 +81,8 @@ from benchmarks.methods import Method
 from benchmarks.report import aligned, format_number
 from benchmarks.results import BenchmarkResult, MethodResult, Run, write_json
 from benchmarks.run import csv_list, float_list, int_list
-from benchmarks.summary import summarise, time_to_target
-from benchmarks.timing import Carried, time_side_by_side
+from benchmarks.summary import summarise
+from benchmarks.timing import Carried, time_side_by_side, time_to_target
 
 __all__ = ["build_experiment", "run", "main", "format_fm_table",
            "TABLE_EPOCHS"]

@@ -60,7 +60,7 @@ import optax
 
 from benchmarks import data as data_lib
 from benchmarks import models
-from benchmarks.timing import time_side_by_side
+from benchmarks.timing import time_side_by_side, time_to_target
 
 FULL = dict(n_train=60_000, n_test=10_000, epochs=10)
 QUICK = dict(n_train=5000, n_test=1000, epochs=2)
@@ -92,26 +92,12 @@ def _tuned_adam(results_json: pathlib.Path):
     return None, None, None, None
 
 
-def _time_to_target(epochs, times, losses, target):
-  prev = None
-  for e, t, l in zip(epochs, times, losses):
-    if l is None:
-      return None, None
-    if l <= target:
-      if prev is None or prev[2] <= l:
-        return e, t
-      f = (prev[2] - target) / (prev[2] - l)
-      return prev[0] + f * (e - prev[0]), prev[1] + f * (t - prev[1])
-    prev = (e, t, l)
-  return None, None
-
-
 def _finite(x):
   x = float(x)
   return x if math.isfinite(x) else None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true",
@@ -143,7 +129,78 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                  "target loss and epochs to it)")
   p.add_argument("--out", default="results/fashion_mnist/kfac_jax.json")
   p.add_argument("--no-progress", action="store_true")
-  args = p.parse_args(argv)
+  return p
+
+
+def _summary(results: Dict[str, Any], side: Dict[str, dict], args,
+             our_target, our_adam_epochs, steps_per_epoch) -> Dict[str, Any]:
+  """Against tuned Adam's final loss in our results (if the sizes match):
+  epochs and seconds to it, adjusted by the side-by-side step times."""
+  summary: Dict[str, Any] = {"target": our_target,
+                             "target_source": args.results
+                             if our_target is not None else None}
+  h = results.get("history")
+  if h and our_target is not None:
+    ep, s = time_to_target(h["epoch"], h["time_s"], h["train_loss"],
+                            our_target)
+    summary.update(epochs_to_target=ep, time_to_target_s=s)
+    if ep is not None and side:
+      adj = ep * steps_per_epoch * side["kfac-jax"]["median_ms"] / 1e3
+      summary["time_to_target_adj_s"] = adj
+      if our_adam_epochs is not None:
+        adam_adj = (our_adam_epochs * steps_per_epoch
+                    * side["adam"]["median_ms"] / 1e3)
+        summary["adam_time_to_target_adj_s"] = adam_adj
+        summary["time_to_target_adj_ratio_adam"] = adj / adam_adj
+    if "adam" in results:
+      a = results["adam"]["history"]
+      aep, ats = time_to_target(a["epoch"], a["time_s"], a["train_loss"],
+                                 our_target)
+      results["adam"].update(epochs_to_target=aep, time_to_target_s=ats)
+      if s is not None and ats:
+        summary["time_to_target_ratio_adam"] = s / ats
+  return summary
+
+
+def _print_table(results: Dict[str, Any], side: Dict[str, dict], args,
+                 epochs: int, adam_lr: float, our_target, n_train: int,
+                 batch_size: int) -> None:
+  """The table (same columns as benchmarks.fashion_mnist's)."""
+  summary = results["summary"]
+  cols = [c for c in (1, 2, 3, 5, 10) if c <= epochs] + (
+      [epochs] if epochs not in (1, 2, 3, 5, 10) else [])
+
+  def fmt(x, d=4):
+    return "-" if x is None else f"{x:.{d}g}"
+
+  print(f"\nkfac-jax vs optax.adam (lr {adam_lr:g}), {n_train} images, "
+        f"batch {batch_size}; target = tuned Adam's final loss "
+        f"{fmt(our_target, 5)} from {args.results if our_target else '-'}")
+  print("  method    " + "".join(f"{'ep' + str(c):>9}" for c in cols)
+        + f"{'ep->Adam':>10}{'s->Adam':>9}{'adj s':>9}{'x Adam adj':>11}"
+        f"{'ms/step':>9}{'step x Adam':>12}")
+  rows = [("kfac-jax", results.get("history"), summary)]
+  if "adam" in results:
+    rows.append(("adam", results["adam"]["history"], {
+        "epochs_to_target": results["adam"].get("epochs_to_target"),
+        "time_to_target_s": results["adam"].get("time_to_target_s")}))
+  for name, hist, s in rows:
+    if not hist:
+      print(f"  {name:<10}{results.get('reason')}")
+      continue
+    by_epoch = dict(zip(hist["epoch"], hist["train_loss"]))
+    t = side.get(name, {})
+    print(f"  {name:<10}" + "".join(f"{fmt(by_epoch.get(float(c))):>9}"
+                                    for c in cols)
+          + f"{fmt(s.get('epochs_to_target'), 3):>10}"
+          f"{fmt(s.get('time_to_target_s')):>9}"
+          f"{fmt(s.get('time_to_target_adj_s')):>9}"
+          f"{fmt(s.get('time_to_target_adj_ratio_adam'), 3):>11}"
+          f"{fmt(t.get('median_ms')):>9}{fmt(t.get('ratio_median'), 3):>12}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+  args = _parser().parse_args(argv)
   kfac_jax = _import_kfac()
   preset = QUICK if args.quick else FULL
   n_train = args.n_train or preset["n_train"]
@@ -424,65 +481,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     results["adam"] = train("adam")
 
 
-  # Against tuned Adam's final loss in our results (if the sizes match).
-  summary: Dict[str, Any] = {"target": our_target,
-                             "target_source": args.results
-                             if our_target is not None else None}
-  h = results.get("history")
-  if h and our_target is not None:
-    ep, s = _time_to_target(h["epoch"], h["time_s"], h["train_loss"],
-                            our_target)
-    summary.update(epochs_to_target=ep, time_to_target_s=s)
-    if ep is not None and side:
-      adj = ep * steps_per_epoch * side["kfac-jax"]["median_ms"] / 1e3
-      summary["time_to_target_adj_s"] = adj
-      if our_adam_epochs is not None:
-        adam_adj = (our_adam_epochs * steps_per_epoch
-                    * side["adam"]["median_ms"] / 1e3)
-        summary["adam_time_to_target_adj_s"] = adam_adj
-        summary["time_to_target_adj_ratio_adam"] = adj / adam_adj
-    if "adam" in results:
-      a = results["adam"]["history"]
-      aep, ats = _time_to_target(a["epoch"], a["time_s"], a["train_loss"],
-                                 our_target)
-      results["adam"].update(epochs_to_target=aep, time_to_target_s=ats)
-      if s is not None and ats:
-        summary["time_to_target_ratio_adam"] = s / ats
-  results["summary"] = summary
+  results["summary"] = _summary(results, side, args, our_target,
+                                our_adam_epochs, steps_per_epoch)
 
   save()
 
-  # The table (same columns as benchmarks.fashion_mnist's).
-  cols = [c for c in (1, 2, 3, 5, 10) if c <= epochs] + (
-      [epochs] if epochs not in (1, 2, 3, 5, 10) else [])
-
-  def fmt(x, d=4):
-    return "-" if x is None else f"{x:.{d}g}"
-
-  print(f"\nkfac-jax vs optax.adam (lr {adam_lr:g}), {len(x_train)} images, "
-        f"batch {batch_size}; target = tuned Adam's final loss "
-        f"{fmt(our_target, 5)} from {args.results if our_target else '-'}")
-  print("  method    " + "".join(f"{'ep' + str(c):>9}" for c in cols)
-        + f"{'ep->Adam':>10}{'s->Adam':>9}{'adj s':>9}{'x Adam adj':>11}"
-        f"{'ms/step':>9}{'step x Adam':>12}")
-  rows = [("kfac-jax", results.get("history"), summary)]
-  if "adam" in results:
-    rows.append(("adam", results["adam"]["history"], {
-        "epochs_to_target": results["adam"].get("epochs_to_target"),
-        "time_to_target_s": results["adam"].get("time_to_target_s")}))
-  for name, hist, s in rows:
-    if not hist:
-      print(f"  {name:<10}{results.get('reason')}")
-      continue
-    by_epoch = dict(zip(hist["epoch"], hist["train_loss"]))
-    t = side.get(name, {})
-    print(f"  {name:<10}" + "".join(f"{fmt(by_epoch.get(float(c))):>9}"
-                                    for c in cols)
-          + f"{fmt(s.get('epochs_to_target'), 3):>10}"
-          f"{fmt(s.get('time_to_target_s')):>9}"
-          f"{fmt(s.get('time_to_target_adj_s')):>9}"
-          f"{fmt(s.get('time_to_target_adj_ratio_adam'), 3):>11}"
-          f"{fmt(t.get('median_ms')):>9}{fmt(t.get('ratio_median'), 3):>12}")
+  _print_table(results, side, args, epochs, adam_lr, our_target,
+               len(x_train), batch_size)
   print(f"\nWrote {out}")
   return results
 

@@ -14,26 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from benchmarks.results import BenchmarkResult, MethodResult, Run
+from benchmarks.timing import time_to_target
 
-__all__ = ["time_to_target", "step_ms", "summarise"]
-
-
-def time_to_target(epochs: Sequence[float], times: Sequence[float],
-                   losses: Sequence[Optional[float]], target: float
-                   ) -> Tuple[Optional[float], Optional[float]]:
-  """First (linearly interpolated) epoch and time at which loss <= target;
-  ``(None, None)`` if never (or not before a ``None`` loss)."""
-  prev = None
-  for e, t, l in zip(epochs, times, losses):
-    if l is None:
-      return None, None
-    if l <= target:
-      if prev is None or prev[2] <= l:
-        return e, t
-      frac = (prev[2] - target) / (prev[2] - l)
-      return (prev[0] + frac * (e - prev[0]), prev[1] + frac * (t - prev[1]))
-    prev = (e, t, l)
-  return None, None
+__all__ = ["step_ms", "summarise"]
 
 
 def _mean_std(xs) -> Tuple[Optional[float], Optional[float]]:

@@ -1,4 +1,5 @@
-"""Side-by-side step timing: interleaved rounds, medians, ratios.
+"""Side-by-side step timing (interleaved rounds, medians, ratios), and the
+wall time to a target loss.
 
 This machine is shared and noisy, so methods are timed in interleaved rounds
 (each round times every method once, in a rotating order) and compared by the
@@ -11,12 +12,12 @@ from __future__ import annotations
 import collections.abc
 import itertools
 import time
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
-__all__ = ["Carried", "time_side_by_side"]
+__all__ = ["Carried", "time_side_by_side", "time_to_target"]
 
 
 class Carried:
@@ -99,3 +100,21 @@ def time_side_by_side(
         "samples_ms": [float(x) for x in s],
     }
   return results
+
+
+def time_to_target(epochs: Sequence[float], times: Sequence[float],
+                   losses: Sequence[Optional[float]], target: float
+                   ) -> Tuple[Optional[float], Optional[float]]:
+  """First (linearly interpolated) epoch and time at which loss <= target;
+  ``(None, None)`` if never (or not before a ``None`` loss)."""
+  prev = None
+  for e, t, l in zip(epochs, times, losses):
+    if l is None:
+      return None, None
+    if l <= target:
+      if prev is None or prev[2] <= l:
+        return e, t
+      frac = (prev[2] - target) / (prev[2] - l)
+      return (prev[0] + frac * (e - prev[0]), prev[1] + frac * (t - prev[1]))
+    prev = (e, t, l)
+  return None, None

@@ -27,6 +27,7 @@ from benchmarks import results as results_lib
 from benchmarks import run as run_lib
 from benchmarks import runner
 from benchmarks import summary as summary_lib
+from benchmarks import timing
 
 # Tiny versions of every experiment (same code paths, small sizes).
 TINY = {
@@ -248,10 +249,10 @@ def test_resolve_method_and_unavailable():
 
 def test_time_to_target_interpolates():
   hist = ([0.0, 1.0, 2.0], [0.0, 10.0, 20.0], [10.0, 6.0, 2.0])
-  e, t = summary_lib.time_to_target(*hist, 4.0)
+  e, t = timing.time_to_target(*hist, 4.0)
   assert e == pytest.approx(1.5) and t == pytest.approx(15.0)
-  assert summary_lib.time_to_target(*hist, 1.0) == (None, None)
-  assert summary_lib.time_to_target(*hist, 20.0) == (0.0, 0.0)
+  assert timing.time_to_target(*hist, 1.0) == (None, None)
+  assert timing.time_to_target(*hist, 20.0) == (0.0, 0.0)
 
 
 def test_step_time_uses_grid_runs():
