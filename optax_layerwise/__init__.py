@@ -14,6 +14,9 @@ Transforms that need curvature take the mini-batch loss as the keyword
 argument ``value_fn`` of ``update``.
 """
 
+from optax_layerwise._coverage import kbfgs_coverage
+from optax_layerwise._coverage import KBFGSCoverage
+from optax_layerwise._coverage import LeafCoverage
 from optax_layerwise._curvature_lr import cblr
 from optax_layerwise._curvature_lr import mclr
 from optax_layerwise._curvature_lr import scale_by_curvature_lr
@@ -40,9 +43,11 @@ __version__ = "0.1.0"
 
 __all__ = (
     "DenseTap",
+    "KBFGSCoverage",
     "KBFGSLayerState",
     "KBFGSState",
     "Layers",
+    "LeafCoverage",
     "ScaleByCurvatureLRState",
     "ScaleByLayerwiseStepSizeState",
     "SmallLossWeights",
@@ -52,6 +57,7 @@ __all__ = (
     "dense",
     "group_layers",
     "kbfgs",
+    "kbfgs_coverage",
     "kbfgs_layer_names",
     "layerwise_adamw",
     "layerwise_sgd",

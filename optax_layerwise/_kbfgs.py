@@ -1,6 +1,8 @@
 """K-BFGS and K-BFGS(L) (Goldfarb, Ren and Bahamou, NeurIPS 2020).
 
-Block-diagonal quasi-Newton with one block per dense layer ``h = a @ W + b``,
+Block-diagonal quasi-Newton with one block per layer ``h = a @ W + b`` (a
+dense layer, or any layer kind written as one over rows:
+:mod:`optax_layerwise._layer_kinds`),
 each block approximated by a Kronecker product whose two small factors keep
 their inverses by BFGS: ``H_a`` (input side, ``(d_in+1)^2``) and ``H_g``
 (pre-activation side, ``d_out^2``, or the L-BFGS operator of the last ``p``
@@ -19,7 +21,7 @@ kernel layout). Per step, on the mini-batch of ``value_fn``:
    sqrt(lambda) I)^-1`` (the only explicit inverse; ``H_g = I`` from
    ``init``).
 2. ``M <- mu M + (1 - mu) (g + tau theta)`` for every leaf.
-3. ``delta_l = -lr H_a M_l H_g`` for dense layers; other leaves (norm scales,
+3. ``delta_l = -lr H_a M_l H_g`` for tapped layers; other leaves (norm scales,
    embeddings, ...) take the fallback ``-lr M``.
 4. Second tapped pass on the same mini-batch at ``theta + delta``
    (``pair="secant"``) or the directional derivatives along ``delta``
@@ -66,10 +68,12 @@ __all__ = ["KBFGSLayerState", "KBFGSState", "kbfgs"]
 _NAME = "kbfgs"
 PAIRS = ("secant", "tangent")
 STEP_RULES = ("layerwise", "fixed")
+UNSEEN = ("no call on the params leaf itself: not called, or only inside a "
+           "transform nested in value_fn such as nn.scan or nn.RNN")
 
 
 class KBFGSLayerState(NamedTuple):
-  """The Kronecker factors of one dense layer (statistics dtype).
+  """The Kronecker factors of one layer (statistics dtype).
 
   Attributes:
     a: ``(k, k)`` running ``A = mean a a^T`` (``k = d_in + 1`` with a bias).
@@ -90,14 +94,14 @@ class KBFGSLayerState(NamedTuple):
 class KBFGSState(NamedTuple):
   """State of :func:`kbfgs`; shapes and dtypes are fixed across steps.
 
-  Per-layer vectors have one entry per dense layer, in the order of
+  Per-layer vectors have one entry per layer with factors, in the order of
   :func:`kbfgs_layer_names`.
 
   Attributes:
     count: accepted steps (int32); indexes learning-rate schedules.
     momentum: ``M``, the momentum of the regularised gradient (params'
       structure, statistics dtype).
-    layers: one :class:`KBFGSLayerState` per dense layer.
+    layers: one :class:`KBFGSLayerState` per layer with factors.
     preconditioned: params' structure, bool scalars: ``True`` for the leaves
       (kernel and bias) the last step preconditioned; ``False`` for leaves
       that took the fallback ``-lr M``.
@@ -283,7 +287,7 @@ def _tapped_layers(specs: tuple, taps: _taps.TapResult) -> tuple:
   if not taps.layers:
     raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
   reasons = dict(taps.unsupported)
-  untapped = [f"{s.name} ({reasons.get(s.kernel_index, 'not called')})"
+  untapped = [f"{s.name} ({reasons.get(s.kernel_index, UNSEEN)})"
               for s in specs if s.kernel_index not in taps.layers]
   if untapped:
     warnings.warn(
@@ -672,16 +676,17 @@ def kbfgs(
     dense_layers: Optional[Callable[[tuple, Any], bool]] = None,
     axis_name: Optional[_curvature.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""K-BFGS / K-BFGS(L): Kronecker-factored BFGS for dense layers.
+  r"""K-BFGS / K-BFGS(L): Kronecker-factored BFGS for dense and conv layers.
 
   Goldfarb, Ren and Bahamou, "Practical Quasi-Newton Methods for Training
   Deep Neural Networks", NeurIPS 2020, arXiv 2006.08877 (docs/kbfgs.md,
-  "Algorithm"). Each dense layer ``h = a @ W + b`` moves by
+  "Algorithm"). Each layer ``h = a @ W + b`` (``W`` the kernel as a
+  ``(d_in, d_out)`` matrix) moves by
   ``delta = -lr * H_a M H_g``, ``M`` being the momentum of ``grad + tau *
   theta`` for ``[W; b]``, ``H_a ~ (A + sqrt(lambda) I)^-1`` and ``H_g`` a BFGS
   (or, with ``memory_size=p``, L-BFGS) approximation of the inverse
   pre-activation Hessian, damped by Powell + Levenberg-Marquardt "double
-  damping". Leaves outside dense layers move by ``-lr * M``.
+  damping". Other leaves move by ``-lr * M``.
 
   This is a complete optimizer, meant as the **last** stage of a chain: its
   secant pair is measured at ``theta + delta`` with the very step it returns,
@@ -694,9 +699,10 @@ def kbfgs(
                                      value_fn=lambda p: loss_fn(p, batch))
       params = optax.apply_updates(params, updates)
 
-  ``value_fn`` is re-run with the dense layers tapped (Flax linen
-  ``nn.Dense``, Flax NNX ``nnx.Linear``, or :func:`optax_layerwise.dense` in
-  plain JAX), once at ``theta`` and once at ``theta + delta``. Put the
+  ``value_fn`` is re-run with its layers tapped (Flax linen ``nn.Dense``,
+  ``nn.DenseGeneral``, ``nn.Conv``; Flax NNX ``nnx.Linear``,
+  ``nnx.LinearGeneral``, ``nnx.Conv``; :func:`optax_layerwise.dense` in plain
+  JAX), once at ``theta`` and once at ``theta + delta``. Put the
   gradient computation and ``tx.update`` in the same ``jax.jit``: XLA then
   shares the forward and backward pass of the tap at ``theta`` with the
   gradient's (so K-BFGS costs one extra forward-backward pass, the second
@@ -751,11 +757,15 @@ def kbfgs(
       tapped inputs' second moment, ``O(n d_in^2)``, and the ``H_a`` update)
       every this many steps (ours; kfac-jax's ``curvature_update_period``
       plays the same role). 1 is the paper.
-    dense_layers: which 2-D leaves are dense kernels that get Kronecker
-      factors: a predicate ``(path, leaf) -> bool`` on key paths. Default:
-      every 2-D float leaf whose key does not contain ``"embed"``; a 1-D
-      sibling of length ``d_out`` named ``bias`` (or ``b``) is its bias.
-      Exclude big 2-D leaves that are not dense layers to save memory.
+    dense_layers: which kernels get Kronecker factors: a predicate ``(path,
+      leaf) -> bool | int`` on key paths; an ``int`` (not ``bool``) gives the
+      number of contracted leading kernel axes, overriding the guess.
+      Default: every kernel (2-D float leaf but biases, or leaf named
+      ``kernel`` of higher rank: convolutions, ``DenseGeneral``) whose key
+      does not contain ``"embed"``; a sibling ``bias`` (or ``b``) of the
+      output axes' shape is its bias. Layer kinds, how kernels are found and
+      what falls back: docs/kbfgs.md, "Layer kinds";
+      :func:`optax_layerwise.kbfgs_coverage` reports it for a model.
       A callable: under :func:`optax.inject_hyperparams` (which treats
       callables as schedules) list it in ``static_args``.
     axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel

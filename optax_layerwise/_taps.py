@@ -61,6 +61,10 @@ __all__ = ["dense", "DenseTap", "TapResult", "tap_dense_layers",
 SUPPORTED_LAYERS = ("flax.linen.Dense", "flax.nnx.Linear",
                     "optax_layerwise.dense (plain JAX)")
 
+_NESTED = ("called only inside a transform nested in value_fn (nn.scan, "
+           "nn.RNN, jax.lax.scan, jax.checkpoint): its statistics cannot "
+           "leave that trace")
+
 # The stack of active tap contexts. It is empty outside `tap_dense_layers`;
 # a lock serialises the (trace-time only) patching of `nnx.Linear`.
 _CONTEXTS: list = []
@@ -71,7 +75,7 @@ _PATCH_LOCK = threading.RLock()
     jax.tree_util.register_dataclass,
     data_fields=["input_mean", "input_second_moment", "output_mean",
                  "output_grad"],
-    meta_fields=["name", "num_rows", "kernel_index", "bias_index"])
+    meta_fields=["name", "num_rows", "kernel_index", "bias_index", "kind"])
 @dataclasses.dataclass(frozen=True)
 class DenseTap:
   """What one tapped dense layer saw (statistics dtype: float32 or float64).
@@ -90,6 +94,7 @@ class DenseTap:
     num_rows: number of examples ``n`` (all leading dims of all calls).
     kernel_index: flatten index of the kernel leaf in the params.
     bias_index: flatten index of the bias leaf, or ``None``.
+    kind: the layer kind that tapped the calls (``"dense"``, ``"conv"``).
   """
   input_mean: jax.Array
   input_second_moment: Optional[jax.Array]
@@ -99,6 +104,7 @@ class DenseTap:
   num_rows: int
   kernel_index: int
   bias_index: Optional[int]
+  kind: str = "dense"
 
 
 @functools.partial(
@@ -128,10 +134,16 @@ class TapResult:
 class _Record:
   kernel_index: int
   bias_index: Optional[int]
+  kind: str
   num_rows: int = 0
   sum_x: Any = None
   sum_xx: Any = None
   sum_y: Any = None
+
+
+def _trace_of(x):
+  """The JAX trace a value belongs to (``None`` for concrete arrays)."""
+  return getattr(x, "_trace", None)
 
 
 class _Context:
@@ -145,6 +157,7 @@ class _Context:
     self.stats_dtype = stats_dtype
     self.records: dict = {}
     self.untapped = 0
+    self.untapped_kernels: set = set()
     self.unsupported: dict = {}
 
   def skip(self, kernel, reason: str) -> None:
@@ -155,10 +168,17 @@ class _Context:
     else:
       self.unsupported[index] = reason
 
-  def record(self, call: _layer_kinds.LayerCall):
+  def record(self, call: _layer_kinds.LayerCall, kind: str = "dense"):
     """Accumulates one call's statistics; returns its perturbed output."""
     y = call.outputs
     index = self.kernel_pos.get(id(call.kernel))
+    if index is not None and _trace_of(y) is not _trace_of(
+        self.perts[index]):
+      # A call inside a transform nested in value_fn (nn.scan, nn.RNN,
+      # jax.lax.scan, jax.checkpoint ...): its values live in that inner
+      # trace and may not leave it.
+      self.untapped_kernels.add(index)
+      index = None
     if index is None:
       self.untapped += 1
       return y
@@ -176,7 +196,7 @@ class _Context:
           "leading kernel axes for this leaf.")
     rec = self.records.get(index)
     if rec is None:
-      rec = self.records[index] = _Record(index, bias_index)
+      rec = self.records[index] = _Record(index, bias_index, kind)
     elif rec.bias_index != bias_index:
       raise ValueError(
           "A layer was called several times with different biases "
@@ -294,7 +314,7 @@ def _tapped_call(kind, module, args, kwargs, y):
   if isinstance(call, str):
     _CONTEXTS[-1].skip(_kind_dense.kernel_and_bias(module)[0], call)
     return y
-  return _CONTEXTS[-1].record(call)
+  return _CONTEXTS[-1].record(call, kind.name)
 
 
 def _linen_interceptor(next_fun, args, kwargs, context):
@@ -463,9 +483,13 @@ def tap_dense_layers(
         name=jax.tree_util.keystr(with_path[index][0]),
         num_rows=n,
         kernel_index=index,
-        bias_index=rec.bias_index)
+        bias_index=rec.bias_index,
+        kind=rec.kind)
+  unsupported = {i: _NESTED for i in ctx.untapped_kernels
+                 if i not in ctx.records}
+  unsupported.update(ctx.unsupported)
   return TapResult(loss, grads if with_grads else None, layers, ctx.untapped,
-                   tuple(sorted(ctx.unsupported.items())))
+                   tuple(sorted(unsupported.items())))
 
 
 def no_tappable_layer_error(transform: str, untapped: int) -> ValueError:

@@ -38,6 +38,7 @@ DOCS = ROOT / "docs"
 NEEDS_EXAMPLE = (
     "layerwise_sgd", "layerwise_adamw", "scale_by_layerwise_step_size",
     "cblr", "mclr", "scale_by_curvature_lr", "kbfgs", "kbfgs_layer_names",
+    "kbfgs_coverage",
     "dense", "tap_dense_layers", "group_layers", "batch_size_schedule",
     "small_loss_weights",
 )

@@ -297,3 +297,46 @@ def test_grouped_convolution_takes_the_fallback_with_its_reason():
   assert any("grouped or depthwise" in str(w.message) for w in caught)
   assert not bool(state.preconditioned["Conv_0"]["kernel"])
   assert bool(state.preconditioned["Dense_0"]["kernel"])
+
+
+class _Mixed(nn.Module):
+  """One of each: conv, grouped conv, norm, a cell scanned by nn.RNN, dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(4, (3,), name="conv")(x))
+    h = nn.Conv(4, (3,), feature_group_count=2, name="grouped")(h)
+    h = nn.LayerNorm(name="norm")(h)
+    h = nn.RNN(nn.SimpleCell(5))(h)
+    return nn.Dense(1, name="out")(h[:, -1])
+
+
+def test_coverage_names_each_leafs_kind_or_reason_and_matches_kbfgs():
+  key = _key()
+  x = jax.random.normal(key, (3, 6, 2))
+  params = _Mixed().init(key, x)["params"]
+  loss = lambda p: jnp.mean(_Mixed().apply({"params": p}, x) ** 2)
+  report = olw.kbfgs_coverage(loss, params)
+  by_path = {leaf.path: leaf for leaf in report.leaves}
+  assert by_path["['conv']['kernel']"].kind == "conv"
+  assert by_path["['out']['kernel']"].kind == "dense"
+  assert "grouped" in by_path["['grouped']['kernel']"].reason
+  assert by_path["['norm']['scale']"].kind is None
+  rnn = [leaf for path, leaf in by_path.items() if "SimpleCell" in path]
+  assert rnn and all(leaf.kind is None and "nn.scan" in leaf.reason
+                     for leaf in rnn)
+  sizes = {leaf.path: math.prod(leaf.shape) for leaf in report.leaves}
+  kept = sum(sizes[p] for p, leaf in by_path.items() if leaf.kind)
+  assert report.fraction == pytest.approx(kept / sum(sizes.values()))
+  assert "conv" in str(report) and "fallback" in str(report)
+  # K-BFGS preconditions exactly these leaves, and the scanned cell's
+  # calls do not leak a tracer out of nn.RNN's scan.
+  tx = olw.kbfgs()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _, state = jax.jit(lambda p, s: tx.update(
+        jax.grad(loss)(p), s, p, value_fn=loss))(params, tx.init(params))
+  flags = jax.tree_util.tree_flatten_with_path(state.preconditioned)[0]
+  for path, flag in flags:
+    path = jax.tree_util.keystr(path)
+    assert bool(flag) == (by_path[path].kind is not None), path
