@@ -26,6 +26,9 @@ from optax_layerwise._kbfgs import kbfgs_layer_names
 from optax_layerwise._kbfgs import KBFGSLayerState
 from optax_layerwise._kbfgs import KBFGSState
 from optax_layerwise._large_batch import batch_size_schedule
+from optax_layerwise._layer_kinds import LayerCall
+from optax_layerwise._layer_kinds import LayerKind
+from optax_layerwise._layer_kinds import register_layer_kind
 from optax_layerwise._large_batch import small_loss_weights
 from optax_layerwise._large_batch import SmallLossWeights
 from optax_layerwise._layers import group_layers
@@ -46,6 +49,8 @@ __all__ = (
     "KBFGSCoverage",
     "KBFGSLayerState",
     "KBFGSState",
+    "LayerCall",
+    "LayerKind",
     "Layers",
     "LeafCoverage",
     "ScaleByCurvatureLRState",
@@ -62,6 +67,7 @@ __all__ = (
     "layerwise_adamw",
     "layerwise_sgd",
     "mclr",
+    "register_layer_kind",
     "scale_by_curvature_lr",
     "scale_by_layerwise_step_size",
     "small_loss_weights",

@@ -85,7 +85,44 @@ _KINDS: dict = {}
 
 
 def register_layer_kind(kind: LayerKind) -> LayerKind:
-  """Registers a kind (replacing one of the same name); returns it."""
+  """Registers a layer kind for K-BFGS (replacing one of the same name).
+
+  The adapter receives a called module of one of the kind's classes, its
+  call's ``args, kwargs`` and its output, and returns a :class:`LayerCall`
+  (or a string: why this call cannot be preconditioned). The kernel must be
+  the params leaf itself (the tap matches calls to leaves by identity), its
+  leading axes contracted with ``rows`` and its trailing axes the last
+  ``out_axes`` axes of the output.
+
+  Args:
+    kind: the :class:`LayerKind`.
+
+  Returns:
+    ``kind``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import optax_layerwise as olw
+    >>> class Bilinear(nn.Module):  # y = x @ kernel, written by hand
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     kernel = self.param('kernel', nn.initializers.lecun_normal(),
+    ...                         (x.shape[-1], 3))
+    ...     return x @ kernel
+    >>> def adapter(module, args, kwargs, y):
+    ...   x = args[0]
+    ...   return olw.LayerCall(
+    ...       rows=x.reshape(-1, x.shape[-1]), outputs=y, out_axes=1,
+    ...       kernel=module.get_variable('params', 'kernel'), bias=None)
+    >>> _ = olw.register_layer_kind(olw.LayerKind(
+    ...     name='bilinear', linen_types=lambda: (Bilinear,),
+    ...     nnx_types=lambda: (), adapter=adapter))
+    >>> x = jnp.ones((4, 2))
+    >>> params = Bilinear().init(jax.random.PRNGKey(0), x)['params']
+    >>> loss = lambda p: jnp.sum(Bilinear().apply({'params': p}, x) ** 2)
+    >>> olw.kbfgs_coverage(loss, params).leaves[0].kind
+    'bilinear'
+  """
   _KINDS[kind.name] = kind
   return kind
 
