@@ -15,6 +15,7 @@ import jax
 
 from optax_layerwise import _kbfgs
 from optax_layerwise import _layer_kinds
+from optax_layerwise import _layers
 from optax_layerwise import _taps
 
 PyTree = Any
@@ -105,7 +106,7 @@ def kbfgs_coverage(value_fn: Callable[[PyTree], Any], params: PyTree, *,
             None, reasons.get(spec.kernel_index, _kbfgs.UNSEEN))
   with_path, _ = jax.tree_util.tree_flatten_with_path(params)
   return KBFGSCoverage(tuple(
-      LeafCoverage(jax.tree_util.keystr(_layer_kinds.strip_value(path)),
+      LeafCoverage(jax.tree_util.keystr(_layers.strip_variable_keys(path)),
                    tuple(jax.numpy.shape(leaf)),
                    *kinds.get(i, (None, _NOT_A_KERNEL)))
       for i, (path, leaf) in enumerate(with_path)))

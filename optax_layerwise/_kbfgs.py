@@ -55,9 +55,11 @@ import jax.numpy as jnp
 import optax
 
 from optax_layerwise import _bfgs
-from optax_layerwise import _curvature
+from optax_layerwise import _checks
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layers
+from optax_layerwise import _nonfinite
+from optax_layerwise import _parallel
 from optax_layerwise import _taps
 
 PyTree = Any
@@ -248,6 +250,7 @@ class _Config:
   layerwise: bool
   max_step_scale: Any
   input_factor_interval: Any
+  step_size_interval: Any
   pair: str
   h_g: Any  # _bfgs.DenseInverse or _bfgs.LimitedMemory
   select: Any
@@ -257,9 +260,17 @@ class _Config:
     rate = self.learning_rate
     return rate(count) if callable(rate) else rate
 
+  def measure(self, count):
+    """Whether the per-layer step's ``t_l`` is measured at this step."""
+    if not self.layerwise:
+      return False
+    if _checks.concrete_int(self.step_size_interval) == 1:
+      return True
+    return count % self.step_size_interval == 0
+
   def refresh(self, count):
     """Whether ``A`` and ``H_a`` are refreshed at this step."""
-    if _curvature.concrete_int(self.input_factor_interval) == 1:
+    if _checks.concrete_int(self.input_factor_interval) == 1:
       return True
     return count % self.input_factor_interval == 0
 
@@ -275,11 +286,32 @@ class _Work(NamedTuple):
 # --- Phase 1: the tapped pass at theta -------------------------------------
 
 
-def _tap(cfg: _Config, value_fn, params, specs, *, second_moment):
+def _tap(cfg: _Config, value_fn, params, specs, *, second_moment,
+         with_grads=None):
   return _taps.tap_dense_layers(
       value_fn, params, kernels={s.kernel_index: s.d_out for s in specs},
-      second_moment=second_moment, with_grads=cfg.layerwise,
+      second_moment=second_moment,
+      with_grads=cfg.layerwise if with_grads is None else with_grads,
       axis_name=cfg.axis_name, local_grads=True)
+
+
+def _second_tap(cfg: _Config, value_fn, params, specs, measure):
+  """The tap of the pair's pass; its params gradient (for ``q_l``) only
+  when ``measure`` (a traced bool: under :func:`jax.lax.cond`, zeros
+  otherwise, so skipped steps cost no weight-gradient products)."""
+  if isinstance(measure, bool):
+    return _tap(cfg, value_fn, params, specs, second_moment=False,
+                with_grads=cfg.layerwise and measure)
+
+  def without_grads(p):
+    res = _tap(cfg, value_fn, p, specs, second_moment=False,
+               with_grads=False)
+    return dataclasses.replace(res, grads=jax.tree_util.tree_map(
+        jnp.zeros_like, p))
+
+  return jax.lax.cond(
+      measure, lambda p: _tap(cfg, value_fn, p, specs, second_moment=False,
+                              with_grads=True), without_grads, params)
 
 
 def _tapped_layers(specs: tuple, taps: _taps.TapResult) -> tuple:
@@ -364,14 +396,15 @@ def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
 # --- Phase 4: the pair, at theta + delta or along delta ---------------------
 
 
-def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps):
+def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps,
+                  measure):
   """Per layer ``(mean h, mean g_h)`` changes, and the params gradient's
   change (``None`` unless the step is per layer)."""
   if cfg.pair == "secant":
     shifted = jax.tree_util.tree_map(
         lambda p, u: jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
         params, updates)
-    plus = _tap(cfg, value_fn, shifted, tapped, second_moment=False)
+    plus = _second_tap(cfg, value_fn, shifted, tapped, measure)
     pairs = {}
     for spec in tapped:
       before, after = taps.layers[spec.kernel_index], plus.layers.get(
@@ -388,7 +421,7 @@ def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps):
     return pairs, grad_change
 
   def means(p):
-    res = _tap(cfg, value_fn, p, tapped, second_moment=False)
+    res = _second_tap(cfg, value_fn, p, tapped, measure)
     return {s.kernel_index: (res.layers[s.kernel_index].output_mean,
                              res.layers[s.kernel_index].output_grad)
             for s in tapped}, res.grads
@@ -404,18 +437,21 @@ def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps):
 
 
 def _layer_steps(cfg: _Config, state: KBFGSState, rows: list, specs: tuple,
-                 grad0, grad_change, trial, limits):
+                 grad0, grad_change, trial, limits, measure):
   """``t_l`` for the tapped layers (rows of the per-layer vectors); returns
-  the new ``(step_sizes, decreases, curvatures, measured)``."""
+  the new ``(step_sizes, decreases, curvatures, measured)``. Off the
+  ``step_size_interval`` (``measure`` false) every layer reuses its last
+  ``t_l``, still capped by the displacement bound."""
   dtype = state.step_sizes.dtype
   b = jnp.stack([_layer_dot(grad0, trial, specs[r], dtype) for r in rows])
   q = jnp.stack([_layer_dot(grad_change, trial, specs[r], dtype)
                  for r in rows])
   # The gradients are this device's (local_grads): b and q are linear in
   # them, so one all-reduce of 2 L numbers gives the global ones.
-  b, q = _curvature.global_mean(jnp.stack([b, q]), cfg.axis_name)
+  b, q = _parallel.global_mean(jnp.stack([b, q]), cfg.axis_name)
   index = jnp.asarray(rows)
   limit = jnp.stack([limits[r] for r in rows]).astype(dtype)
+  q = jnp.where(measure, q, jnp.nan)  # not measured: reuse the last t_l
   scales, valid = _step_scales(b, q, state.step_sizes[index], limit,
                                cfg.max_step_scale)
   keep = lambda new, old: jnp.where(jnp.isfinite(new), new, old[index])
@@ -434,7 +470,7 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
   ``H_a``; returns the layer's new state and its (powell, lm, skipped,
   skipped_a) flags."""
   s_new, y_new = pair
-  pair_ok = _curvature.tree_all_finite((s_new, y_new))
+  pair_ok = _nonfinite.tree_all_finite((s_new, y_new))
   beta = cfg.beta
   s_bar = jnp.where(pair_ok, beta * ls.s + (1.0 - beta) * s_new, ls.s)
   y_bar = jnp.where(pair_ok, beta * ls.y + (1.0 - beta) * y_new, ls.y)
@@ -466,16 +502,17 @@ def _counts(flags: list, num: int) -> tuple:
 
 def _check_args(learning_rate, damping, mu1, mu2, momentum, stat_decay,
                 weight_decay, max_relative_change, memory_size, pair,
-                step_rule, max_step_scale, input_factor_interval) -> None:
+                step_rule, max_step_scale, input_factor_interval,
+                step_size_interval) -> None:
   """Clear errors for bad hyperparameters. Values injected by
   :func:`optax.inject_hyperparams` arrive traced and are not checked."""
-  lr_value = None if callable(learning_rate) else _curvature.concrete_float(
+  lr_value = None if callable(learning_rate) else _checks.concrete_float(
       learning_rate)
   if lr_value is not None and lr_value < 0:
     raise ValueError(f"{_NAME}: learning_rate must be >= 0, got "
                      f"{learning_rate}. kbfgs returns the descent step "
                      "-lr * H_a M H_g itself: pass a positive rate.")
-  damping_value = _curvature.concrete_float(damping)
+  damping_value = _checks.concrete_float(damping)
   if damping_value is not None and not damping_value > 0:
     raise ValueError(f"{_NAME}: damping must be > 0 (A is damped by "
                      f"sqrt(damping) I), got {damping}.")
@@ -484,41 +521,39 @@ def _check_args(learning_rate, damping, mu1, mu2, momentum, stat_decay,
         f"{_NAME}: damping={damping} gives mu2 = sqrt(damping) >= 1; pass "
         "mu2 in (0, 1) explicitly for damping >= 1.")
   for name, value in (("mu2", mu2), ("mu1", mu1)):
-    number = _curvature.concrete_float(value)
+    number = _checks.concrete_float(value)
     if number is not None and not 0 < number < 1:
       raise ValueError(f"{_NAME}: {name} must lie in (0, 1), got {value}.")
   for name, value in (("momentum", momentum), ("stat_decay", stat_decay)):
-    _curvature.check_decay(value, name, transform=_NAME)
-  weight_decay_value = _curvature.concrete_float(weight_decay)
+    _checks.check_decay(value, name, transform=_NAME)
+  weight_decay_value = _checks.concrete_float(weight_decay)
   if weight_decay_value is not None and weight_decay_value < 0:
     raise ValueError(f"{_NAME}: weight_decay must be >= 0, got "
                      f"{weight_decay}.")
   if max_relative_change is not None:
-    _curvature.check_non_negative(
+    _checks.check_non_negative(
         max_relative_change, "max_relative_change", transform=_NAME,
         why="It bounds each layer's step relative to its norm; pass None to "
         "remove the bound.")
   _check_memory_size(memory_size)
-  if pair not in PAIRS:
-    raise ValueError(f"{_NAME}: pair must be one of {PAIRS}, got {pair!r}.")
-  if step_rule not in STEP_RULES:
-    raise ValueError(f"{_NAME}: step_rule must be one of {STEP_RULES}, got "
-                     f"{step_rule!r}.")
-  _curvature.check_non_negative(
+  _checks.check_one_of(pair, "pair", PAIRS, transform=_NAME)
+  _checks.check_one_of(step_rule, "step_rule", STEP_RULES, transform=_NAME)
+  _checks.check_non_negative(
       max_step_scale, "max_step_scale", transform=_NAME,
       why="It caps the per-layer multiple t_l of the trial step.")
-  interval = _curvature.concrete_int(input_factor_interval)
-  if interval is not None and (
-      isinstance(input_factor_interval, bool)
-      or interval != input_factor_interval or interval < 1):
-    raise ValueError(f"{_NAME}: input_factor_interval must be an integer "
-                     f">= 1, got {input_factor_interval!r}.")
+  for name, value in (("input_factor_interval", input_factor_interval),
+                      ("step_size_interval", step_size_interval)):
+    interval = _checks.concrete_int(value)
+    if interval is not None and (
+        isinstance(value, bool) or interval != value or interval < 1):
+      raise ValueError(f"{_NAME}: {name} must be an integer >= 1, got "
+                       f"{value!r}.")
 
 
 def _check_memory_size(memory_size) -> None:
   if memory_size is None:
     return
-  if _curvature.concrete_int(memory_size) is None:
+  if _checks.concrete_int(memory_size) is None:
     raise ValueError(
         f"{_NAME}: memory_size sets the shape of the L-BFGS state and must be "
         "a Python int. With optax.inject_hyperparams, pass "
@@ -530,7 +565,7 @@ def _check_memory_size(memory_size) -> None:
 
 
 def _sqrt(value):
-  number = _curvature.concrete_float(value)
+  number = _checks.concrete_float(value)
   return jnp.sqrt(value) if number is None else math.sqrt(number)
 
 
@@ -568,8 +603,8 @@ def _init(cfg: _Config, params) -> KBFGSState:
 
 def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   """One K-BFGS step: the orchestration of the phases above."""
-  value_fn = _curvature.checked_value_fn(
-      _curvature.require_value_fn(value_fn, transform=_NAME), _NAME)
+  value_fn = _checks.checked_value_fn(
+      _checks.require_value_fn(value_fn, transform=_NAME), _NAME)
   _layers.check_params(params, transform=_NAME)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   grad_leaves = _layers.flatten_like(
@@ -585,7 +620,7 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   tapped = _tapped_layers(specs, taps)
   rows = [r for r, spec in enumerate(specs) if spec in tapped]
   preconditioned = _preconditioned(treedef, len(leaves), tapped)
-  finite = _curvature.tree_all_finite((grad_leaves, taps.layers, taps.loss))
+  finite = _nonfinite.tree_all_finite((grad_leaves, taps.layers, taps.loss))
   # 2-3. Momentum, and the trial step: preconditioned, or -lr M elsewhere.
   lr = cfg.lr(state.count)
   new_mom = _momentum(cfg, grad_leaves, leaves,
@@ -600,12 +635,13 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
     _set_matrix(trial, spec, step)
   out = [d.astype(p.dtype) for d, p in zip(trial, leaves)]
   # A step not finite in the params' dtypes skips the step.
-  finite = finite & _curvature.tree_all_finite(out)
+  finite = finite & _nonfinite.tree_all_finite(out)
   # 4. The pair (zero for a zero step, which has none in exact arithmetic:
   # the recomputed pass may differ by round-off, and BFGS would take it).
+  measure = cfg.measure(state.count)
   pairs, grad_change = _measure_pair(
       cfg, value_fn, params, jax.tree_util.tree_unflatten(treedef, out),
-      tapped, taps)
+      tapped, taps, measure)
   zero_step = ~jnp.any(jnp.stack([jnp.any(u != 0) for u in out]))
   pairs = {i: tuple(jnp.where(zero_step, jnp.zeros_like(v), v) for v in sy)
            for i, sy in pairs.items()}
@@ -615,12 +651,12 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   if cfg.layerwise and rows:
     scales = _layer_steps(cfg, state, rows, specs,
                           jax.tree_util.tree_leaves(taps.grads), grad_change,
-                          trial, limits)
+                          trial, limits, measure)
     for r in rows:
       for i in (specs[r].kernel_index, specs[r].bias_index):
         if i is not None:
           out[i] = (scales[0][r] * trial[i]).astype(leaves[i].dtype)
-    finite = finite & _curvature.tree_all_finite(out)
+    finite = finite & _nonfinite.tree_all_finite(out)
 
   # 6-7. Damping and the factor updates; a non-finite step skips it all
   # (lax.cond rather than jnp.where: the big factors are not copied).
@@ -634,7 +670,7 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
     powell, lm, skipped, skipped_a = _counts(flags, len(specs))
     step_sizes, decreases, curvatures, measured = scales
     fallbacks = jnp.asarray([r in work for r in range(len(specs))],
-                            bool) & ~measured
+                            bool) & measure & ~measured
     return state._replace(
         count=state.count + 1,
         momentum=jax.tree_util.tree_unflatten(treedef, new_mom),
@@ -673,8 +709,9 @@ def kbfgs(
     step_rule: str = "layerwise",
     max_step_scale: float = 10.0,
     input_factor_interval: int = 1,
+    step_size_interval: int = 1,
     dense_layers: Optional[Callable[[tuple, Any], bool]] = None,
-    axis_name: Optional[_curvature.AxisName] = None,
+    axis_name: Optional[_parallel.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-BFGS / K-BFGS(L): Kronecker-factored BFGS for dense and conv layers.
 
@@ -757,6 +794,10 @@ def kbfgs(
       tapped inputs' second moment, ``O(n d_in^2)``, and the ``H_a`` update)
       every this many steps (ours; kfac-jax's ``curvature_update_period``
       plays the same role). 1 is the paper.
+    step_size_interval: with ``step_rule="layerwise"``, measure ``q_l``
+      (hence ``t_l``) every this many steps and reuse the last ``t_l`` in
+      between (ours). The off steps skip the weight-gradient products of the
+      second pass (under :func:`jax.lax.cond`). 1 measures every step.
     dense_layers: which kernels get Kronecker factors: a predicate ``(path,
       leaf) -> bool | int`` on key paths; an ``int`` (not ``bool``) gives the
       number of contracted leading kernel axes, overriding the guess.
@@ -813,7 +854,7 @@ def kbfgs(
   """
   _check_args(learning_rate, damping, mu1, mu2, momentum, stat_decay,
               weight_decay, max_relative_change, memory_size, pair, step_rule,
-              max_step_scale, input_factor_interval)
+              max_step_scale, input_factor_interval, step_size_interval)
   h_g = _bfgs.DenseInverse() if memory_size is None else _bfgs.LimitedMemory(
       int(memory_size), lbfgs_gamma)
   cfg = _Config(
@@ -822,7 +863,8 @@ def kbfgs(
       mu2=_sqrt(damping) if mu2 is None else mu2, skip_tol=skip_tol,
       max_relative_change=max_relative_change,
       layerwise=step_rule == "layerwise", max_step_scale=max_step_scale,
-      input_factor_interval=input_factor_interval, pair=pair, h_g=h_g,
+      input_factor_interval=input_factor_interval,
+      step_size_interval=step_size_interval, pair=pair, h_g=h_g,
       select=dense_layers, axis_name=axis_name)
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):

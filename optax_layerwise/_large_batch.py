@@ -23,7 +23,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from optax_layerwise import _curvature
+from optax_layerwise import _checks
 
 __all__ = ["batch_size_schedule", "small_loss_weights", "SmallLossWeights"]
 
@@ -211,7 +211,7 @@ def small_loss_weights(
   if jnp.ndim(fraction) != 0:
     raise ValueError(f"fraction must be a scalar, got shape "
                      f"{jnp.shape(fraction)}.")
-  value = _curvature.concrete_float(fraction)  # None if traced: clipped below
+  value = _checks.concrete_float(fraction)  # None if traced: clipped below
   if value is not None and not 0.0 <= value <= 1.0:
     raise ValueError(f"fraction must be in [0, 1], got {fraction}.")
   if axis_name is not None:

@@ -32,10 +32,12 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from optax_layerwise import _layers
+
 PyTree = Any
 
 __all__ = ["LayerCall", "LayerKind", "LayerSpec", "register_layer_kind",
-           "layer_kinds", "find_kernels", "key_name", "strip_value"]
+           "layer_kinds", "find_kernels", "key_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,15 +167,6 @@ def key_name(key) -> str:
   return str(key)
 
 
-def strip_value(path: tuple) -> tuple:
-  """Drops the trailing ``.value`` of boxed leaves (NNX variables, Flax
-  ``Partitioned`` boxes) so paths name the param itself."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
-      path[-1].name in ("value", "raw_value")):
-    return path[:-1]
-  return path
-
-
 def _default_selects(path: tuple, leaf) -> bool:
   """Every kernel but embeddings (whose rows are looked up, not applied)."""
   del leaf
@@ -246,7 +239,7 @@ def find_kernels(params: PyTree, select=None) -> tuple:
     A tuple of :class:`LayerSpec`, in flatten order.
   """
   with_path, _ = jax.tree_util.tree_flatten_with_path(params)
-  paths = [strip_value(p) for p, _ in with_path]
+  paths = [_layers.strip_variable_keys(p) for p, _ in with_path]
   leaves = [leaf for _, leaf in with_path]
   select = _default_selects if select is None else select
   specs = []

@@ -101,15 +101,16 @@ def flatten_like(tree: PyTree, treedef, what: str) -> list:
   return leaves
 
 
-def _strip_variable_keys(path: tuple) -> tuple:
-  """Drops Flax NNX ``Variable`` wrappers (a trailing ``.value`` key).
+def strip_variable_keys(path: tuple) -> tuple:
+  """Drops the wrappers of boxed leaves (a trailing ``.value`` key): Flax NNX
+  ``Variable``, ``nn.Partitioned`` / ``LogicallyPartitioned`` boxes.
 
   ``nnx.Optimizer`` initialises the state from an ``nnx.State`` of
   ``Variable`` objects but updates with plain arrays; both must give the
-  same layers.
+  same layers, and paths name the param itself.
   """
   while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
-      path[-1].name == "value"):
+      path[-1].name in ("value", "raw_value")):
     path = path[:-1]
   return path
 
@@ -222,7 +223,7 @@ def group_layers(params: PyTree, layers: LayerGrouping = None) -> Layers:
     raise ValueError("The params pytree has no array leaves to optimise.")
   if layers is None or callable(layers):
     label_fn = _default_label if layers is None else layers
-    labels = [label_fn(_strip_variable_keys(path), leaf)
+    labels = [label_fn(strip_variable_keys(path), leaf)
               for path, leaf in with_path]
   else:
     try:  # one label (sub)tree per params leaf, as optax.multi_transform

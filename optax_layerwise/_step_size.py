@@ -38,8 +38,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_layerwise import _checks
 from optax_layerwise import _curvature
 from optax_layerwise import _layers
+from optax_layerwise import _nonfinite
+from optax_layerwise import _parallel
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -138,7 +141,7 @@ def scale_by_layerwise_step_size(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
-    axis_name: Optional[_curvature.AxisName] = None,
+    axis_name: Optional[_parallel.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales a first-order direction by per-layer curvature step sizes.
 
@@ -237,11 +240,11 @@ def scale_by_layerwise_step_size(
        "accepted measurement; 0 (the default) is the safe choice."),
       ("coupled_damping", coupled_damping, "It adds damping * I to the "
        "coupled L x L system; use 0 for none.")):
-    _curvature.check_non_negative(value, name, transform=_NAME, why=why)
-  _curvature.check_decay(ema, "ema", transform=_NAME,
+    _checks.check_non_negative(value, name, transform=_NAME, why=why)
+  _checks.check_decay(ema, "ema", transform=_NAME,
                          why="0 for no averaging; 1 would freeze the steps.")
   if max_relative_change is not None:
-    _curvature.check_non_negative(
+    _checks.check_non_negative(
         max_relative_change, "max_relative_change", transform=_NAME,
         why="It bounds how far a layer moves relative to its norm; pass None "
         "to remove the bound.")
@@ -265,7 +268,7 @@ def scale_by_layerwise_step_size(
         num_skipped=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    value_fn = _curvature.require_value_fn(value_fn, transform=_NAME)
+    value_fn = _checks.require_value_fn(value_fn, transform=_NAME)
     _layers.check_params(params, transform=_NAME)
     partition = _layers.group_layers(params, layers)
     partition.check_structure(updates, f"{_NAME}: the updates (gradients)")
@@ -349,24 +352,24 @@ def scale_by_layerwise_step_size(
         num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
             jnp.int32),
         num_skipped=state.num_skipped)
-    return _curvature.skip_non_finite_step(updates, new_updates, new_state,
+    return _nonfinite.skip_non_finite_step(updates, new_updates, new_state,
                                            state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_alias_args(name: str, scale, weight_decay) -> None:
-  _curvature.check_non_negative(
+  _checks.check_non_negative(
       scale, "scale", transform=name,
       why="It multiplies the per-layer steps (the sign flip is built in); a "
       "negative value would climb the loss.")
-  _curvature.check_non_negative(weight_decay, "weight_decay", transform=name,
+  _checks.check_non_negative(weight_decay, "weight_decay", transform=name,
                                 why="Use 0 for no weight decay.")
 
 
 def _with_step_sizes(direction, scale, **step_size_kwargs):
   """``chain(scale_by_layerwise_step_size(direction), -scale)``."""
-  return _curvature.skip_aware_chain(
+  return _nonfinite.skip_aware_chain(
       scale_by_layerwise_step_size(direction, **step_size_kwargs),
       optax.scale_by_learning_rate(scale))
 
@@ -427,7 +430,7 @@ def layerwise_sgd(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
-    axis_name: Optional[_curvature.AxisName] = None,
+    axis_name: Optional[_parallel.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum and layer-wise curvature step sizes, no learning rate.
 
@@ -495,7 +498,7 @@ def layerwise_adamw(
     fd_scale: float = 1e-3,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
-    axis_name: Optional[_curvature.AxisName] = None,
+    axis_name: Optional[_parallel.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW with layer-wise curvature step sizes, no learning rate.
 

@@ -47,11 +47,12 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_layerwise import _curvature
+from optax_layerwise import _checks
 from optax_layerwise import _kind_conv  # pylint: disable=unused-import
 from optax_layerwise import _kind_dense
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layers
+from optax_layerwise import _parallel
 
 PyTree = Any
 
@@ -388,7 +389,7 @@ def tap_dense_layers(
     kernels: Optional[list] = None,
     second_moment: bool = True,
     with_grads: bool = True,
-    axis_name: Optional[_curvature.AxisName] = None,
+    axis_name: Optional[_parallel.AxisName] = None,
     local_grads: bool = False,
 ) -> TapResult:
   """Runs ``value_fn(params)`` once with every dense layer tapped.
@@ -438,8 +439,8 @@ def tap_dense_layers(
     >>> res.layers[1].output_grad  # = the bias gradient
     Array([3., 3.], dtype=float32)
   """
-  value_fn = _curvature.require_value_fn(value_fn, transform="tap_dense_layers")
-  checked = _curvature.checked_value_fn(
+  value_fn = _checks.require_value_fn(value_fn, transform="tap_dense_layers")
+  checked = _checks.checked_value_fn(
       value_fn, "tap_dense_layers")
   with_path, _ = jax.tree_util.tree_flatten_with_path(params)
   leaves = [leaf for _, leaf in with_path]
@@ -458,17 +459,17 @@ def tap_dense_layers(
       loss = checked(p)
     box["ctx"] = ctx
     aux = {i: (r.sum_x, r.sum_xx, r.sum_y) for i, r in ctx.records.items()}
-    return _curvature.per_device_loss(loss, axis_name), (loss, aux)
+    return _parallel.per_device_loss(loss, axis_name), (loss, aux)
 
   scaled, vjp_fn, (loss, aux) = jax.vjp(
-      tapped, *_curvature.local_params((params, perts), axis_name),
+      tapped, *_parallel.local_params((params, perts), axis_name),
       has_aux=True)
   grads, pert_grads = vjp_fn(jnp.ones_like(scaled))
   ctx = box["ctx"]
   if axis_name is not None:  # one all-reduce for everything that is used
     local = grads if with_grads and local_grads else None
     grads = grads if with_grads and not local_grads else None
-    loss, grads, aux, pert_grads = _curvature.global_mean(
+    loss, grads, aux, pert_grads = _parallel.global_mean(
         (loss, grads, aux, {i: pert_grads[i] for i in aux}), axis_name)
     grads = local if local is not None else grads
   layers = {}

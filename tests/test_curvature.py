@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import optax_layerwise as olw
+from optax_layerwise import _checks
 from optax_layerwise import _curvature
 from tests import nets
 
@@ -167,4 +168,4 @@ def test_value_fn_must_return_a_float_scalar():
   with pytest.raises(ValueError, match="float scalar"):
     _curvature.layer_quadratic_forms(bad, params, layers, estimator="exact")
   with pytest.raises(ValueError, match="value_fn"):
-    _curvature.require_value_fn(None, transform="t")
+    _checks.require_value_fn(None, transform="t")

@@ -1,0 +1,103 @@
+"""Non-finite values: skip the step, keep the state, count.
+
+A step whose gradient, updates or new statistics are not finite is skipped:
+zero updates, the old state with its ``num_skipped`` counter incremented,
+``count`` not advanced, so the run continues as one that never saw the bad
+batch. :func:`skip_aware_chain` extends this to the transforms chained
+after the one that skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+__all__ = ["tree_all_finite", "skip_non_finite_step", "skip_aware_chain"]
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+  """``True`` when every entry of every leaf is finite."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _no_new_non_finite(new_state, old_state) -> jax.Array:
+  """``True`` unless an entry finite in ``old_state`` is not in ``new_state``.
+
+  Entries that were already non-finite (a user transform's ``inf`` sentinel,
+  say) do not count, so such a state does not block every step.
+  """
+  checks = [
+      jnp.all(jnp.isfinite(a) | ~jnp.isfinite(b))
+      for a, b in zip(jax.tree_util.tree_leaves(new_state),
+                      jax.tree_util.tree_leaves(old_state))
+      if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def skip_non_finite_step(grads: PyTree, new_updates: PyTree, new_state,
+                         old_state):
+  """Skips the step when the gradient, the updates or the state go non-finite.
+
+  Returns ``(new_updates, new_state)``, or, if any entry of ``grads`` or
+  ``new_updates`` is NaN or infinite, or ``new_state`` has a non-finite
+  entry where ``old_state`` had a finite one (e.g. an Adam second moment
+  overflowing in float16), zero updates and ``old_state`` with only its
+  ``num_skipped`` field incremented. ``count`` does not advance: a skipped
+  step is the step of a run that never saw the bad batch, so the Hutchinson
+  probes (keyed by ``count``) and the ``update_interval`` schedule of the
+  following steps are those of that run, and the params and statistics never
+  see a NaN. Selection by ``jnp.where``: no Python branch, jit- and
+  scan-safe.
+  """
+  finite = tree_all_finite((grads, new_updates)) & _no_new_non_finite(
+      new_state, old_state)
+  skipped = old_state._replace(num_skipped=old_state.num_skipped + 1)
+  state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b),
+                                 new_state, skipped)
+  updates = jax.tree_util.tree_map(
+      lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+  return updates, state
+
+
+def skip_aware_chain(
+    head: optax.GradientTransformation,
+    *tail: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(head, *tail)``, skipping the tail when ``head`` skips.
+
+  ``head``'s state has a ``num_skipped`` counter (see
+  :func:`skip_non_finite_step`). On a step it skips, the tail's states are
+  kept as they were (a momentum buffer does not decay, a schedule's count
+  does not advance) and the updates are zero, so a skipped step leaves the
+  whole alias exactly as a run that never saw the bad batch. The state is
+  the flat tuple of :func:`optax.chain`.
+  """
+  parts = [optax.with_extra_args_support(t) for t in (head,) + tail]
+
+  def init_fn(params):
+    return tuple(part.init(params) for part in parts)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if len(state) != len(parts):
+      raise ValueError(f"Expected a state of {len(parts)} parts, got "
+                       f"{len(state)}; re-run init.")
+    updates, head_state = parts[0].update(updates, state[0], params,
+                                          **extra_args)
+    skipped = head_state.num_skipped != state[0].num_skipped
+    new_state = [head_state]
+    for part, old in zip(parts[1:], state[1:]):
+      updates, new = part.update(updates, old, params, **extra_args)
+      new_state.append(jax.tree_util.tree_map(
+          lambda a, b: jnp.where(skipped, b, a), new, old))
+    updates = jax.tree_util.tree_map(
+        lambda u: jnp.where(skipped, jnp.zeros_like(u), u), updates)
+    return updates, tuple(new_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
