@@ -737,8 +737,8 @@ def kbfgs(
       params = optax.apply_updates(params, updates)
 
   ``value_fn`` is re-run with its layers tapped (Flax linen ``nn.Dense``,
-  ``nn.DenseGeneral``, ``nn.Conv``; Flax NNX ``nnx.Linear``,
-  ``nnx.LinearGeneral``, ``nnx.Conv``; :func:`optax_layerwise.dense` in plain
+  ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv``; Flax NNX ``nnx.Linear``,
+  ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``; :func:`optax_layerwise.dense` in plain
   JAX), once at ``theta`` and once at ``theta + delta``. Put the
   gradient computation and ``tx.update`` in the same ``jax.jit``: XLA then
   shares the forward and backward pass of the tap at ``theta`` with the

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from optax_layerwise import _checks
 from optax_layerwise import _kind_conv  # pylint: disable=unused-import
 from optax_layerwise import _kind_dense
+from optax_layerwise import _kind_einsum  # pylint: disable=unused-import
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layers
 from optax_layerwise import _parallel

@@ -148,13 +148,28 @@ def _heads_as_dense(p, x):
   return olw.dense(h, p["DenseGeneral_1"]["kernel"])
 
 
+class _Einsums(nn.Module):
+  """Gemma-style projections: "btd,dhk->bthk" then "bthk,hkd->btd"."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Einsum((5, 2, 3), "btd,dhk->bthk")(x))
+    return nn.Einsum((2, 3, 4), "bthk,hkd->btd", use_bias=False)(h)
+
+
+def _einsums_as_dense(p, x):
+  h = jnp.tanh(olw.dense(x, p["Einsum_0"]["kernel"], p["Einsum_0"]["bias"]))
+  h = h.reshape(x.shape[:-1] + (6,))
+  return olw.dense(h, p["Einsum_1"]["kernel"])
+
+
 def _as_matrices(params):
   """Kernels reshaped to the (d_in, d_out) matrices their kind uses."""
   def matrix(path, leaf):
     name = jax.tree_util.keystr(path)
     if "kernel" not in name or leaf.ndim == 2:
       return leaf.reshape(-1) if "bias" in name else leaf
-    split = 1 if "DenseGeneral_0" in name else leaf.ndim - 1
+    split = 1 if "_0" in name and "Conv" not in name else leaf.ndim - 1
     return leaf.reshape(math.prod(leaf.shape[:split]), -1)
   return jax.tree_util.tree_map_with_path(matrix, params)
 
@@ -183,7 +198,8 @@ def _targets(key, model, params, x):
 @pytest.mark.parametrize("model,as_dense,shape,memory", [
     (_ConvNet(), _conv_net_as_dense, (5, 6, 6, 2), None),
     (_Heads(), _heads_as_dense, (3, 4, 5), 3),
-], ids=["conv-kbfgs", "dense_general-kbfgs_l"])
+    (_Einsums(), _einsums_as_dense, (3, 4, 5), None),
+], ids=["conv-kbfgs", "dense_general-kbfgs_l", "einsum-kbfgs"])
 def test_kbfgs_on_a_model_equals_kbfgs_on_its_dense_rewrite(
     x64, model, as_dense, shape, memory):
   del x64
@@ -275,6 +291,17 @@ def test_logically_partitioned_params_are_preconditioned():
   assert olw.kbfgs_layer_names(params) == ("['Dense_0']", "['Dense_1']")
   assert all(bool(f) for f in jax.tree_util.tree_leaves(state.preconditioned))
   assert isinstance(updates["Dense_0"]["kernel"], nn.LogicallyPartitioned)
+
+
+@pytest.mark.parametrize("equation,reason", [
+    ("bthd,hdk->bthk", "one kernel per head"),
+    ("btd,kd->btk", "not ordered"),
+    ("btd,dk->bk", "summed out"),
+    ("...d,dk->...k", "ellipsis"),
+])
+def test_einsums_that_are_not_dense_layers_say_why(equation, reason):
+  from optax_layerwise import _kind_einsum  # pylint: disable=g-import-not-at-top
+  assert reason in _kind_einsum.contraction(equation)
 
 
 def test_grouped_convolution_takes_the_fallback_with_its_reason():
