@@ -21,6 +21,9 @@ from optax_layerwise._curvature_lr import cblr
 from optax_layerwise._curvature_lr import mclr
 from optax_layerwise._curvature_lr import scale_by_curvature_lr
 from optax_layerwise._curvature_lr import ScaleByCurvatureLRState
+from optax_layerwise._flax import apply_gradients
+from optax_layerwise._flax import nnx_value_fn
+from optax_layerwise._diagnostics import diagnostics
 from optax_layerwise._kbfgs import kbfgs
 from optax_layerwise._kbfgs import kbfgs_layer_names
 from optax_layerwise._kbfgs import KBFGSLayerState
@@ -57,9 +60,11 @@ __all__ = (
     "ScaleByLayerwiseStepSizeState",
     "SmallLossWeights",
     "TapResult",
+    "apply_gradients",
     "batch_size_schedule",
     "cblr",
     "dense",
+    "diagnostics",
     "group_layers",
     "kbfgs",
     "kbfgs_coverage",
@@ -67,6 +72,7 @@ __all__ = (
     "layerwise_adamw",
     "layerwise_sgd",
     "mclr",
+    "nnx_value_fn",
     "register_layer_kind",
     "scale_by_curvature_lr",
     "scale_by_layerwise_step_size",

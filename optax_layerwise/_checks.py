@@ -7,6 +7,7 @@ Hyperparameters may arrive traced (injected by
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -15,8 +16,9 @@ import jax.numpy as jnp
 PyTree = Any
 ValueFn = Callable[[PyTree], jax.Array]
 
-__all__ = ["require_value_fn", "checked_value_fn", "concrete_float",
-           "concrete_int", "static_num_probes", "check_non_negative",
+__all__ = ["require_value_fn", "checked_value_fn", "ValueFnTraceError",
+           "concrete_float", "concrete_int", "static_num_probes",
+           "check_non_negative",
            "check_decay", "check_one_of"]
 
 _CALL_EXAMPLE = """
@@ -41,11 +43,113 @@ def require_value_fn(value_fn: Optional[ValueFn], *, transform: str) -> ValueFn:
   return value_fn
 
 
+class ValueFnTraceError(ValueError):
+  """A Flax or JAX trace error raised while a transform re-ran ``value_fn``."""
+
+
+_NNX_FIX = """Build value_fn from arrays, not from the model's variables:
+    value_fn = olw.nnx_value_fn(loss_fn, model, batch)  # before the forward
+    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    optimizer.update(model, grads, value_fn=value_fn)
+or by hand: `graphdef, _, rest = nnx.split(model, nnx.Param, ...)`, then
+`rest = nnx.as_pure(rest)` and, inside value_fn,
+`nnx.merge(graphdef, params, rest, copy=True)` (see the Flax NNX guide)."""
+
+_PURE_FIX = ("Make value_fn a pure function of the params (and the batch it "
+             "closes over): store nothing from inside it, and use no array "
+             "computed inside another jax.jit / jax.grad / scan. " + _NNX_FIX)
+
+_TRACE_ERRORS = (
+    # (Flax error class name or None, JAX error class name or None,
+    #  message fragment or None, cause, fix)
+    ("TraceContextError", None, None,
+     "it mutates Flax NNX state that belongs to the caller's trace: the "
+     "model built inside value_fn shares the caller's nnx.Variable objects "
+     "(`nnx.merge(graphdef, params, rest)` with `rest` from `nnx.split` "
+     "does), and the forward pass writes to them (BatchNorm statistics, "
+     "Dropout RNG counts, ...).", _NNX_FIX),
+    (None, None, "different trace level",
+     "it passes Flax NNX variables that belong to the caller's trace to an "
+     "NNX transform (nnx.scan, nnx.vmap, nnx.remat, ...): the model built "
+     "inside value_fn shares the caller's nnx.Variable objects "
+     "(`nnx.merge(graphdef, params, rest)` with `rest` from `nnx.split` "
+     "does).", _NNX_FIX),
+    ("JaxTransformError", None, None,
+     "it calls a Flax linen module bound outside value_fn (`module.bind(...)`"
+     " or a module captured inside another `apply`).",
+     "Call `model.apply({'params': params, ...}, batch)` inside value_fn "
+     "(with `mutable=[...]` for BatchNorm statistics, returning the loss "
+     "only)."),
+    (None, "UnexpectedTracerError", None,
+     "it uses a tracer that escaped from another trace (an array computed "
+     "inside another jax.jit / jax.grad / scan and kept in a Python object, a "
+     "global or a model variable).", _PURE_FIX),
+    (None, "ConcretizationTypeError", None,
+     "it turns a traced array into a Python value (`float()`, `int()`, "
+     "`bool()`, `if` / `while` on an array, `np.asarray`).",
+     "Keep value_fn traceable as for jax.grad: jnp.where or jax.lax.cond "
+     "instead of Python control flow on arrays."),
+    (None, "TracerIntegerConversionError", None,
+     "it turns a traced array into a Python int (an index or a shape).",
+     "Keep value_fn traceable as for jax.grad (jnp.take, lax.dynamic_slice)."),
+    (None, "TracerArrayConversionError", None,
+     "it converts a traced array to NumPy (`np.asarray`, `np.array`).",
+     "Use jax.numpy inside value_fn."),
+)
+
+
+def _trace_error(err: BaseException) -> Optional[tuple[str, str]]:
+  """``(cause, fix)`` when ``err`` is a Flax or JAX trace error, else None."""
+  if isinstance(err, ValueFnTraceError):  # already explained (nested wrapper)
+    return None
+  flax_errors = sys.modules.get("flax.errors")  # not imported: not raised
+  for flax_name, jax_name, fragment, cause, fix in _TRACE_ERRORS:
+    if flax_name is not None:
+      cls = getattr(flax_errors, flax_name, None)
+      if cls is not None and isinstance(err, cls):
+        return cause, fix
+    elif jax_name is not None:
+      cls = getattr(jax.errors, jax_name, None)
+      if cls is not None and isinstance(err, cls):
+        return cause, fix
+    elif (isinstance(err, ValueError) and fragment in str(err)
+          and _raised_by_flax(err)):
+      return cause, fix
+  return None
+
+
+def _raised_by_flax(err: BaseException) -> bool:
+  tb = err.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and "flax" in tb.tb_frame.f_code.co_filename
+
+
 def checked_value_fn(value_fn: ValueFn, transform: str) -> ValueFn:
-  """Wraps ``value_fn`` so a non-scalar or non-float output fails clearly."""
+  """Wraps ``value_fn`` so that a wrong output or a trace error fails clearly.
+
+  A non-scalar or non-float output raises a ``ValueError`` that names the
+  fix. A Flax or JAX trace error raised while the transform re-runs
+  ``value_fn`` under its own ``jax.jvp`` / ``jax.vjp`` (Flax's
+  ``TraceContextError`` for an NNX model that shares the caller's variables,
+  ``jax.errors.UnexpectedTracerError``, ...) is re-raised as a
+  :class:`ValueFnTraceError` (a ``ValueError``) naming ``transform``, the
+  cause and the fix, chained to the original.
+  """
 
   def wrapped(params):
-    value = value_fn(params)
+    try:
+      value = value_fn(params)
+    except Exception as err:  # pylint: disable=broad-exception-caught
+      explained = _trace_error(err)
+      if explained is None:
+        raise
+      cause, fix = explained
+      first_line = (str(err).strip().splitlines() or [""])[0]
+      raise ValueFnTraceError(
+          f"{transform}: `value_fn` failed when the transform re-ran it under "
+          f"its own trace (jax.jvp / jax.vjp of value_fn): {cause}\n{fix}\n"
+          f"(Original error: {type(err).__name__}: {first_line})") from err
     shape = jnp.shape(value)
     dtype = jnp.result_type(value)
     if shape != () or not jnp.issubdtype(dtype, jnp.floating):
