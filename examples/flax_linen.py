@@ -2,14 +2,14 @@
 
 ``TrainState.apply_gradients`` calls ``tx.update(grads, opt_state, params)``
 and passes any other keyword to ``state.replace``, so it cannot forward
-``value_fn``. The fix is the two lines it runs, with ``value_fn`` added; here
-they live in a ``TrainState`` subclass so the training step reads as usual.
-K-BFGS taps the model's ``nn.Dense`` layers with no change to the model.
+``value_fn``. ``olw.apply_gradients(state, grads=..., value_fn=...)`` is the
+same step with ``value_fn``, for any ``TrainState`` (or subclass). K-BFGS taps
+the model's ``nn.Dense`` layers with no change to the model.
 
     python examples/flax_linen.py
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 from flax.training import train_state
@@ -31,18 +31,6 @@ class MLP(nn.Module):
     return nn.Dense(self.features[-1])(x)
 
 
-class TrainState(train_state.TrainState):
-  """A ``TrainState`` whose ``apply_gradients`` forwards ``value_fn``."""
-
-  def apply_gradients(self, *, grads, value_fn: Optional[Callable] = None,
-                      **kwargs):
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
-                                        value_fn=value_fn)
-    return self.replace(step=self.step + 1,
-                        params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state, **kwargs)
-
-
 def make_data(n=512, d_in=10, num_classes=3, seed=0):
   """Overlapping Gaussian blobs around random class centres."""
   rng = np.random.default_rng(seed)
@@ -55,7 +43,8 @@ def make_data(n=512, d_in=10, num_classes=3, seed=0):
 def make_state(tx, x, seed=1):
   model = MLP()
   params = jax.jit(model.init)(jax.random.PRNGKey(seed), x[:1])["params"]
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                      tx=tx)
 
 
 def loss_fn(params, apply_fn, x, y):
@@ -69,13 +58,9 @@ def train_step(state, x, y):
     return loss_fn(params, state.apply_fn, x, y)
 
   loss, grads = jax.value_and_grad(batch_loss)(state.params)
-  # The plain `state.apply_gradients(grads=grads)` would raise: K-BFGS needs
-  # `value_fn`. Without the subclass, the same two lines are:
-  #   updates, opt_state = state.tx.update(grads, state.opt_state,
-  #                                        state.params, value_fn=batch_loss)
-  #   state = state.replace(step=state.step + 1, opt_state=opt_state,
-  #                         params=optax.apply_updates(state.params, updates))
-  state = state.apply_gradients(grads=grads, value_fn=batch_loss)
+  # `state.apply_gradients(grads=grads)` would raise: K-BFGS needs `value_fn`,
+  # which it cannot forward. olw.apply_gradients is the same step with it.
+  state = olw.apply_gradients(state, grads=grads, value_fn=batch_loss)
   return state, loss
 
 

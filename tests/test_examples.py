@@ -68,11 +68,21 @@ def test_flax_nnx_optimizer():
   _assert_decreasing(results["losses"], 0.7, "kbfgs / nnx.Optimizer")
   optimizer = results["optimizer"]
   assert int(optimizer.step[...]) == 80
-  # value_fn reached K-BFGS, whose taps found every nnx.Linear layer.
+  # value_fn reached K-BFGS, whose taps found every nnx.Linear layer
+  # (BatchNorm's scale and bias take the momentum fallback).
   opt_state = nnx.as_pure(optimizer.opt_state)
-  assert all(bool(b) for b in jax.tree_util.tree_leaves(
-      opt_state.preconditioned))
+  preconditioned = opt_state.preconditioned
+  assert all(bool(preconditioned[layer][leaf])
+             for layer in ("hidden1", "hidden2", "out")
+             for leaf in ("kernel", "bias"))
+  assert not any(bool(b) for b in jax.tree_util.tree_leaves(
+      preconditioned["norm"]))
   assert int(opt_state.count) == 80
+  # The BatchNorm statistics and the Dropout RNG count moved with the
+  # user's 80 forward passes only (K-BFGS's re-runs of value_fn use a copy).
+  model = results["model"]
+  assert int(model.dropout.rngs.count[...]) == 80
+  assert float(jnp.abs(model.norm.mean[...]).max()) > 0
 
 
 def test_schedules_and_inject_hyperparams():
