@@ -32,7 +32,8 @@ import jax.numpy as jnp
 __all__ = [
     "POWELL_MU1", "SKIP_TOL", "bfgs_inverse_update", "double_damping",
     "hessian_action_pair", "LBFGSMemory", "lbfgs_init", "lbfgs_append",
-    "lbfgs_apply",
+    "lbfgs_apply", "H_FLOOR", "below_floor", "floor_or_reset", "SCALED",
+    "lbfgs_gamma",
 ]
 
 #: Powell damping threshold ``mu1`` of the authors' code.
@@ -313,10 +314,57 @@ def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
 
 # --- The pre-activation factor H_g: K-BFGS's dense BFGS or K-BFGS(L)'s L-BFGS
 
+#: Floor (ours) on the inverse curvature an accepted pair may give ``H_g``
+#: (docs/kbfgs.md, "When H_g collapses: the floor and the reset").
+H_FLOOR = 1e-6
+
+
+def below_floor(s: jax.Array, y: jax.Array, floor: float) -> jax.Array:
+  """Whether the pair puts ``H+`` below ``floor`` along ``y``.
+
+  Every BFGS or L-BFGS update satisfies the secant equation ``H+ y = s``, so
+  ``y^T H+ y / y^T y = s^T y / y^T y``, whatever ``H`` was: the pair alone
+  fixes this Rayleigh quotient of the updated matrix, and ``s^T y < floor
+  y^T y`` proves ``lambda_min(H+) < floor``.
+  """
+  return jnp.vdot(s, y) < floor * jnp.vdot(y, y)
+
+
+def floor_or_reset(new_h: jax.Array, s: jax.Array, y: jax.Array,
+                   updated: jax.Array, floor: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The floor rule for a dense inverse (ours; docs/kbfgs.md).
+
+  An accepted update whose result has a Rayleigh quotient below ``floor``
+  (along the pair's ``y``, see :func:`below_floor`, or along a coordinate
+  axis: a diagonal entry) is replaced by a reset to ``I``, the initial
+  matrix, and the pair is dropped. Both tests are ``O(d)`` and only prove
+  ``lambda_min(H+) < floor`` (they never fire on a matrix above the floor);
+  after double damping one pair lowers ``lambda_min`` by at most a factor
+  ``1 + 1/mu1``, so the rule fires only on an ``H`` that has already drifted
+  to within that factor of the floor.
+
+  Args:
+    new_h: ``(d, d)`` the updated matrix (the old one when the update was
+      skipped).
+    s, y: the (damped) pair of the update.
+    updated: whether the update was applied.
+    floor: the floor.
+
+  Returns:
+    ``(H, updated, reset)``.
+  """
+  reset = updated & (below_floor(s, y, floor)
+                     | (jnp.min(jnp.diagonal(new_h)) < floor))
+  eye = jnp.eye(new_h.shape[0], dtype=new_h.dtype)
+  return jnp.where(reset, eye, new_h), updated & ~reset, reset
+
 
 @dataclasses.dataclass(frozen=True)
 class DenseInverse:
-  """K-BFGS's ``H_g``: a dense ``(d, d)`` inverse updated by BFGS."""
+  """K-BFGS's ``H_g``: a dense ``(d, d)`` inverse updated by BFGS, reset to
+  ``I`` when an update would take it below ``floor`` (:func:`floor_or_reset`;
+  a reset is reported as a skipped update)."""
+  floor: float = H_FLOOR
 
   def init(self, dim: int, dtype) -> jax.Array:
     return jnp.eye(dim, dtype=dtype)
@@ -326,21 +374,53 @@ class DenseInverse:
     return v @ h
 
   def update(self, h: jax.Array, s: jax.Array, y: jax.Array, **skip_rule):
-    return bfgs_inverse_update(h, s, y, **skip_rule)
+    new_h, updated = bfgs_inverse_update(h, s, y, **skip_rule)
+    new_h, updated, _ = floor_or_reset(new_h, s, y, updated, self.floor)
+    return new_h, updated
+
+
+#: ``LimitedMemory(gamma=SCALED)``: ``H_0 = (s^T y / y^T y) I`` from the
+#: newest pair (Nocedal and Wright, eq. (7.20)).
+SCALED = "scaled"
+
+
+def lbfgs_gamma(memory: LBFGSMemory, gamma: Any = 1.0) -> jax.Array:
+  """The initial scale ``gamma`` of ``H_0 = gamma I``: ``gamma`` itself, or
+  for ``"scaled"`` ``s^T y / y^T y`` of the newest pair (1 while the memory
+  is empty)."""
+  if not (isinstance(gamma, str) and gamma == SCALED):
+    return gamma
+  sy, yy = memory.sy[-1], memory.yy[-1, -1]
+  return jnp.where(memory.num_pairs > 0, _safe_div(sy, yy),
+                   jnp.ones_like(sy))
 
 
 @dataclasses.dataclass(frozen=True)
 class LimitedMemory:
   """K-BFGS(L)'s ``H_g``: the L-BFGS operator of the last ``memory_size``
-  pairs with initial matrix ``gamma I``."""
+  pairs with initial matrix ``gamma I`` (``gamma="scaled"``: ``s^T y / y^T
+  y`` of the newest pair). A pair that would put the operator below
+  ``floor`` along its ``y`` (:func:`below_floor`) empties the memory instead
+  (reported as a skipped update)."""
   memory_size: int
   gamma: Any = 1.0
+  floor: float = H_FLOOR
+
+  def __post_init__(self):
+    if isinstance(self.gamma, str) and self.gamma != SCALED:
+      raise ValueError(f"kbfgs: lbfgs_gamma must be a positive number or "
+                       f"{SCALED!r}, got {self.gamma!r}.")
 
   def init(self, dim: int, dtype) -> LBFGSMemory:
     return lbfgs_init(self.memory_size, dim, dtype)
 
   def apply(self, h: LBFGSMemory, v: jax.Array) -> jax.Array:
-    return lbfgs_apply(h, v, self.gamma)
+    return lbfgs_apply(h, v, lbfgs_gamma(h, self.gamma))
 
   def update(self, h: LBFGSMemory, s: jax.Array, y: jax.Array, **skip_rule):
-    return lbfgs_append(h, s, y, **skip_rule)
+    new, appended = lbfgs_append(h, s, y, **skip_rule)
+    reset = appended & below_floor(s, y, self.floor)
+    empty = lbfgs_init(self.memory_size, h.s.shape[1], h.s.dtype)
+    new = jax.tree_util.tree_map(lambda e, n: jnp.where(reset, e, n), empty,
+                                 new)
+    return new, appended & ~reset
