@@ -119,10 +119,12 @@ def _trace_error(err: BaseException) -> Optional[tuple[str, str]]:
 
 
 def _raised_by_flax(err: BaseException) -> bool:
+  """Whether the innermost frame of ``err``'s traceback is Flax's code."""
   tb = err.__traceback__
   while tb is not None and tb.tb_next is not None:
     tb = tb.tb_next
-  return tb is not None and "flax" in tb.tb_frame.f_code.co_filename
+  module = "" if tb is None else tb.tb_frame.f_globals.get("__name__", "")
+  return module == "flax" or module.startswith("flax.")
 
 
 def checked_value_fn(value_fn: ValueFn, transform: str) -> ValueFn:

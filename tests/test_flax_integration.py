@@ -375,3 +375,29 @@ def test_apply_gradients_overwrite_with_gradient_split():
   np.testing.assert_array_equal(new.params[owg]["scale"],
                                 grads[owg]["scale"])
   assert int(new.step) == 1
+
+
+def test_checked_value_fn_explains_trace_errors_only():
+  """The wrapper every transform puts around value_fn (unit level)."""
+  from optax_layerwise import _checks  # pylint: disable=g-import-not-at-top
+
+  def raising(err):
+    def value_fn(params):
+      raise err
+    return value_fn
+
+  checked = _checks.checked_value_fn(
+      raising(jax.errors.UnexpectedTracerError("leaked")), "cblr")
+  with pytest.raises(ValueError, match=r"^cblr: .*escaped from another "
+                     r"trace") as excinfo:
+    checked({})
+  assert isinstance(excinfo.value.__cause__, jax.errors.UnexpectedTracerError)
+  # Nested wrappers (K-BFGS's tap) keep the innermost explanation.
+  outer = _checks.checked_value_fn(checked, "tap_dense_layers")
+  with pytest.raises(ValueError, match=r"^cblr: "):
+    outer({})
+  # Other errors, including a ValueError of the user's, pass untouched.
+  for err in (KeyError("w"), ValueError("different trace level, mine")):
+    with pytest.raises(type(err)) as excinfo:
+      _checks.checked_value_fn(raising(err), "cblr")({})
+    assert excinfo.value is err
