@@ -60,8 +60,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_layerwise import _checks
 from optax_layerwise import _curvature
 from optax_layerwise import _layers
+from optax_layerwise import _nonfinite
+from optax_layerwise import _parallel
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -94,6 +97,9 @@ class ScaleByCurvatureLRState(NamedTuple):
     num_fallbacks: per layer, measurements rejected by the safeguards
       (including the secant estimator's warm-up step), ``(L,)`` int32.
     num_skipped: steps skipped for a non-finite gradient or update (int32).
+    joint_scale: the factor ``t <= 1`` applied to every layer's rate at the
+      last measurement (1 when ``joint_step=False``): ``lrs`` are the
+      per-layer rates before it, the update is ``t * lrs_l * g_l``.
     prev_params: ``curvature="secant"`` only: the params of the last step
       taken, in the statistics dtype (``None`` otherwise).
     prev_grads: ``curvature="secant"`` only: the gradient of the last step
@@ -105,6 +111,7 @@ class ScaleByCurvatureLRState(NamedTuple):
   num_accepted: jax.Array
   num_fallbacks: jax.Array
   num_skipped: jax.Array
+  joint_scale: jax.Array
   prev_params: Optional[PyTree]
   prev_grads: Optional[PyTree]
 
@@ -147,7 +154,7 @@ def scale_by_curvature_lr(
     curvature: str = "hessian",
     reduce: str = "rayleigh",
     scale: float = 1.0,
-    estimator: str = "hutchinson",
+    estimator: Optional[str] = None,
     num_probes: Optional[int] = None,
     hvp: str = "forward_over_reverse",
     weight_decay: float = 0.0,
@@ -159,9 +166,11 @@ def scale_by_curvature_lr(
     ema: float = 0.0,
     update_interval: int = 1,
     fd_scale: float = 1e-3,
+    joint_step: Optional[bool] = None,
+    max_relative_change: Optional[float] = 1.0,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
-    axis_name: Optional[_curvature.AxisName] = None,
+    axis_name: Optional[_parallel.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales each layer's gradient by a learning rate fitted to its curvature.
 
@@ -187,6 +196,9 @@ def scale_by_curvature_lr(
       ``trust_coefficient`` for ``"norm_ratio"``).
     estimator: for ``"hessian"`` with ``"rayleigh"``: ``"hutchinson"`` (one
       Hessian-vector product a probe) or ``"exact"`` (one a layer, vmapped).
+      ``None``: ``"exact"``, or ``"hutchinson"`` when ``num_probes`` is given
+      or ``reduce="median"``. (One-probe Hutchinson quotients are dominated
+      by the cross-layer blocks on real networks: see the docs.)
     num_probes: Hutchinson probes averaged per measurement (``None`` = 1). It
       sets an array shape: under :func:`optax.inject_hyperparams` list it in
       ``static_args`` when given.
@@ -211,6 +223,15 @@ def scale_by_curvature_lr(
       May be traced (injected by :func:`optax.inject_hyperparams`), as may
       every other numeric argument but ``num_probes``.
     fd_scale: relative step of ``hvp="gradient_difference"``.
+    joint_step: multiply every layer's rate by one factor ``t = min(1, <g, d>
+      / d^T H d)``, ``d = sum_l lr_l g_l`` (the minimiser of the quadratic
+      model along the combined step; the ratios between layers are kept).
+      ``None``: on for ``"hessian"`` (free from the exact blocks, one more
+      Hessian-vector product otherwise); needs ``"hessian"``.
+    max_relative_change: bound ``lr_l <= max_relative_change * ||theta_l|| /
+      ||g_l||`` (no layer moves by more than this fraction of its norm in a
+      step; a layer with zero norm is not bounded). ``None``: no bound.
+      Ignored by ``"norm_ratio"``, which is that ratio.
     layers: the layer grouping (see :func:`optax_layerwise.group_layers`).
       ``optax.lars`` uses one trust ratio per leaf: pass
       ``layers=lambda path, _: jax.tree_util.keystr(path)`` to match it. (A
@@ -255,6 +276,9 @@ def scale_by_curvature_lr(
                      f"{curvature!r}.")
   if reduce not in REDUCTIONS:
     raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
+  if estimator is None:  # exact quotients unless probes are asked for
+    estimator = ("hutchinson" if reduce == "median" or num_probes is not None
+                 else "exact")
   static_interval, num_probes = _curvature.check_measurement_args(
       estimator, hvp, update_interval, num_probes)
   if weight_decay_convention not in WEIGHT_DECAY_CONVENTIONS:
@@ -272,7 +296,7 @@ def scale_by_curvature_lr(
         "reduce='median' needs the elementwise Hessian diagonal, estimated by "
         "Hutchinson probes: use estimator='hutchinson' (the exact diagonal "
         "would cost one Hessian-vector product per parameter).")
-  static_initial_lr = _curvature.concrete_float(initial_lr)
+  static_initial_lr = _checks.concrete_float(initial_lr)
   if curvature == "secant" and static_initial_lr is not None and not (
       static_initial_lr > 0):
     raise ValueError(
@@ -287,11 +311,19 @@ def scale_by_curvature_lr(
       ("max_lr", 0.0 if max_lr is None else max_lr, "It is the upper clip of "
        "the learning rates; None for no clip."),
       ("weight_decay", weight_decay, "It is an L2 strength; 0 for none.")):
-    _curvature.check_non_negative(value, name, transform=_NAME, why=why)
-  _curvature.check_decay(ema, "ema", transform=_NAME,
+    _checks.check_non_negative(value, name, transform=_NAME, why=why)
+  _checks.check_decay(ema, "ema", transform=_NAME,
                          why="0 for no averaging; 1 would freeze the steps.")
-  no_weight_decay = _curvature.concrete_float(weight_decay) == 0.0
+  no_weight_decay = _checks.concrete_float(weight_decay) == 0.0
   is_secant = curvature == "secant"
+  if joint_step is None:
+    joint_step = curvature == "hessian"
+  if joint_step and curvature != "hessian":
+    raise ValueError(
+        "joint_step=True measures the curvature along the combined step with "
+        "a Hessian-vector product: it needs curvature='hessian'.")
+  use_joint = bool(joint_step)
+  use_trust = max_relative_change is not None and curvature != "norm_ratio"
 
   def init_fn(params):
     # Bad params fail here, at the first call (masked, integer, complex).
@@ -308,18 +340,18 @@ def scale_by_curvature_lr(
         num_accepted=counts,
         num_fallbacks=counts,
         num_skipped=jnp.zeros([], jnp.int32),
+        joint_scale=jnp.ones([], zeros.dtype),
         prev_params=prev,
         prev_grads=prev)
 
-  def measure_hessian(value_fn, grads, reg_grads, params, partition, key):
-    oracle = _curvature.make_hvp(
-        value_fn, params, method=hvp, grad=grads, fd_scale=fd_scale,
-        transform=_NAME, axis_name=axis_name)
+  def measure_hessian(oracle, reg_grads, params, partition, key):
+    """Returns ``(kappa, M)``: ``M`` the exact ``(L, L)`` block matrix of
+    the forms along the gradient's layers, or ``None``."""
     if reduce == "rayleigh":
       forms = _curvature.layer_quadratic_forms(
           oracle, reg_grads, partition, estimator=estimator,
           num_probes=num_probes, key=key, axis_name=axis_name)
-      return forms.curvature / partition.sq_norm(reg_grads)
+      return forms.curvature / partition.sq_norm(reg_grads), forms.matrix
     probes = elementwise_probes(key, params, num_probes)
     _, hz = jax.vmap(oracle, out_axes=(None, 0))(probes)
 
@@ -329,9 +361,31 @@ def scale_by_curvature_lr(
 
     # Linear in H z, so averaged over the data-parallel axis before |.|.
     diagonal = jax.tree_util.tree_map(
-        jnp.abs, _curvature.global_mean(
+        jnp.abs, _parallel.global_mean(
             jax.tree_util.tree_map(diagonal_estimate, probes, hz), axis_name))
-    return _layer_medians(partition, diagonal)
+    return _layer_medians(partition, diagonal), None
+
+  def joint_factor(oracle, reg_grads, partition, lrs, matrix):
+    """``t = min(1, b / q)`` along the combined step ``d = sum_l lr_l g_l``.
+
+    ``b = <g, d>`` and ``q = d^T H d`` (weight decay included): ``t d`` is
+    the minimiser of the quadratic model along ``d`` when that is shorter
+    than ``d``. ``q`` comes from the exact block matrix when measured (free),
+    else from one more Hessian-vector product. ``q <= 0`` or non-finite:
+    the model gives no bound, ``t = 1``.
+    """
+    sq = partition.sq_norm(reg_grads)
+    b = jnp.sum(lrs * sq)
+    if matrix is not None:
+      q = lrs @ matrix.astype(lrs.dtype) @ lrs
+    else:
+      d = partition.scale(reg_grads, lrs)
+      _, hd = oracle(d)
+      q = _parallel.global_mean(jnp.sum(partition.inner(d, hd)), axis_name)
+    q = q + weight_decay * jnp.sum(lrs ** 2 * sq)
+    ok = jnp.isfinite(q) & jnp.isfinite(b) & (q > 0) & (b > 0)
+    return jnp.where(ok, jnp.minimum(1.0, b / jnp.where(ok, q, 1.0)),
+                     1.0).astype(lrs.dtype)
 
   def measure_secant(grads, params, state, partition):
     s = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype) - q, params,
@@ -348,7 +402,7 @@ def scale_by_curvature_lr(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     if curvature == "hessian":
-      value_fn = _curvature.require_value_fn(value_fn, transform=_NAME)
+      value_fn = _checks.require_value_fn(value_fn, transform=_NAME)
     _layers.check_params(params, transform=_NAME)
     partition = _layers.group_layers(params, layers)
     partition.check_structure(updates, f"{_NAME}: the updates (gradients)")
@@ -363,10 +417,30 @@ def scale_by_curvature_lr(
       reg_grads = jax.tree_util.tree_map(
           lambda g, p: (g + weight_decay * p).astype(g.dtype), updates, params)
 
+    upper = jnp.inf if max_lr is None else max_lr
+    if use_trust:
+      # lr_l ||g_l|| <= rho ||theta_l||: the quadratic model is trusted over
+      # at most rho times the layer's norm (no bound for a zero layer).
+      p_norm = jnp.sqrt(partition.sq_norm(params))
+      g_norm = jnp.sqrt(partition.sq_norm(reg_grads))
+      has_norm = (p_norm > 0) & (g_norm > 0)
+      trust = jnp.where(has_norm, max_relative_change * p_norm
+                        / jnp.where(has_norm, g_norm, 1.0), jnp.inf)
+    else:
+      trust = None
+
+    def trust_bound(lrs):
+      return lrs if trust is None else jnp.minimum(lrs, trust).astype(
+          lrs.dtype)
+
+    no_forced = jnp.zeros((partition.num_layers,), bool)
+
     def measure(_):
-      """Returns (kappa, raw lr, forced-valid mask), all ``(L,)``."""
-      forced = jnp.zeros((partition.num_layers,), bool)
+      """Returns (kappa, rates, accepted mask, joint factor)."""
+      forced = no_forced
       dtype = state.lrs.dtype
+      matrix = None
+      oracle = None
       if curvature == "norm_ratio":
         p_norm = jnp.sqrt(partition.sq_norm(params))
         if weight_decay_convention == "optax":
@@ -377,43 +451,53 @@ def scale_by_curvature_lr(
           denominator = g_norm + weight_decay * p_norm
         # Optax's convention: a layer with a zero norm gets ratio 1, so that
         # zero-initialised layers (biases) still move.
-        zero = (p_norm == 0.0) | (g_norm == 0.0)
-        kappa = jnp.where(zero, 0.0, denominator / jnp.where(zero, 1.0, p_norm))
-        raw = jnp.where(zero, 1.0, scale * p_norm / jnp.where(zero, 1.0,
-                                                             denominator))
-        return kappa.astype(dtype), raw.astype(dtype), zero
-      if curvature == "hessian":
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
-        kappa = measure_hessian(value_fn, updates, reg_grads, params,
-                                partition, key)
+        forced = (p_norm == 0.0) | (g_norm == 0.0)
+        kappa = jnp.where(forced, 0.0,
+                          denominator / jnp.where(forced, 1.0, p_norm))
+        raw = jnp.where(forced, 1.0, scale * p_norm / jnp.where(
+            forced, 1.0, denominator))
+        kappa, raw = kappa.astype(dtype), raw.astype(dtype)
       else:
-        kappa = measure_secant(updates, params, state, partition)
-        has_prev = state.count > 0  # skipped steps do not count
-        kappa = jnp.where(has_prev, kappa, jnp.nan)  # warm-up: no pair yet
-      kappa = (kappa + weight_decay).astype(dtype)
-      return kappa, (scale / kappa).astype(dtype), forced
+        if curvature == "hessian":
+          key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+          oracle = _curvature.make_hvp(
+              value_fn, params, method=hvp, grad=updates, fd_scale=fd_scale,
+              transform=_NAME, axis_name=axis_name)
+          kappa, matrix = measure_hessian(oracle, reg_grads, params,
+                                          partition, key)
+        else:
+          kappa = measure_secant(updates, params, state, partition)
+          has_prev = state.count > 0  # skipped steps do not count
+          kappa = jnp.where(has_prev, kappa, jnp.nan)  # warm-up: no pair yet
+        kappa = (kappa + weight_decay).astype(dtype)
+        raw = (scale / kappa).astype(dtype)
+      valid = forced | (jnp.isfinite(kappa) & (kappa > curvature_floor)
+                        & jnp.isfinite(raw))
+      seen = state.num_accepted > 0
+      clipped = jnp.clip(jnp.nan_to_num(raw), min_lr, upper)
+      smoothed = jnp.where(seen, ema * state.lrs + (1.0 - ema) * clipped,
+                           clipped)
+      fallback = jnp.where(seen, state.lrs, initial_lr)
+      lrs = trust_bound(jnp.where(valid, smoothed, fallback).astype(dtype))
+      if use_joint:
+        factor = joint_factor(oracle, reg_grads, partition, lrs, matrix)
+      else:
+        factor = jnp.ones([], dtype)
+      return kappa, lrs, valid, factor
 
     if static_interval == 1:
       measured = jnp.asarray(True)
-      kappa, raw, forced = measure(None)
+      kappa, lrs, valid, factor = measure(None)
     else:
       measured = state.count % update_interval == 0
-      kappa, raw, forced = jax.lax.cond(
+      kappa, lrs, valid, factor = jax.lax.cond(
           measured, measure,
-          lambda _: (state.curvatures, state.lrs,
-                     jnp.zeros((partition.num_layers,), bool)),
+          lambda _: (state.curvatures, state.lrs, no_forced,
+                     state.joint_scale),
           None)
 
-    valid = measured & (forced | (
-        jnp.isfinite(kappa) & (kappa > curvature_floor) & jnp.isfinite(raw)))
-    seen = state.num_accepted > 0
-    upper = jnp.inf if max_lr is None else max_lr
-    clipped = jnp.clip(jnp.nan_to_num(raw), min_lr, upper)
-    smoothed = jnp.where(seen, ema * state.lrs + (1.0 - ema) * clipped,
-                         clipped)
-    fallback = jnp.where(seen, state.lrs, initial_lr)
-    lrs = jnp.where(valid, smoothed, fallback).astype(state.lrs.dtype)
-    new_updates = partition.scale(reg_grads, lrs)
+    lrs = trust_bound(lrs)  # also on the steps that reuse the rates
+    new_updates = partition.scale(reg_grads, factor * lrs)
 
     new_state = ScaleByCurvatureLRState(
         count=state.count + 1,
@@ -424,9 +508,10 @@ def scale_by_curvature_lr(
         num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
             jnp.int32),
         num_skipped=state.num_skipped,
+        joint_scale=factor.astype(state.joint_scale.dtype),
         prev_params=_stats(params) if is_secant else None,
         prev_grads=_stats(updates) if is_secant else None)
-    return _curvature.skip_non_finite_step(updates, new_updates, new_state,
+    return _nonfinite.skip_non_finite_step(updates, new_updates, new_state,
                                            state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -435,7 +520,7 @@ def scale_by_curvature_lr(
 def _chain(reduce: str, learning_rate_scale: ScalarOrSchedule,
            momentum: float, nesterov: bool, **kwargs):
   """``chain(scale_by_curvature_lr, -learning_rate_scale, trace(momentum))``."""
-  _curvature.check_non_negative(
+  _checks.check_non_negative(
       learning_rate_scale, "learning_rate_scale",
       transform="cblr" if reduce == "rayleigh" else "mclr",
       why="It multiplies the descent step (the sign flip is built in); a "
@@ -444,15 +529,18 @@ def _chain(reduce: str, learning_rate_scale: ScalarOrSchedule,
       scale_by_curvature_lr(reduce=reduce, **kwargs),
       optax.scale_by_learning_rate(learning_rate_scale),
   ]
-  if _curvature.concrete_float(momentum) != 0.0:  # a traced momentum keeps the trace
+  # Only a Python 0 drops the stage: an array (inject_hyperparams passes
+  # arrays to init and tracers to update) keeps it, so both see one shape.
+  if not (isinstance(momentum, (int, float)) and momentum == 0):
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   # A step the first stage skips is skipped by the momentum too.
-  return _curvature.skip_aware_chain(*parts)
+  return _nonfinite.skip_aware_chain(*parts)
 
 
 _SHARED_ARGS_DOC = """    scale: the multiplier in ``lr_l = scale / kappa_l`` (see
       :func:`scale_by_curvature_lr`, which documents every argument below).
-    estimator: ``"hutchinson"`` or ``"exact"``.
+    estimator: ``"hutchinson"`` or ``"exact"`` (``None``: exact for CBLR
+      unless ``num_probes`` is given).
     num_probes: Hutchinson probes per measurement (``None`` = 1; list it in
       ``static_args`` of :func:`optax.inject_hyperparams` when given).
     hvp: ``"forward_over_reverse"`` or ``"gradient_difference"``.
@@ -466,6 +554,10 @@ _SHARED_ARGS_DOC = """    scale: the multiplier in ``lr_l = scale / kappa_l`` (s
     ema: moving-average factor of the rates (0 = none).
     update_interval: measure every this many steps.
     fd_scale: relative step of the gradient difference.
+    joint_step: one factor ``t <= 1`` on all rates, the quadratic model's
+      minimiser along the combined step (``None``: on for ``"hessian"``).
+    max_relative_change: ``lr_l <= max_relative_change ||theta_l|| /
+      ||g_l||`` (``None``: no bound).
     layers: the layer grouping (a callable must be listed in ``static_args``
       of :func:`optax.inject_hyperparams`).
     seed: seeds the Hutchinson probes.
@@ -475,13 +567,13 @@ _SHARED_ARGS_DOC = """    scale: the multiplier in ``lr_l = scale / kappa_l`` (s
 
 def cblr(
     learning_rate_scale: ScalarOrSchedule = 1.0,
-    momentum: float = 0.9,
+    momentum: float = 0.0,
     *,
     nesterov: bool = False,
     weight_decay: float = 0.0,
     curvature: str = "hessian",
     scale: float = 1.0,
-    estimator: str = "hutchinson",
+    estimator: Optional[str] = None,
     num_probes: Optional[int] = None,
     hvp: str = "forward_over_reverse",
     weight_decay_convention: str = "optax",
@@ -492,9 +584,11 @@ def cblr(
     ema: float = 0.0,
     update_interval: int = 1,
     fd_scale: float = 1e-3,
+    joint_step: Optional[bool] = None,
+    max_relative_change: Optional[float] = 1.0,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
-    axis_name: Optional[_curvature.AxisName] = None,
+    axis_name: Optional[_parallel.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Curvature-based layer-wise learning rates (CBLR) with momentum.
 
@@ -515,7 +609,8 @@ def cblr(
   Args:
     learning_rate_scale: a global multiplier of the per-layer rates, a float
       or an Optax schedule (warm-up, decay).
-    momentum: heavy-ball momentum decay (0 = none).
+    momentum: heavy-ball momentum decay (default 0: a curvature step has its
+      length; with momentum m, use learning_rate_scale about 1 - m).
     nesterov: Nesterov momentum.
     weight_decay: L2 strength (see :func:`scale_by_curvature_lr`).
     curvature: ``"hessian"`` (call ``update`` with ``value_fn``),
@@ -544,19 +639,20 @@ def cblr(
       estimator=estimator, num_probes=num_probes, hvp=hvp,
       weight_decay_convention=weight_decay_convention, initial_lr=initial_lr,
       min_lr=min_lr, max_lr=max_lr, curvature_floor=curvature_floor, ema=ema,
-      update_interval=update_interval, fd_scale=fd_scale, layers=layers,
-      seed=seed, axis_name=axis_name)
+      update_interval=update_interval, fd_scale=fd_scale,
+      joint_step=joint_step, max_relative_change=max_relative_change,
+      layers=layers, seed=seed, axis_name=axis_name)
 
 
 def mclr(
     learning_rate_scale: ScalarOrSchedule = 1.0,
-    momentum: float = 0.9,
+    momentum: float = 0.0,
     *,
     nesterov: bool = False,
     weight_decay: float = 0.0,
     curvature: str = "hessian",
     scale: float = 1.0,
-    estimator: str = "hutchinson",
+    estimator: Optional[str] = None,
     num_probes: Optional[int] = None,
     hvp: str = "forward_over_reverse",
     weight_decay_convention: str = "optax",
@@ -567,9 +663,11 @@ def mclr(
     ema: float = 0.0,
     update_interval: int = 1,
     fd_scale: float = 1e-3,
+    joint_step: Optional[bool] = None,
+    max_relative_change: Optional[float] = 1.0,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
-    axis_name: Optional[_curvature.AxisName] = None,
+    axis_name: Optional[_parallel.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Median-curvature layer-wise learning rates (MCLR) with momentum.
 
@@ -583,7 +681,8 @@ def mclr(
   Args:
     learning_rate_scale: a global multiplier of the per-layer rates, a float
       or an Optax schedule.
-    momentum: heavy-ball momentum decay (0 = none), after the scaling.
+    momentum: heavy-ball momentum decay, after the scaling (default 0; with
+      momentum m, use learning_rate_scale about 1 - m).
     nesterov: Nesterov momentum.
     weight_decay: L2 strength (see :func:`scale_by_curvature_lr`).
     curvature: ``"hessian"`` (call ``update`` with ``value_fn``) or
@@ -614,8 +713,9 @@ def mclr(
       estimator=estimator, num_probes=num_probes, hvp=hvp,
       weight_decay_convention=weight_decay_convention, initial_lr=initial_lr,
       min_lr=min_lr, max_lr=max_lr, curvature_floor=curvature_floor, ema=ema,
-      update_interval=update_interval, fd_scale=fd_scale, layers=layers,
-      seed=seed, axis_name=axis_name)
+      update_interval=update_interval, fd_scale=fd_scale,
+      joint_step=joint_step, max_relative_change=max_relative_change,
+      layers=layers, seed=seed, axis_name=axis_name)
 
 
 cblr.__doc__ = cblr.__doc__.format(shared=_SHARED_ARGS_DOC)
