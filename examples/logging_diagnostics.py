@@ -6,7 +6,7 @@ so they can be returned from the jitted step at no cost):
 * layer-wise step sizes: ``ScaleByLayerwiseStepSizeState`` (``step_sizes``,
   ``curvatures``, ``num_fallbacks``, ...), one entry per layer in the order
   of ``olw.group_layers(params).labels``;
-* K-BFGS: ``KBFGSState`` (``num_powell``, ``num_lm``, ``num_skipped``, ...),
+* K-BFGS: ``KBFGSState`` (``num_powell``, ``num_lm``, ``num_skipped_h_g``, ...),
   one entry per dense layer in the order of ``olw.kbfgs_layer_names(params)``.
 
 Inside a chain, ``optax.tree_utils.tree_get(opt_state, "step_sizes")`` finds a
@@ -58,8 +58,8 @@ def step_size_diagnostics(opt_state):
 def kbfgs_diagnostics(opt_state):
   """The per-layer counters of K-BFGS (the state is a ``KBFGSState``)."""
   return {"powell": opt_state.num_powell, "lm": opt_state.num_lm,
-          "skipped_h_g": opt_state.num_skipped,
-          "skipped_h_a": opt_state.num_skipped_a}
+          "skipped_h_g": opt_state.num_skipped_h_g,
+          "skipped_h_a": opt_state.num_skipped_h_a}
 
 
 def readable(label):

@@ -36,10 +36,10 @@ kernel layout). Per step, on the mini-batch of ``value_fn``:
    ``||mean gh||``, as in the authors' code).
 
 A whole step is skipped (zero update, state unchanged but for
-``num_nonfinite``; ``count`` does not advance) when the gradient, the tapped
+``num_skipped``; ``count`` does not advance) when the gradient, the tapped
 statistics (a NaN loss from ``value_fn``) or the step itself are not finite;
 a non-finite pair from the second pass skips that layer's ``s, y, H_g``
-update and is counted in ``num_skipped``.
+update and is counted in ``num_skipped_h_g``.
 """
 
 from __future__ import annotations
@@ -109,10 +109,10 @@ class KBFGSState(NamedTuple):
       that took the fallback ``-lr M``.
     num_powell: per layer, steps on which Powell damping fired (int32).
     num_lm: per layer, steps on which Levenberg-Marquardt damping fired.
-    num_skipped: per layer, ``H_g`` updates skipped (skip rule or non-finite
+    num_skipped_h_g: per layer, ``H_g`` updates skipped (skip rule or non-finite
       pair).
-    num_skipped_a: per layer, ``H_a`` updates skipped.
-    num_nonfinite: whole steps skipped for a non-finite gradient, tapped
+    num_skipped_h_a: per layer, ``H_a`` updates skipped.
+    num_skipped: whole steps skipped for a non-finite gradient, tapped
       statistics or step (int32 scalar).
     step_sizes: per layer, the multiple ``t_l`` of the trial step
       ``delta_l = -lr H_a M_l H_g`` applied last (``step_rule="layerwise"``;
@@ -121,6 +121,8 @@ class KBFGSState(NamedTuple):
       ``step_rule="fixed"``).
     curvatures: per layer, the last measured ``q_l = <delta_l, g(theta +
       delta) - g(theta)>_l`` (0 with ``step_rule="fixed"``).
+    num_accepted: per layer, steps whose measurement of ``t_l`` was
+      accepted.
     num_fallbacks: per layer, steps whose measurement was rejected
       (``q_l <= 0``, ``b_l >= 0`` or non-finite), which reused the last
       accepted ``t_l``.
@@ -131,12 +133,13 @@ class KBFGSState(NamedTuple):
   preconditioned: PyTree
   num_powell: jax.Array
   num_lm: jax.Array
+  num_skipped_h_g: jax.Array
+  num_skipped_h_a: jax.Array
   num_skipped: jax.Array
-  num_skipped_a: jax.Array
-  num_nonfinite: jax.Array
   step_sizes: jax.Array
   decreases: jax.Array
   curvatures: jax.Array
+  num_accepted: jax.Array
   num_fallbacks: jax.Array
 
 
@@ -595,10 +598,10 @@ def _init(cfg: _Config, params) -> KBFGSState:
                    for s in specs),
       preconditioned=jax.tree_util.tree_unflatten(
           treedef, [jnp.zeros([], bool) for _ in leaves]),
-      num_powell=counts(), num_lm=counts(), num_skipped=counts(),
-      num_skipped_a=counts(), num_nonfinite=jnp.zeros([], jnp.int32),
+      num_powell=counts(), num_lm=counts(), num_skipped_h_g=counts(),
+      num_skipped_h_a=counts(), num_skipped=jnp.zeros([], jnp.int32),
       step_sizes=stats() + 1.0, decreases=stats(), curvatures=stats(),
-      num_fallbacks=counts())
+      num_accepted=counts(), num_fallbacks=counts())
 
 
 def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
@@ -676,15 +679,16 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
         momentum=jax.tree_util.tree_unflatten(treedef, new_mom),
         layers=tuple(new_layers), preconditioned=preconditioned,
         num_powell=state.num_powell + powell, num_lm=state.num_lm + lm,
-        num_skipped=state.num_skipped + skipped,
-        num_skipped_a=state.num_skipped_a + skipped_a,
+        num_skipped_h_g=state.num_skipped_h_g + skipped,
+        num_skipped_h_a=state.num_skipped_h_a + skipped_a,
         step_sizes=step_sizes, decreases=decreases, curvatures=curvatures,
+        num_accepted=state.num_accepted + measured.astype(jnp.int32),
         num_fallbacks=state.num_fallbacks + (
             fallbacks.astype(jnp.int32) if cfg.layerwise else 0))
 
   def skip_step(_):
     return state._replace(preconditioned=preconditioned,
-                          num_nonfinite=state.num_nonfinite + 1)
+                          num_skipped=state.num_skipped + 1)
 
   new_state = jax.lax.cond(finite, take_step, skip_step, None)
   new_updates = jax.tree_util.tree_unflatten(
@@ -704,7 +708,7 @@ def kbfgs(
     mu1: float = _bfgs.POWELL_MU1,
     mu2: Optional[float] = None,
     skip_tol: float = _bfgs.SKIP_TOL,
-    lbfgs_gamma: float = 1.0,
+    lbfgs_gamma: Union[float, str] = 1.0,
     max_relative_change: Optional[float] = 0.1,
     step_rule: str = "layerwise",
     max_step_scale: float = 10.0,
@@ -766,7 +770,9 @@ def kbfgs(
     mu2: Levenberg-Marquardt threshold, ``sqrt(damping)`` by default; must lie
       in ``(0, 1)``.
     skip_tol: tolerance of the BFGS skip rule (1e-4).
-    lbfgs_gamma: K-BFGS(L)'s initial matrix ``gamma I`` (1).
+    lbfgs_gamma: K-BFGS(L)'s initial matrix ``gamma I`` (1), or
+      ``"scaled"`` for ``gamma = s^T y / y^T y`` of the newest pair (Nocedal
+      and Wright, eq. (7.20); docs/kbfgs.md says when it helps).
     max_relative_change: bounds each dense layer's step (ours, not the
       paper's): ``delta_l`` is shortened to ``||delta_l|| <= rho ||[W; b]||``
       (default ``rho = 0.1``). While ``H_g`` still sits at its initial ``I``,

@@ -167,6 +167,9 @@ def key_name(key) -> str:
   return str(key)
 
 
+_NOT_KERNELS = ("bias", "scale", "mean", "var")
+
+
 def _default_selects(path: tuple, leaf) -> bool:
   """Every kernel but embeddings (whose rows are looked up, not applied)."""
   del leaf
@@ -174,9 +177,9 @@ def _default_selects(path: tuple, leaf) -> bool:
 
 
 def _is_kernel(path: tuple, leaf) -> bool:
-  """2-D float leaves but biases, and named ``kernel`` leaves of higher
-  rank."""
-  if path and key_name(path[-1]) == "bias":
+  """2-D float leaves but biases and norm statistics (also stacked by
+  ``nnx.vmap`` / ``nn.scan``), and named ``kernel`` leaves of higher rank."""
+  if path and key_name(path[-1]) in _NOT_KERNELS:
     return False
   if not jnp.issubdtype(jnp.asarray(leaf).dtype if not hasattr(
       leaf, "dtype") else leaf.dtype, jnp.floating):

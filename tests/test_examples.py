@@ -188,6 +188,6 @@ def test_logging_diagnostics():
   state = kbfgs["state"]
   np.testing.assert_array_equal(
       [kbfgs["history"][-1][f"lm/{n}"] for n in names], state.num_lm)
-  assert int(state.num_nonfinite) == 0
+  assert int(state.num_skipped) == 0
   assert all(jax.tree_util.tree_leaves(
       jax.tree.map(lambda b: bool(jnp.asarray(b)), state.preconditioned)))

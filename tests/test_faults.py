@@ -26,7 +26,7 @@ Semantics checked (see the module docstrings of the transforms):
   per layer in ``num_fallbacks``; the diagnostics keep their last finite
   values;
 * a non-finite K-BFGS pair skips that layer's ``s, y, H_g`` update, counted
-  per layer in ``num_skipped``, and the (finite) step is still taken;
+  per layer in ``num_skipped_h_g``, and the (finite) step is still taken;
 * estimators that do not call ``value_fn`` are not affected at all.
 """
 
@@ -101,7 +101,7 @@ def _assert_trees_equal(a, b, what):
 
 def _without_skip_counter(name, state):
   if name.startswith("kbfgs"):
-    return state._replace(num_nonfinite=0)
+    return state._replace(num_skipped=0)
   return (state[0]._replace(num_skipped=0),) + tuple(state[1:])
 
 
@@ -228,10 +228,11 @@ def test_kbfgs_nonfinite_pair_skips_that_layers_update(name, code, hit):
   _, before, _ = run[2]
   params, after, updates = run[3]
   assert int(after.count) == int(before.count) + 1  # the step is taken
-  assert int(after.num_nonfinite) == 0
+  assert int(after.num_skipped) == 0
   assert tiny.tree_finite((params, after, updates))
   assert float(optax.global_norm(updates)) > 0
-  skipped = np.asarray(after.num_skipped) - np.asarray(before.num_skipped)
+  skipped = np.asarray(after.num_skipped_h_g) - np.asarray(
+      before.num_skipped_h_g)
   for layer, (old, new) in enumerate(zip(before.layers, after.layers)):
     if layer in hit:
       assert skipped[layer] == 1

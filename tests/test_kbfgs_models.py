@@ -214,4 +214,4 @@ def test_kbfgs_trains_real_model_kinds(make, memory):
     losses, final, state = run(params)
   assert np.all(np.isfinite(losses)) and np.isfinite(final)
   assert final < losses[0], (losses, final)
-  assert int(state.num_nonfinite) == 0
+  assert int(state.num_skipped) == 0

@@ -109,7 +109,7 @@ def test_20k_steps_stay_finite_bounded_and_within_damping_bounds(name):
 
 def _check_dense_bounds(record, state):
   for layer, h in enumerate(record):
-    assert int(state.num_skipped[layer]) < STEPS  # H_g was updated
+    assert int(state.num_skipped_h_g[layer]) < STEPS  # H_g was updated
     h = np.concatenate([np.eye(h.shape[-1])[None], h]).astype(np.float64)
     eps = np.finfo(np.float32).eps
     scale = np.abs(h).max(axis=(-1, -2))

@@ -104,7 +104,7 @@ def test_float16_overflowing_step_is_skipped_not_written():
   tx = olw.kbfgs(1e8, max_relative_change=None)  # no bound: it must overflow
   updates, state = jax.jit(lambda p, s: tx.update(
       jax.grad(value_fn)(p), s, p, value_fn=value_fn))(params, tx.init(params))
-  assert int(state.num_nonfinite) == 1 and int(state.count) == 0
+  assert int(state.num_skipped) == 1 and int(state.count) == 0
   assert all(not np.any(u) for u in jax.tree_util.tree_leaves(updates))
 
 

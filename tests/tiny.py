@@ -112,7 +112,7 @@ CHAINED = ("layerwise_sgd", "layerwise_adamw", "cblr", "mclr", "cblr_secant")
 
 def skip_count(name, state):
   """Whole steps skipped so far (the transform's own counter)."""
-  return int(state.num_nonfinite) if name.startswith("kbfgs") else int(
+  return int(state.num_skipped) if name.startswith("kbfgs") else int(
       state[0].num_skipped)
 
 
