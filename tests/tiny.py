@@ -100,8 +100,9 @@ TRANSFORMS = {
     "layerwise_adamw": lambda: olw.layerwise_adamw(update_interval=1),
     "cblr": lambda: olw.cblr(0.05, max_lr=5.0),
     "mclr": lambda: olw.mclr(0.1, max_lr=2.0),
+    # The secant rates are noisier: momentum (off by default) smooths them.
     "cblr_secant": lambda: olw.cblr(0.1, curvature="secant", initial_lr=0.1,
-                                    max_lr=2.0),
+                                    max_lr=2.0, momentum=0.9),
     "kbfgs": lambda: olw.kbfgs(0.2),
     "kbfgs_l": lambda: olw.kbfgs(0.2, memory_size=3),
 }
