@@ -238,7 +238,8 @@ def lbfgs_append(
 
   The pair is skipped (memory unchanged) under the same rule as
   :func:`bfgs_inverse_update`: ``s^T y <= skip_tol * s^T s * grad_norm`` or a
-  non-finite pair, or when ``valid`` is ``False``.
+  non-finite pair, or when ``valid`` is ``False``; and when ``s^T y`` is
+  below ``sqrt(finfo.tiny)`` (``1 / (s^T y)`` would overflow its products).
 
   ``R^-1`` is updated without a solve: dropping the first pair keeps the
   trailing block of the inverse of an upper triangular matrix, and the new
@@ -250,6 +251,10 @@ def lbfgs_append(
   """
   ok = _accept_pair(s, y, grad_norm, skip_tol) & valid
   ok = ok & jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(y))
+  # The compact form keeps 1 / (s^T y): a pair below the square root of the
+  # smallest normal number would overflow its products (at a minimum, float32
+  # pairs of s ~ 1e-20 froze every later step as non-finite).
+  ok = ok & (jnp.vdot(s, y) > jnp.sqrt(jnp.finfo(memory.s.dtype).tiny))
   dtype = memory.s.dtype
   s, y = s.astype(dtype), y.astype(dtype)
   p = memory.s.shape[0]

@@ -374,7 +374,9 @@ def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
                   first, refresh) -> _Work:
   """``A`` (moving average of ``A_batch``) and ``H_a`` (inverted only on
   the first step)."""
-  abar, a_batch = _homogeneous(spec, tap)
+  # The tap's statistics dtype is the widest of all layers': cast to this
+  # layer's (float32 factors next to a float64 layer, say).
+  abar, a_batch = (x.astype(ls.a.dtype) for x in _homogeneous(spec, tap))
   a_new = jnp.where(first, a_batch, jnp.where(
       refresh, cfg.beta * ls.a + (1.0 - cfg.beta) * a_batch, ls.a))
   a_damped = a_new + cfg.sqrt_damping * jnp.eye(spec.k, dtype=a_new.dtype)
@@ -472,7 +474,7 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
   """Double damping, BFGS of ``H_g`` and the Hessian-action BFGS of
   ``H_a``; returns the layer's new state and its (powell, lm, skipped,
   skipped_a) flags."""
-  s_new, y_new = pair
+  s_new, y_new = (x.astype(ls.s.dtype) for x in pair)
   pair_ok = _nonfinite.tree_all_finite((s_new, y_new))
   beta = cfg.beta
   s_bar = jnp.where(pair_ok, beta * ls.s + (1.0 - beta) * s_new, ls.s)
@@ -481,7 +483,8 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
   s_d, y_d, powell, lm = _bfgs.double_damping(s_bar, y_bar, hy, mu1=cfg.mu1,
                                               mu2=cfg.mu2)
   h_g, updated = cfg.h_g.update(
-      ls.h_g, s_d, y_d, grad_norm=jnp.linalg.norm(tap.output_grad),
+      ls.h_g, s_d, y_d,
+      grad_norm=jnp.linalg.norm(tap.output_grad).astype(ls.s.dtype),
       skip_tol=cfg.skip_tol, valid=pair_ok)
   s_a, y_a = _bfgs.hessian_action_pair(work.h_a, work.a_damped, work.abar)
   h_a, updated_a = _bfgs.bfgs_inverse_update(

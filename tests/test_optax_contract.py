@@ -191,15 +191,13 @@ def test_optimization_state_stability_and_no_recompilation(name, group):
   assert _dtypes(params) == _dtypes(final)
   # The state's counters account for every step: each was taken (count) or
   # skipped as non-finite (num_skipped, count frozen); none is skipped on
-  # these smooth problems, except by K-BFGS(L), a bug
-  # (test_kbfgs_memory_takes_every_step_near_a_minimum).
+  # these smooth problems.
   total = STEPS_PER_CALL * NUM_CALLS
   skipped = int(optax.tree.get(state, "num_skipped"))
   counts = optax.tree_utils.tree_get_all_with_path(state, "count")
   assert counts and all(int(c) + skipped == total for _, c in counts), (
       counts, skipped)
-  if name != "kbfgs_memory":
-    assert skipped == 0
+  assert skipped == 0
   _assert_finite(state, f"{name}: non-finite state")
   for key in final:
     err = cp.tree_max_abs_diff(params[key], final[key])
@@ -212,18 +210,10 @@ def test_optimization_state_stability_and_no_recompilation(name, group):
         err_msg=f"{name} did not solve {key} (max error {err:.3g})")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="bug: K-BFGS(L) (memory_size=3, other arguments at their "
-    "defaults) on _setup_rosenbrock written as a (1, 2) dense kernel: once "
-    "converged (loss 2e-10) it accepts pairs with s ~ 1e-20, "
-    "y ~ 1e-17 into the L-BFGS memory (the skip rule s^T y <= 1e-4 s^T s "
-    "||mean gh|| does not reject them), r_inv reaches 3e35, the next step "
-    "overflows float32 and is skipped as non-finite, and so is every later "
-    "step (state frozen, count stops; with default XLA options from step 767 "
-    "on, 2233 of 3000 steps skipped; in this file's 30000-step run, 27802). "
-    "Params stay at the minimum, so Optax's convergence check passes. Full "
-    "K-BFGS takes every step.")
+# Regression: K-BFGS(L) once accepted pairs of s ~ 1e-20, y ~ 1e-17 at the
+# minimum (s^T s underflowed, so the skip rule passed them), r_inv reached
+# 3e35 and every later step overflowed and was skipped; pairs whose s^T y is
+# below sqrt(finfo.tiny) are now rejected (_bfgs._accept_pair).
 def test_kbfgs_memory_takes_every_step_near_a_minimum():
   tx = CASES["kbfgs_memory"].make()
   params, final, objective = cp.rosenbrock(jnp.float32, dense=True)
@@ -401,16 +391,9 @@ def _multi_dtype_parabola(dense, dtypes):
       made[k][2](p[k]).astype(jnp.float32) for k in made)
 
 
-# Found by the stability check with all dtypes in one tree.
-@pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="bug: K-BFGS initialises each layer's factors in that layer's "
-    "statistics dtype (float32 for a float32, float16 or bfloat16 kernel) "
-    "but, when another layer is float64, the tapped input statistics of the "
-    "float32 layer arrive in float64, so the first update fails to trace: "
-    "TypeError 'cond branches must have equal output types' (float64 vs "
-    "float32: the H_a inverse, lax.cond in _kbfgs._input_factor). The "
-    "layer-wise and CBLR transforms accept such trees.")
+# Found by the stability check with all dtypes in one tree (regression: a
+# float32 layer's factors next to a float64 layer once received float64
+# statistics and failed to trace).
 @pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].dense])
 def test_kbfgs_mixed_float32_float64_layers(name):
   case = CASES[name]
