@@ -225,6 +225,24 @@ def _shift(m: jax.Array, new_row: jax.Array, new_col: jax.Array,
   return jnp.concatenate([top, bottom], axis=0)
 
 
+def _unit_pair(s: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(s, y) / ||s||``: the same L-BFGS operator, representable numbers.
+
+  The BFGS update, hence the L-BFGS operator, is invariant under the joint
+  scaling ``(c s, c y)`` (every term is ``s s^T / s^T y`` or ``rho s y^T``),
+  but the compact form stores ``1 / (s^T y)``: near a minimum float32 pairs
+  of ``s ~ 1e-20`` made it ``~1e37`` and its products overflowed, freezing
+  every later step. ``||s||`` is taken as ``max|s| * ||s / max|s|||``, so a
+  tiny ``s`` does not underflow; ``s = 0`` is left as is (the skip rule
+  rejects it).
+  """
+  peak = jnp.max(jnp.abs(s))
+  safe = jnp.where(peak > 0, peak, 1.0)
+  norm = safe * jnp.linalg.norm(s / safe)
+  scale = jnp.where(peak > 0, 1.0 / norm, 1.0)
+  return s * scale, y * scale
+
+
 def lbfgs_append(
     memory: LBFGSMemory,
     s: jax.Array,
@@ -238,8 +256,8 @@ def lbfgs_append(
 
   The pair is skipped (memory unchanged) under the same rule as
   :func:`bfgs_inverse_update`: ``s^T y <= skip_tol * s^T s * grad_norm`` or a
-  non-finite pair, or when ``valid`` is ``False``; and when ``s^T y`` is
-  below ``sqrt(finfo.tiny)`` (``1 / (s^T y)`` would overflow its products).
+  non-finite pair, or when ``valid`` is ``False``. It is stored scaled to
+  ``||s|| = 1`` (:func:`_unit_pair`).
 
   ``R^-1`` is updated without a solve: dropping the first pair keeps the
   trailing block of the inverse of an upper triangular matrix, and the new
@@ -251,12 +269,8 @@ def lbfgs_append(
   """
   ok = _accept_pair(s, y, grad_norm, skip_tol) & valid
   ok = ok & jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(y))
-  # The compact form keeps 1 / (s^T y): a pair below the square root of the
-  # smallest normal number would overflow its products (at a minimum, float32
-  # pairs of s ~ 1e-20 froze every later step as non-finite).
-  ok = ok & (jnp.vdot(s, y) > jnp.sqrt(jnp.finfo(memory.s.dtype).tiny))
   dtype = memory.s.dtype
-  s, y = s.astype(dtype), y.astype(dtype)
+  s, y = _unit_pair(s.astype(dtype), y.astype(dtype))
   p = memory.s.shape[0]
   old_s, old_y = memory.s[1:], memory.y[1:]
   d = jnp.vdot(s, y)

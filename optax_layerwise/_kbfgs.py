@@ -806,7 +806,11 @@ def kbfgs(
     step_size_interval: with ``step_rule="layerwise"``, measure ``q_l``
       (hence ``t_l``) every this many steps and reuse the last ``t_l`` in
       between (ours). The off steps skip the weight-gradient products of the
-      second pass (under :func:`jax.lax.cond`). 1 measures every step.
+      second pass (under :func:`jax.lax.cond`). 1 (default) measures every
+      step; 4 cut the step time by 7% on the MNIST autoencoder (batch 1000)
+      at the same loss per epoch, but made Rosenbrock-like problems, whose
+      step direction turns fast, unstable (docs/kbfgs.md, "Per-layer
+      step").
     dense_layers: which kernels get Kronecker factors: a predicate ``(path,
       leaf) -> bool | int`` on key paths; an ``int`` (not ``bool``) gives the
       number of contracted leading kernel axes, overriding the guess.
