@@ -32,6 +32,7 @@ Hessian-vector product) makes the affected layers fall back, counted in
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -43,6 +44,7 @@ from optax_layerwise import _curvature
 from optax_layerwise import _layers
 from optax_layerwise import _nonfinite
 from optax_layerwise import _parallel
+from optax_layerwise import _safeguards
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -122,6 +124,164 @@ def _coupled_steps(matrix: jax.Array, decrease: jax.Array,
   chol = jnp.linalg.cholesky(damped)
   steps = jax.scipy.linalg.cho_solve((chol, True), decrease)
   return jnp.where(jnp.all(jnp.isfinite(chol)), steps, jnp.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """The checked arguments (numbers may be traced when injected)."""
+  direction: optax.GradientTransformationExtraArgs
+  estimator: str
+  num_probes: int
+  hvp: str
+  max_step: Any
+  max_relative_change: Any
+  initial_step: Any
+  ema: Any
+  update_interval: Any
+  static_interval: Optional[int]
+  coupled: bool
+  coupled_damping: Any
+  curvature_floor: Any
+  fd_scale: Any
+  layers: _layers.LayerGrouping
+  seed: Any
+  axis_name: Optional[_parallel.AxisName]
+
+
+def _check_args(estimator, hvp, update_interval, num_probes, coupled,
+                max_step, initial_step, coupled_damping, ema,
+                max_relative_change) -> tuple:
+  """Clear errors for bad arguments; returns ``(static_interval,
+  num_probes)`` (see :func:`optax_layerwise._curvature.check_measurement_args`).
+  Values injected by :func:`optax.inject_hyperparams` arrive traced and are
+  not checked."""
+  static_interval, num_probes = _curvature.check_measurement_args(
+      estimator, hvp, update_interval, num_probes, hvp_methods=HVP_METHODS)
+  if coupled and estimator != "exact":
+    raise ValueError("coupled=True needs the full L x L layer matrix: use "
+                     "estimator='exact'.")
+  for name, value, why in (
+      ("max_step", max_step, "It caps each layer's step alpha_l (the "
+       "learning rate); a negative step would climb the loss."),
+      ("initial_step", initial_step, "It is a layer's step before its first "
+       "accepted measurement; 0 (the default) is the safe choice."),
+      ("coupled_damping", coupled_damping, "It adds damping * I to the "
+       "coupled L x L system; use 0 for none.")):
+    _checks.check_non_negative(value, name, transform=_NAME, why=why)
+  _checks.check_decay(ema, "ema", transform=_NAME,
+                         why="0 for no averaging; 1 would freeze the steps.")
+  if max_relative_change is not None:
+    _checks.check_non_negative(
+        max_relative_change, "max_relative_change", transform=_NAME,
+        why="It bounds how far a layer moves relative to its norm; pass None "
+        "to remove the bound.")
+  return static_interval, num_probes
+
+
+def _init(cfg: _Config, params) -> ScaleByLayerwiseStepSizeState:
+  # Bad params fail here, at the first call (masked, integer, complex).
+  _layers.check_params(params, transform=_NAME)
+  num_layers = _layers.group_layers(params, cfg.layers).num_layers
+  zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
+  counts = jnp.zeros((num_layers,), jnp.int32)
+  return ScaleByLayerwiseStepSizeState(
+      count=jnp.zeros([], jnp.int32),
+      direction_state=cfg.direction.init(_layers.to_stats(params)),
+      step_sizes=zeros + cfg.initial_step,
+      decreases=zeros,
+      curvatures=zeros,
+      num_accepted=counts,
+      num_fallbacks=counts,
+      num_skipped=jnp.zeros([], jnp.int32))
+
+
+def _direction(cfg: _Config, updates, state, params, extra_args) -> tuple:
+  """``(d, direction_state)``: the direction runs in the statistics dtype;
+  ``d`` goes back to the params' dtypes (it is the tangent of the
+  Hessian-vector products)."""
+  d, direction_state = cfg.direction.update(
+      _layers.to_stats(updates), state.direction_state,
+      _layers.to_stats(params), **extra_args)
+  d = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), d, params)
+  return d, direction_state
+
+
+def _upper(cfg: _Config, partition, params, sq_norm) -> jax.Array:
+  """This step's upper clip: ``max_step``, and the displacement bound
+  ``max_relative_change ||theta_l|| / ||d_l||`` when given."""
+  upper = jnp.asarray(cfg.max_step)
+  if cfg.max_relative_change is not None:  # bounds every path
+    upper = jnp.minimum(upper, _layers.trust_ratio(
+        partition.sq_norm(params), sq_norm, cfg.max_relative_change))
+  return upper
+
+
+def _measure(cfg: _Config, value_fn, params, grads, d, partition, state,
+             upper) -> tuple:
+  """``(b, q, raw)``: ``b_l = <g, d>_l``, ``q_l ~ d_l^T H_ll d_l`` and the
+  proposed steps ``b_l / q_l`` (or the coupled system's solution)."""
+  secant = cfg.hvp == "secant"
+  oracle = _curvature.make_hvp(
+      value_fn, params, method="gradient_difference" if secant else cfg.hvp,
+      grad=grads, fd_scale=cfg.fd_scale, step=-1.0 if secant else None,
+      transform=_NAME, axis_name=cfg.axis_name)
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state.count)
+  forms = _curvature.layer_quadratic_forms(
+      oracle, d, partition, estimator=cfg.estimator,
+      num_probes=cfg.num_probes, key=key, axis_name=cfg.axis_name,
+      tangent_scales=(_secant_scales(state.step_sizes, upper) if secant
+                      else None))
+  if cfg.coupled:
+    raw = _coupled_steps(forms.matrix, forms.decrease, cfg.coupled_damping)
+    diagonal = forms.decrease / forms.curvature
+    raw = jnp.where(jnp.all(jnp.isfinite(raw)), raw, diagonal)
+  else:
+    raw = forms.decrease / forms.curvature
+  return forms.decrease, forms.curvature, raw
+
+
+def _update(cfg: _Config, updates, state: ScaleByLayerwiseStepSizeState,
+            params, value_fn, extra_args):
+  """One step: the orchestration of the functions above and the shared
+  safeguards (:mod:`optax_layerwise._safeguards`)."""
+  value_fn = _checks.require_value_fn(value_fn, transform=_NAME)
+  partition = _safeguards.checked_layers(
+      params, updates, cfg.layers, state.step_sizes.shape[0], transform=_NAME)
+  d, direction_state = _direction(cfg, updates, state, params, extra_args)
+  sq_norm = partition.sq_norm(d)
+  upper = _upper(cfg, partition, params, sq_norm)
+  # Measured every update_interval steps (and every step of the first one
+  # while a layer has no accepted step); a reused step falls back.
+  measured = _safeguards.is_measured(
+      state.count, cfg.update_interval, cfg.static_interval,
+      num_accepted=state.num_accepted)
+  b, q, raw = _safeguards.measure_or_reuse(
+      measured,
+      lambda _: _measure(cfg, value_fn, params, updates, d, partition, state,
+                         upper),
+      lambda _: (state.decreases, state.curvatures, state.step_sizes),
+      cfg.static_interval)
+  valid = (measured & _safeguards.usable(raw, q, cfg.curvature_floor * sq_norm)
+           & (b > 0))
+  # The step sizes clip to the bound too, before the moving average.
+  step_sizes = _safeguards.safeguard(
+      raw, valid, state.step_sizes, state.num_accepted,
+      initial=cfg.initial_step, lower=0.0, upper=upper, ema=cfg.ema,
+      limit=None if cfg.max_relative_change is None else upper)
+  dtype = state.step_sizes.dtype
+  num_accepted, num_fallbacks = _safeguards.counts(
+      state.num_accepted, state.num_fallbacks, measured, valid)
+  new_state = ScaleByLayerwiseStepSizeState(
+      count=state.count + 1,
+      direction_state=direction_state,
+      step_sizes=step_sizes,
+      decreases=_safeguards.keep_finite(b, state.decreases, measured, dtype),
+      curvatures=_safeguards.keep_finite(q, state.curvatures, measured, dtype),
+      num_accepted=num_accepted,
+      num_fallbacks=num_fallbacks,
+      num_skipped=state.num_skipped)
+  return _nonfinite.skip_non_finite_step(
+      updates, partition.scale(d, step_sizes), new_state, state)
 
 
 def scale_by_layerwise_step_size(
@@ -228,132 +388,24 @@ def scale_by_layerwise_step_size(
     >>> optax.apply_updates(params, updates)['b']['w']
     Array([0., 0.], dtype=float32)
   """
-  static_interval, num_probes = _curvature.check_measurement_args(
-      estimator, hvp, update_interval, num_probes, hvp_methods=HVP_METHODS)
-  if coupled and estimator != "exact":
-    raise ValueError("coupled=True needs the full L x L layer matrix: use "
-                     "estimator='exact'.")
-  for name, value, why in (
-      ("max_step", max_step, "It caps each layer's step alpha_l (the "
-       "learning rate); a negative step would climb the loss."),
-      ("initial_step", initial_step, "It is a layer's step before its first "
-       "accepted measurement; 0 (the default) is the safe choice."),
-      ("coupled_damping", coupled_damping, "It adds damping * I to the "
-       "coupled L x L system; use 0 for none.")):
-    _checks.check_non_negative(value, name, transform=_NAME, why=why)
-  _checks.check_decay(ema, "ema", transform=_NAME,
-                         why="0 for no averaging; 1 would freeze the steps.")
-  if max_relative_change is not None:
-    _checks.check_non_negative(
-        max_relative_change, "max_relative_change", transform=_NAME,
-        why="It bounds how far a layer moves relative to its norm; pass None "
-        "to remove the bound.")
-  direction = optax.with_extra_args_support(
-      direction if direction is not None else optax.identity())
+  static_interval, num_probes = _check_args(
+      estimator, hvp, update_interval, num_probes, coupled, max_step,
+      initial_step, coupled_damping, ema, max_relative_change)
+  cfg = _Config(
+      direction=optax.with_extra_args_support(
+          direction if direction is not None else optax.identity()),
+      estimator=estimator, num_probes=num_probes, hvp=hvp, max_step=max_step,
+      max_relative_change=max_relative_change, initial_step=initial_step,
+      ema=ema, update_interval=update_interval,
+      static_interval=static_interval, coupled=coupled,
+      coupled_damping=coupled_damping, curvature_floor=curvature_floor,
+      fd_scale=fd_scale, layers=layers, seed=seed, axis_name=axis_name)
 
   def init_fn(params):
-    # Bad params fail here, at the first call (masked, integer, complex).
-    _layers.check_params(params, transform=_NAME)
-    num_layers = _layers.group_layers(params, layers).num_layers
-    zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
-    counts = jnp.zeros((num_layers,), jnp.int32)
-    return ScaleByLayerwiseStepSizeState(
-        count=jnp.zeros([], jnp.int32),
-        direction_state=direction.init(_layers.to_stats(params)),
-        step_sizes=zeros + initial_step,
-        decreases=zeros,
-        curvatures=zeros,
-        num_accepted=counts,
-        num_fallbacks=counts,
-        num_skipped=jnp.zeros([], jnp.int32))
+    return _init(cfg, params)
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    value_fn = _checks.require_value_fn(value_fn, transform=_NAME)
-    _layers.check_params(params, transform=_NAME)
-    partition = _layers.group_layers(params, layers)
-    partition.check_structure(updates, f"{_NAME}: the updates (gradients)")
-    if partition.num_layers != state.step_sizes.shape[0]:
-      raise ValueError(
-          f"{_NAME}: the params have {partition.num_layers} layers but the "
-          f"state was built for {state.step_sizes.shape[0]}; re-run init.")
-
-    # The direction runs in the statistics dtype; d goes back to the params'
-    # dtypes (it is the tangent of the Hessian-vector products).
-    d, direction_state = direction.update(
-        _layers.to_stats(updates), state.direction_state,
-        _layers.to_stats(params), **extra_args)
-    d = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), d, params)
-
-    sq_norm = partition.sq_norm(d)
-    upper = jnp.asarray(max_step)
-    if max_relative_change is not None:  # bounds every path below
-      upper = jnp.minimum(upper, _layers.trust_ratio(
-          partition.sq_norm(params), sq_norm, max_relative_change))
-
-    def measure(_):
-      secant = hvp == "secant"
-      oracle = _curvature.make_hvp(
-          value_fn, params, method="gradient_difference" if secant else hvp,
-          grad=updates, fd_scale=fd_scale, step=-1.0 if secant else None,
-          transform=_NAME, axis_name=axis_name)
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
-      forms = _curvature.layer_quadratic_forms(
-          oracle, d, partition, estimator=estimator, num_probes=num_probes,
-          key=key, axis_name=axis_name,
-          tangent_scales=(_secant_scales(state.step_sizes, upper) if secant
-                          else None))
-      if coupled:
-        raw = _coupled_steps(forms.matrix, forms.decrease, coupled_damping)
-        diagonal = forms.decrease / forms.curvature
-        raw = jnp.where(jnp.all(jnp.isfinite(raw)), raw, diagonal)
-      else:
-        raw = forms.decrease / forms.curvature
-      return forms.decrease, forms.curvature, raw
-
-    if static_interval == 1:
-      measured = jnp.asarray(True)
-      b, q, raw = measure(None)
-    else:
-      # Also every step of the first interval while a layer has no accepted
-      # step: a rejected first measurement would leave it unmoved k steps.
-      measured = (state.count % update_interval == 0) | (
-          jnp.any(state.num_accepted == 0) & (state.count < update_interval))
-      b, q, raw = jax.lax.cond(
-          measured, measure,
-          lambda _: (state.decreases, state.curvatures, state.step_sizes),
-          None)
-
-    valid = (measured & jnp.isfinite(raw) & jnp.isfinite(q) & (b > 0)
-             & (q > curvature_floor * sq_norm))
-    seen = state.num_accepted > 0
-    clipped = jnp.clip(jnp.nan_to_num(raw), 0.0, upper)
-    smoothed = jnp.where(seen, ema * state.step_sizes + (1.0 - ema) * clipped,
-                         clipped)
-    fallback = jnp.where(seen, state.step_sizes, initial_step)
-    dtype = state.step_sizes.dtype
-    # The fallback and the moving average may exceed this step's bound.
-    step_sizes = jnp.where(valid, smoothed, fallback)
-    if max_relative_change is not None:
-      step_sizes = jnp.minimum(step_sizes, upper)
-    step_sizes = step_sizes.astype(dtype)
-    new_updates = partition.scale(d, step_sizes)
-
-    new_state = ScaleByLayerwiseStepSizeState(
-        count=state.count + 1,
-        direction_state=direction_state,
-        step_sizes=step_sizes,
-        # A non-finite measurement (NaN loss or Hessian-vector product) is a
-        # fallback; the diagnostics keep their last finite values.
-        decreases=jnp.where(measured & jnp.isfinite(b), b,
-                            state.decreases).astype(dtype),
-        curvatures=jnp.where(measured & jnp.isfinite(q), q,
-                             state.curvatures).astype(dtype),
-        num_accepted=state.num_accepted + valid.astype(jnp.int32),
-        num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
-            jnp.int32),
-        num_skipped=state.num_skipped)
-    return _nonfinite.skip_non_finite_step(updates, new_updates, new_state,
-                                           state)
+    return _update(cfg, updates, state, params, value_fn, extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
