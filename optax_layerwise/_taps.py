@@ -60,8 +60,11 @@ PyTree = Any
 __all__ = ["dense", "DenseTap", "TapResult", "tap_dense_layers",
            "SUPPORTED_LAYERS"]
 
-SUPPORTED_LAYERS = ("flax.linen.Dense", "flax.nnx.Linear",
-                    "optax_layerwise.dense (plain JAX)")
+SUPPORTED_LAYERS = ("flax.linen.Dense", "flax.linen.DenseGeneral",
+                    "flax.linen.Einsum", "flax.linen.Conv", "flax.nnx.Linear",
+                    "flax.nnx.LinearGeneral", "flax.nnx.Einsum",
+                    "flax.nnx.Conv", "optax_layerwise.dense (plain JAX)",
+                    "kinds added with optax_layerwise.register_layer_kind")
 
 _NESTED = ("called only inside a transform nested in value_fn (nn.scan, "
            "nn.RNN, jax.lax.scan, jax.checkpoint): its statistics cannot "
@@ -498,12 +501,13 @@ def no_tappable_layer_error(transform: str, untapped: int) -> ValueError:
   """The error for a ``value_fn`` in which no dense layer could be tapped."""
   supported = ", ".join(SUPPORTED_LAYERS)
   if untapped:
-    why = (f"{untapped} dense call(s) ran, but none on a params leaf: pass the "
-           "params leaves to the layers unchanged (no casts or copies in "
-           "value_fn) and do not wrap the model in jax.jit / nn.scan / "
-           "nn.remat inside value_fn.")
+    why = (f"{untapped} layer call(s) ran, but none on a params leaf: pass "
+           "the params leaves to the layers unchanged (no casts or copies in "
+           "value_fn); layers called inside jax.jit / nn.scan / nn.RNN / "
+           "nn.remat nested in value_fn cannot be tapped (stacked blocks: "
+           "use another optimizer for now, e.g. olw.layerwise_adamw).")
   else:
-    why = "value_fn called no supported dense layer."
+    why = "value_fn called no supported layer."
   return ValueError(
-      f"{transform} found no dense layer to precondition. Supported layers: "
+      f"{transform} found no layer to precondition. Supported layers: "
       f"{supported}. {why}")

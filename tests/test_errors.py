@@ -108,16 +108,20 @@ def test_integer_or_complex_params_fail_at_init(name, dtype):
 def test_kbfgs_without_a_tappable_dense_layer():
   params, _, grads = _problem()
   xs, ts = tiny.batches(jax.random.PRNGKey(1), 1)
-  supported = re.escape("Supported layers: flax.linen.Dense, flax.nnx.Linear, "
-                        "optax_layerwise.dense (plain JAX).")
+  supported = re.escape("Supported layers: flax.linen.Dense, "
+                        "flax.linen.DenseGeneral, flax.linen.Einsum, "
+                        "flax.linen.Conv, flax.nnx.Linear, "
+                        "flax.nnx.LinearGeneral, flax.nnx.Einsum, "
+                        "flax.nnx.Conv, optax_layerwise.dense (plain JAX), "
+                        "kinds added with optax_layerwise.register_layer_kind.")
 
   def bare(p):  # plain matmuls: nothing to tap
     h = jnp.tanh(xs[0] @ p["l0"]["w"] + p["l0"]["b"])
     return jnp.mean((h @ p["l1"]["w"] + p["l1"]["b"] - ts[0]) ** 2)
 
   with pytest.raises(ValueError, match=(
-      "kbfgs found no dense layer to precondition. " + supported
-      + " value_fn called no supported dense layer.")):
+      "kbfgs found no layer to precondition. " + supported
+      + " value_fn called no supported layer.")):
     _first_update("kbfgs", bare)
 
   def copied(p):  # dense calls, but on copies of the kernels
@@ -125,13 +129,13 @@ def test_kbfgs_without_a_tappable_dense_layer():
     return jnp.mean((olw.dense(h, p["l1"]["w"] + 0.0) - ts[0]) ** 2)
 
   with pytest.raises(ValueError, match=(
-      supported + r" 2 dense call\(s\) ran, but none on a params leaf: pass "
-      r"the params leaves to the layers unchanged")):
+      supported + r" 2 layer call\(s\) ran, but none on a params leaf: "
+      r"pass the params leaves to the layers unchanged")):
     _first_update("kbfgs", copied)
 
   # No 2-D leaf at all: nothing could be a dense kernel.
   vectors = {"a": {"w": jnp.ones(3)}}
-  with pytest.raises(ValueError, match="found no dense layer"):
+  with pytest.raises(ValueError, match="found no layer"):
     _first_update("kbfgs", lambda p: jnp.sum(p["a"]["w"] ** 2),
                   params=vectors, grads=vectors)
 
