@@ -54,6 +54,7 @@ float64 params, :func:`optax_layerwise._layers.stats_dtype`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -65,6 +66,7 @@ from optax_layerwise import _curvature
 from optax_layerwise import _layers
 from optax_layerwise import _nonfinite
 from optax_layerwise import _parallel
+from optax_layerwise import _safeguards
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -116,12 +118,6 @@ class ScaleByCurvatureLRState(NamedTuple):
   prev_grads: Optional[PyTree]
 
 
-def _stats(tree: PyTree) -> PyTree:
-  """Casts every leaf to its statistics dtype (float32, or float64)."""
-  return jax.tree_util.tree_map(
-      lambda x: jnp.asarray(x, _layers.stats_dtype(jnp.result_type(x))), tree)
-
-
 def elementwise_probes(key: jax.Array, params: PyTree,
                        num_probes: int) -> PyTree:
   """Rademacher probes over every entry, with a leading probe axis.
@@ -147,6 +143,324 @@ def _layer_medians(partition: _layers.Layers, tree: PyTree) -> jax.Array:
         for x, i in zip(leaves, partition.leaf_layer) if i == layer])
     medians.append(jnp.nanmedian(entries))
   return jnp.stack(medians)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """The checked arguments (numbers may be traced when injected)."""
+  curvature: str
+  reduce: str
+  scale: Any
+  estimator: str
+  num_probes: int
+  hvp: str
+  weight_decay: Any
+  weight_decay_convention: str
+  initial_lr: Any
+  min_lr: Any
+  max_lr: Any
+  curvature_floor: Any
+  ema: Any
+  update_interval: Any
+  static_interval: Optional[int]
+  fd_scale: Any
+  joint_step: bool
+  max_relative_change: Any
+  layers: _layers.LayerGrouping
+  seed: Any
+  axis_name: Optional[_parallel.AxisName]
+
+  @property
+  def is_secant(self) -> bool:
+    return self.curvature == "secant"
+
+  @property
+  def no_weight_decay(self) -> bool:
+    return _checks.concrete_float(self.weight_decay) == 0.0
+
+  @property
+  def use_trust(self) -> bool:
+    """Whether the displacement bound applies (``"norm_ratio"`` is it)."""
+    return (self.max_relative_change is not None
+            and self.curvature != "norm_ratio")
+
+
+def _check_choice(value, name: str, choices: tuple) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _check_options(curvature, reduce, estimator, num_probes, hvp,
+                   update_interval, weight_decay_convention) -> tuple:
+  """Checks the string options; returns ``(estimator, static_interval,
+  num_probes)`` (``estimator=None`` resolved: exact quotients unless probes
+  are asked for)."""
+  _check_choice(curvature, "curvature", CURVATURES)
+  _check_choice(reduce, "reduce", REDUCTIONS)
+  if estimator is None:
+    estimator = ("hutchinson" if reduce == "median" or num_probes is not None
+                 else "exact")
+  static_interval, num_probes = _curvature.check_measurement_args(
+      estimator, hvp, update_interval, num_probes)
+  _check_choice(weight_decay_convention, "weight_decay_convention",
+                WEIGHT_DECAY_CONVENTIONS)
+  if curvature == "norm_ratio" and reduce == "median":
+    raise ValueError(
+        "curvature='norm_ratio' is a per-layer norm ratio (LARS) with no "
+        "elementwise estimate: use reduce='rayleigh', or curvature='hessian' "
+        "or 'secant' with reduce='median' (MCLR).")
+  if (curvature == "hessian" and reduce == "median"
+      and estimator != "hutchinson"):
+    raise ValueError(
+        "reduce='median' needs the elementwise Hessian diagonal, estimated by "
+        "Hutchinson probes: use estimator='hutchinson' (the exact diagonal "
+        "would cost one Hessian-vector product per parameter).")
+  return estimator, static_interval, num_probes
+
+
+def _check_numbers(curvature, scale, initial_lr, min_lr, max_lr,
+                   weight_decay, ema) -> None:
+  """Clear errors for bad numbers; traced (injected) ones pass."""
+  static_initial_lr = _checks.concrete_float(initial_lr)
+  if curvature == "secant" and static_initial_lr is not None and not (
+      static_initial_lr > 0):
+    raise ValueError(
+        "curvature='secant' warms up with `initial_lr` on its first step; it "
+        f"must be > 0 (got {initial_lr}), else the params never move.")
+  for name, value, why in (
+      ("scale", scale, "lr_l = scale / kappa_l is a learning rate; a "
+       "negative one would climb the loss."),
+      ("initial_lr", initial_lr, "It is a layer's learning rate before its "
+       "first accepted measurement."),
+      ("min_lr", min_lr, "It is the lower clip of the learning rates."),
+      ("max_lr", 0.0 if max_lr is None else max_lr, "It is the upper clip of "
+       "the learning rates; None for no clip."),
+      ("weight_decay", weight_decay, "It is an L2 strength; 0 for none.")):
+    _checks.check_non_negative(value, name, transform=_NAME, why=why)
+  _checks.check_decay(ema, "ema", transform=_NAME,
+                         why="0 for no averaging; 1 would freeze the steps.")
+
+
+def _check_joint_step(curvature, joint_step) -> bool:
+  """``joint_step`` resolved (``None``: on for ``"hessian"``) and checked."""
+  if joint_step is None:
+    joint_step = curvature == "hessian"
+  if joint_step and curvature != "hessian":
+    raise ValueError(
+        "joint_step=True measures the curvature along the combined step with "
+        "a Hessian-vector product: it needs curvature='hessian'.")
+  return bool(joint_step)
+
+
+def _init(cfg: _Config, params) -> ScaleByCurvatureLRState:
+  # Bad params fail here, at the first call (masked, integer, complex).
+  _layers.check_params(params, transform=_NAME)
+  num_layers = _layers.group_layers(params, cfg.layers).num_layers
+  zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
+  counts = jnp.zeros((num_layers,), jnp.int32)
+  prev = (_layers.to_stats(jax.tree_util.tree_map(jnp.zeros_like, params))
+          if cfg.is_secant else None)
+  return ScaleByCurvatureLRState(
+      count=jnp.zeros([], jnp.int32),
+      lrs=zeros + cfg.initial_lr,
+      curvatures=zeros,
+      num_accepted=counts,
+      num_fallbacks=counts,
+      num_skipped=jnp.zeros([], jnp.int32),
+      joint_scale=jnp.ones([], zeros.dtype),
+      prev_params=prev,
+      prev_grads=prev)
+
+
+def _norm(partition: _layers.Layers, tree: PyTree) -> jax.Array:
+  """Per-layer norms ``||x_l||``, ``(L,)``."""
+  return jnp.sqrt(partition.sq_norm(tree))
+
+
+def _regularised(cfg: _Config, grads, params) -> PyTree:
+  """``g + weight_decay * theta`` in the gradient's dtypes."""
+  if cfg.no_weight_decay:
+    return grads
+  return jax.tree_util.tree_map(
+      lambda g, p: (g + cfg.weight_decay * p).astype(g.dtype), grads, params)
+
+
+def _trust_limit(cfg: _Config, partition, params, reg_grads):
+  """``max_relative_change ||theta_l|| / ||g_l||`` (``inf`` for a zero
+  layer or gradient), or ``None`` without the bound: the quadratic model is
+  trusted over at most that fraction of the layer's norm."""
+  if not cfg.use_trust:
+    return None
+  p_norm = _norm(partition, params)
+  g_norm = _norm(partition, reg_grads)
+  has_norm = (p_norm > 0) & (g_norm > 0)
+  return jnp.where(has_norm, cfg.max_relative_change * p_norm
+                   / jnp.where(has_norm, g_norm, 1.0), jnp.inf)
+
+
+def _norm_ratio(cfg: _Config, partition, params, grads, reg_grads,
+                dtype) -> tuple:
+  """``(kappa, raw, forced)`` of ``curvature="norm_ratio"`` (LARS)."""
+  p_norm = _norm(partition, params)
+  if cfg.weight_decay_convention == "optax":
+    g_norm = _norm(partition, reg_grads)
+    denominator = g_norm
+  else:
+    g_norm = _norm(partition, grads)
+    denominator = g_norm + cfg.weight_decay * p_norm
+  # Optax's convention: a layer with a zero norm gets ratio 1, so that
+  # zero-initialised layers (biases) still move.
+  forced = (p_norm == 0.0) | (g_norm == 0.0)
+  kappa = jnp.where(forced, 0.0,
+                    denominator / jnp.where(forced, 1.0, p_norm))
+  raw = jnp.where(forced, 1.0, cfg.scale * p_norm / jnp.where(
+      forced, 1.0, denominator))
+  return kappa.astype(dtype), raw.astype(dtype), forced
+
+
+def _hessian_medians(cfg: _Config, oracle, params, partition, key):
+  """MCLR's ``kappa_l``: the layer median of ``|mean_k z_k * H z_k|``."""
+  probes = elementwise_probes(key, params, cfg.num_probes)
+  _, hz = jax.vmap(oracle, out_axes=(None, 0))(probes)
+
+  def diagonal_estimate(z, w):
+    dtype = _layers.stats_dtype(z.dtype, w.dtype)
+    return jnp.mean(z.astype(dtype) * w.astype(dtype), axis=0)
+
+  # Linear in H z, so averaged over the data-parallel axis before |.|.
+  diagonal = jax.tree_util.tree_map(
+      jnp.abs, _parallel.global_mean(
+          jax.tree_util.tree_map(diagonal_estimate, probes, hz),
+          cfg.axis_name))
+  return _layer_medians(partition, diagonal)
+
+
+def _measure_hessian(cfg: _Config, value_fn, grads, reg_grads, params,
+                     state, partition) -> tuple:
+  """``(kappa, oracle, M)``: ``M`` the exact ``(L, L)`` block matrix of
+  the forms along the gradient's layers, or ``None``."""
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state.count)
+  oracle = _curvature.make_hvp(
+      value_fn, params, method=cfg.hvp, grad=grads, fd_scale=cfg.fd_scale,
+      transform=_NAME, axis_name=cfg.axis_name)
+  if cfg.reduce == "median":
+    return _hessian_medians(cfg, oracle, params, partition, key), oracle, None
+  forms = _curvature.layer_quadratic_forms(
+      oracle, reg_grads, partition, estimator=cfg.estimator,
+      num_probes=cfg.num_probes, key=key, axis_name=cfg.axis_name)
+  return (forms.curvature / partition.sq_norm(reg_grads), oracle,
+          forms.matrix)
+
+
+def _measure_secant(cfg: _Config, grads, params, state, partition):
+  """``kappa_l`` from ``s = theta - theta_prev``, ``y = g - g_prev``; NaN
+  (a fallback) on the warm-up step, which has no pair yet."""
+  s = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype) - q, params,
+                             state.prev_params)
+  y = jax.tree_util.tree_map(lambda g, h: g.astype(h.dtype) - h, grads,
+                             state.prev_grads)
+  if cfg.reduce == "rayleigh":
+    kappa = partition.inner(s, y) / partition.sq_norm(s)
+  else:
+    ratios = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(a != 0, b / jnp.where(a != 0, a, 1.0),
+                               jnp.nan), s, y)
+    kappa = _layer_medians(partition, ratios)
+  has_prev = state.count > 0  # skipped steps do not count
+  return jnp.where(has_prev, kappa, jnp.nan)
+
+
+def _joint_factor(cfg: _Config, oracle, reg_grads, partition, lrs, matrix):
+  """``t = min(1, b / q)`` along the combined step ``d = sum_l lr_l g_l``.
+
+  ``b = <g, d>`` and ``q = d^T H d`` (weight decay included): ``t d`` is
+  the minimiser of the quadratic model along ``d`` when that is shorter
+  than ``d``. ``q`` comes from the exact block matrix when measured (free),
+  else from one more Hessian-vector product. ``q <= 0`` or non-finite:
+  the model gives no bound, ``t = 1``.
+  """
+  sq = partition.sq_norm(reg_grads)
+  b = jnp.sum(lrs * sq)
+  if matrix is not None:
+    q = lrs @ matrix.astype(lrs.dtype) @ lrs
+  else:
+    d = partition.scale(reg_grads, lrs)
+    _, hd = oracle(d)
+    q = _parallel.global_mean(jnp.sum(partition.inner(d, hd)), cfg.axis_name)
+  q = q + cfg.weight_decay * jnp.sum(lrs ** 2 * sq)
+  ok = jnp.isfinite(q) & jnp.isfinite(b) & (q > 0) & (b > 0)
+  return jnp.where(ok, jnp.minimum(1.0, b / jnp.where(ok, q, 1.0)),
+                   1.0).astype(lrs.dtype)
+
+
+def _measure(cfg: _Config, value_fn, grads, reg_grads, params, state,
+             partition, limit) -> tuple:
+  """A measuring step: ``(kappa, rates, accepted mask, joint factor)``,
+  the rates through the shared safeguards."""
+  dtype = state.lrs.dtype
+  oracle = matrix = None
+  if cfg.curvature == "norm_ratio":
+    kappa, raw, forced = _norm_ratio(cfg, partition, params, grads,
+                                     reg_grads, dtype)
+  else:
+    if cfg.curvature == "hessian":
+      kappa, oracle, matrix = _measure_hessian(
+          cfg, value_fn, grads, reg_grads, params, state, partition)
+    else:
+      kappa = _measure_secant(cfg, grads, params, state, partition)
+    kappa = (kappa + cfg.weight_decay).astype(dtype)
+    raw = (cfg.scale / kappa).astype(dtype)
+    forced = jnp.zeros((partition.num_layers,), bool)
+  valid = forced | _safeguards.usable(raw, kappa, cfg.curvature_floor)
+  # CBLR clips to [min_lr, max_lr] and applies the bound after the average.
+  lrs = _safeguards.safeguard(
+      raw, valid, state.lrs, state.num_accepted, initial=cfg.initial_lr,
+      lower=cfg.min_lr, upper=jnp.inf if cfg.max_lr is None else cfg.max_lr,
+      ema=cfg.ema, limit=limit)
+  if cfg.joint_step:
+    factor = _joint_factor(cfg, oracle, reg_grads, partition, lrs, matrix)
+  else:
+    factor = jnp.ones([], dtype)
+  return kappa, lrs, valid, factor
+
+
+def _update(cfg: _Config, updates, state: ScaleByCurvatureLRState, params,
+            value_fn):
+  """One step: the orchestration of the functions above and the shared
+  safeguards (:mod:`optax_layerwise._safeguards`)."""
+  if cfg.curvature == "hessian":
+    value_fn = _checks.require_value_fn(value_fn, transform=_NAME)
+  partition = _safeguards.checked_layers(
+      params, updates, cfg.layers, state.lrs.shape[0], transform=_NAME)
+  reg_grads = _regularised(cfg, updates, params)
+  limit = _trust_limit(cfg, partition, params, reg_grads)
+  measured = _safeguards.is_measured(state.count, cfg.update_interval,
+                                     cfg.static_interval)
+  # A step that does not measure keeps the last rates and joint factor (no
+  # fallback to initial_lr), bounded again by this step's limit.
+  kappa, lrs, valid, factor = _safeguards.measure_or_reuse(
+      measured,
+      lambda _: _measure(cfg, value_fn, updates, reg_grads, params, state,
+                         partition, limit),
+      lambda _: (state.curvatures, state.lrs,
+                 jnp.zeros((partition.num_layers,), bool), state.joint_scale),
+      cfg.static_interval)
+  lrs = _safeguards.bound(lrs, limit, lrs.dtype)
+  num_accepted, num_fallbacks = _safeguards.counts(
+      state.num_accepted, state.num_fallbacks, measured, valid)
+  new_state = ScaleByCurvatureLRState(
+      count=state.count + 1,
+      lrs=lrs,
+      curvatures=_safeguards.keep_finite(kappa, state.curvatures, measured,
+                                         state.curvatures.dtype),
+      num_accepted=num_accepted,
+      num_fallbacks=num_fallbacks,
+      num_skipped=state.num_skipped,
+      joint_scale=factor.astype(state.joint_scale.dtype),
+      prev_params=_layers.to_stats(params) if cfg.is_secant else None,
+      prev_grads=_layers.to_stats(updates) if cfg.is_secant else None)
+  return _nonfinite.skip_non_finite_step(
+      updates, partition.scale(reg_grads, factor * lrs), new_state, state)
 
 
 def scale_by_curvature_lr(
@@ -271,248 +585,27 @@ def scale_by_curvature_lr(
     >>> optax.apply_updates(params, updates)['b']['w']
     Array([0., 0.], dtype=float32)
   """
-  if curvature not in CURVATURES:
-    raise ValueError(f"curvature must be one of {CURVATURES}, got "
-                     f"{curvature!r}.")
-  if reduce not in REDUCTIONS:
-    raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
-  if estimator is None:  # exact quotients unless probes are asked for
-    estimator = ("hutchinson" if reduce == "median" or num_probes is not None
-                 else "exact")
-  static_interval, num_probes = _curvature.check_measurement_args(
-      estimator, hvp, update_interval, num_probes)
-  if weight_decay_convention not in WEIGHT_DECAY_CONVENTIONS:
-    raise ValueError(
-        f"weight_decay_convention must be one of {WEIGHT_DECAY_CONVENTIONS}, "
-        f"got {weight_decay_convention!r}.")
-  if curvature == "norm_ratio" and reduce == "median":
-    raise ValueError(
-        "curvature='norm_ratio' is a per-layer norm ratio (LARS) with no "
-        "elementwise estimate: use reduce='rayleigh', or curvature='hessian' "
-        "or 'secant' with reduce='median' (MCLR).")
-  if (curvature == "hessian" and reduce == "median"
-      and estimator != "hutchinson"):
-    raise ValueError(
-        "reduce='median' needs the elementwise Hessian diagonal, estimated by "
-        "Hutchinson probes: use estimator='hutchinson' (the exact diagonal "
-        "would cost one Hessian-vector product per parameter).")
-  static_initial_lr = _checks.concrete_float(initial_lr)
-  if curvature == "secant" and static_initial_lr is not None and not (
-      static_initial_lr > 0):
-    raise ValueError(
-        "curvature='secant' warms up with `initial_lr` on its first step; it "
-        f"must be > 0 (got {initial_lr}), else the params never move.")
-  for name, value, why in (
-      ("scale", scale, "lr_l = scale / kappa_l is a learning rate; a "
-       "negative one would climb the loss."),
-      ("initial_lr", initial_lr, "It is a layer's learning rate before its "
-       "first accepted measurement."),
-      ("min_lr", min_lr, "It is the lower clip of the learning rates."),
-      ("max_lr", 0.0 if max_lr is None else max_lr, "It is the upper clip of "
-       "the learning rates; None for no clip."),
-      ("weight_decay", weight_decay, "It is an L2 strength; 0 for none.")):
-    _checks.check_non_negative(value, name, transform=_NAME, why=why)
-  _checks.check_decay(ema, "ema", transform=_NAME,
-                         why="0 for no averaging; 1 would freeze the steps.")
-  no_weight_decay = _checks.concrete_float(weight_decay) == 0.0
-  is_secant = curvature == "secant"
-  if joint_step is None:
-    joint_step = curvature == "hessian"
-  if joint_step and curvature != "hessian":
-    raise ValueError(
-        "joint_step=True measures the curvature along the combined step with "
-        "a Hessian-vector product: it needs curvature='hessian'.")
-  use_joint = bool(joint_step)
-  use_trust = max_relative_change is not None and curvature != "norm_ratio"
+  estimator, static_interval, num_probes = _check_options(
+      curvature, reduce, estimator, num_probes, hvp, update_interval,
+      weight_decay_convention)
+  _check_numbers(curvature, scale, initial_lr, min_lr, max_lr, weight_decay,
+                 ema)
+  cfg = _Config(
+      curvature=curvature, reduce=reduce, scale=scale, estimator=estimator,
+      num_probes=num_probes, hvp=hvp, weight_decay=weight_decay,
+      weight_decay_convention=weight_decay_convention, initial_lr=initial_lr,
+      min_lr=min_lr, max_lr=max_lr, curvature_floor=curvature_floor, ema=ema,
+      update_interval=update_interval, static_interval=static_interval,
+      fd_scale=fd_scale, joint_step=_check_joint_step(curvature, joint_step),
+      max_relative_change=max_relative_change, layers=layers, seed=seed,
+      axis_name=axis_name)
 
   def init_fn(params):
-    # Bad params fail here, at the first call (masked, integer, complex).
-    _layers.check_params(params, transform=_NAME)
-    num_layers = _layers.group_layers(params, layers).num_layers
-    zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
-    counts = jnp.zeros((num_layers,), jnp.int32)
-    prev = (_stats(jax.tree_util.tree_map(jnp.zeros_like, params))
-            if is_secant else None)
-    return ScaleByCurvatureLRState(
-        count=jnp.zeros([], jnp.int32),
-        lrs=zeros + initial_lr,
-        curvatures=zeros,
-        num_accepted=counts,
-        num_fallbacks=counts,
-        num_skipped=jnp.zeros([], jnp.int32),
-        joint_scale=jnp.ones([], zeros.dtype),
-        prev_params=prev,
-        prev_grads=prev)
-
-  def measure_hessian(oracle, reg_grads, params, partition, key):
-    """Returns ``(kappa, M)``: ``M`` the exact ``(L, L)`` block matrix of
-    the forms along the gradient's layers, or ``None``."""
-    if reduce == "rayleigh":
-      forms = _curvature.layer_quadratic_forms(
-          oracle, reg_grads, partition, estimator=estimator,
-          num_probes=num_probes, key=key, axis_name=axis_name)
-      return forms.curvature / partition.sq_norm(reg_grads), forms.matrix
-    probes = elementwise_probes(key, params, num_probes)
-    _, hz = jax.vmap(oracle, out_axes=(None, 0))(probes)
-
-    def diagonal_estimate(z, w):
-      dtype = _layers.stats_dtype(z.dtype, w.dtype)
-      return jnp.mean(z.astype(dtype) * w.astype(dtype), axis=0)
-
-    # Linear in H z, so averaged over the data-parallel axis before |.|.
-    diagonal = jax.tree_util.tree_map(
-        jnp.abs, _parallel.global_mean(
-            jax.tree_util.tree_map(diagonal_estimate, probes, hz), axis_name))
-    return _layer_medians(partition, diagonal), None
-
-  def joint_factor(oracle, reg_grads, partition, lrs, matrix):
-    """``t = min(1, b / q)`` along the combined step ``d = sum_l lr_l g_l``.
-
-    ``b = <g, d>`` and ``q = d^T H d`` (weight decay included): ``t d`` is
-    the minimiser of the quadratic model along ``d`` when that is shorter
-    than ``d``. ``q`` comes from the exact block matrix when measured (free),
-    else from one more Hessian-vector product. ``q <= 0`` or non-finite:
-    the model gives no bound, ``t = 1``.
-    """
-    sq = partition.sq_norm(reg_grads)
-    b = jnp.sum(lrs * sq)
-    if matrix is not None:
-      q = lrs @ matrix.astype(lrs.dtype) @ lrs
-    else:
-      d = partition.scale(reg_grads, lrs)
-      _, hd = oracle(d)
-      q = _parallel.global_mean(jnp.sum(partition.inner(d, hd)), axis_name)
-    q = q + weight_decay * jnp.sum(lrs ** 2 * sq)
-    ok = jnp.isfinite(q) & jnp.isfinite(b) & (q > 0) & (b > 0)
-    return jnp.where(ok, jnp.minimum(1.0, b / jnp.where(ok, q, 1.0)),
-                     1.0).astype(lrs.dtype)
-
-  def measure_secant(grads, params, state, partition):
-    s = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype) - q, params,
-                               state.prev_params)
-    y = jax.tree_util.tree_map(lambda g, h: g.astype(h.dtype) - h, grads,
-                               state.prev_grads)
-    if reduce == "rayleigh":
-      return partition.inner(s, y) / partition.sq_norm(s)
-    ratios = jax.tree_util.tree_map(
-        lambda a, b: jnp.where(a != 0, b / jnp.where(a != 0, a, 1.0), jnp.nan),
-        s, y)
-    return _layer_medians(partition, ratios)
+    return _init(cfg, params)
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
-    if curvature == "hessian":
-      value_fn = _checks.require_value_fn(value_fn, transform=_NAME)
-    _layers.check_params(params, transform=_NAME)
-    partition = _layers.group_layers(params, layers)
-    partition.check_structure(updates, f"{_NAME}: the updates (gradients)")
-    if partition.num_layers != state.lrs.shape[0]:
-      raise ValueError(
-          f"{_NAME}: the params have {partition.num_layers} layers but the "
-          f"state was built for {state.lrs.shape[0]}; re-run init.")
-
-    if no_weight_decay:
-      reg_grads = updates
-    else:
-      reg_grads = jax.tree_util.tree_map(
-          lambda g, p: (g + weight_decay * p).astype(g.dtype), updates, params)
-
-    upper = jnp.inf if max_lr is None else max_lr
-    if use_trust:
-      # lr_l ||g_l|| <= rho ||theta_l||: the quadratic model is trusted over
-      # at most rho times the layer's norm (no bound for a zero layer).
-      p_norm = jnp.sqrt(partition.sq_norm(params))
-      g_norm = jnp.sqrt(partition.sq_norm(reg_grads))
-      has_norm = (p_norm > 0) & (g_norm > 0)
-      trust = jnp.where(has_norm, max_relative_change * p_norm
-                        / jnp.where(has_norm, g_norm, 1.0), jnp.inf)
-    else:
-      trust = None
-
-    def trust_bound(lrs):
-      return lrs if trust is None else jnp.minimum(lrs, trust).astype(
-          lrs.dtype)
-
-    no_forced = jnp.zeros((partition.num_layers,), bool)
-
-    def measure(_):
-      """Returns (kappa, rates, accepted mask, joint factor)."""
-      forced = no_forced
-      dtype = state.lrs.dtype
-      matrix = None
-      oracle = None
-      if curvature == "norm_ratio":
-        p_norm = jnp.sqrt(partition.sq_norm(params))
-        if weight_decay_convention == "optax":
-          g_norm = jnp.sqrt(partition.sq_norm(reg_grads))
-          denominator = g_norm
-        else:
-          g_norm = jnp.sqrt(partition.sq_norm(updates))
-          denominator = g_norm + weight_decay * p_norm
-        # Optax's convention: a layer with a zero norm gets ratio 1, so that
-        # zero-initialised layers (biases) still move.
-        forced = (p_norm == 0.0) | (g_norm == 0.0)
-        kappa = jnp.where(forced, 0.0,
-                          denominator / jnp.where(forced, 1.0, p_norm))
-        raw = jnp.where(forced, 1.0, scale * p_norm / jnp.where(
-            forced, 1.0, denominator))
-        kappa, raw = kappa.astype(dtype), raw.astype(dtype)
-      else:
-        if curvature == "hessian":
-          key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
-          oracle = _curvature.make_hvp(
-              value_fn, params, method=hvp, grad=updates, fd_scale=fd_scale,
-              transform=_NAME, axis_name=axis_name)
-          kappa, matrix = measure_hessian(oracle, reg_grads, params,
-                                          partition, key)
-        else:
-          kappa = measure_secant(updates, params, state, partition)
-          has_prev = state.count > 0  # skipped steps do not count
-          kappa = jnp.where(has_prev, kappa, jnp.nan)  # warm-up: no pair yet
-        kappa = (kappa + weight_decay).astype(dtype)
-        raw = (scale / kappa).astype(dtype)
-      valid = forced | (jnp.isfinite(kappa) & (kappa > curvature_floor)
-                        & jnp.isfinite(raw))
-      seen = state.num_accepted > 0
-      clipped = jnp.clip(jnp.nan_to_num(raw), min_lr, upper)
-      smoothed = jnp.where(seen, ema * state.lrs + (1.0 - ema) * clipped,
-                           clipped)
-      fallback = jnp.where(seen, state.lrs, initial_lr)
-      lrs = trust_bound(jnp.where(valid, smoothed, fallback).astype(dtype))
-      if use_joint:
-        factor = joint_factor(oracle, reg_grads, partition, lrs, matrix)
-      else:
-        factor = jnp.ones([], dtype)
-      return kappa, lrs, valid, factor
-
-    if static_interval == 1:
-      measured = jnp.asarray(True)
-      kappa, lrs, valid, factor = measure(None)
-    else:
-      measured = state.count % update_interval == 0
-      kappa, lrs, valid, factor = jax.lax.cond(
-          measured, measure,
-          lambda _: (state.curvatures, state.lrs, no_forced,
-                     state.joint_scale),
-          None)
-
-    lrs = trust_bound(lrs)  # also on the steps that reuse the rates
-    new_updates = partition.scale(reg_grads, factor * lrs)
-
-    new_state = ScaleByCurvatureLRState(
-        count=state.count + 1,
-        lrs=lrs,
-        curvatures=jnp.where(measured & jnp.isfinite(kappa), kappa,
-                             state.curvatures).astype(state.curvatures.dtype),
-        num_accepted=state.num_accepted + valid.astype(jnp.int32),
-        num_fallbacks=state.num_fallbacks + (measured & ~valid).astype(
-            jnp.int32),
-        num_skipped=state.num_skipped,
-        joint_scale=factor.astype(state.joint_scale.dtype),
-        prev_params=_stats(params) if is_secant else None,
-        prev_grads=_stats(updates) if is_secant else None)
-    return _nonfinite.skip_non_finite_step(updates, new_updates, new_state,
-                                           state)
+    return _update(cfg, updates, state, params, value_fn)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
