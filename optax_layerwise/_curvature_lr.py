@@ -252,6 +252,21 @@ def _check_joint_step(curvature, joint_step) -> bool:
   return bool(joint_step)
 
 
+def _check_args(curvature, reduce, estimator, num_probes, hvp,
+                update_interval, weight_decay_convention, scale, initial_lr,
+                min_lr, max_lr, weight_decay, ema, joint_step) -> tuple:
+  """Clear errors for bad arguments, in this order: the options, the
+  numbers, ``joint_step``. Returns ``(estimator, static_interval,
+  num_probes, joint_step)`` with the ``None`` defaults resolved."""
+  estimator, static_interval, num_probes = _check_options(
+      curvature, reduce, estimator, num_probes, hvp, update_interval,
+      weight_decay_convention)
+  _check_numbers(curvature, scale, initial_lr, min_lr, max_lr, weight_decay,
+                 ema)
+  return (estimator, static_interval, num_probes,
+          _check_joint_step(curvature, joint_step))
+
+
 def _init(cfg: _Config, params) -> ScaleByCurvatureLRState:
   # Bad params fail here, at the first call (masked, integer, complex).
   _layers.check_params(params, transform=_NAME)
@@ -585,18 +600,17 @@ def scale_by_curvature_lr(
     >>> optax.apply_updates(params, updates)['b']['w']
     Array([0., 0.], dtype=float32)
   """
-  estimator, static_interval, num_probes = _check_options(
+  estimator, static_interval, num_probes, joint_step = _check_args(
       curvature, reduce, estimator, num_probes, hvp, update_interval,
-      weight_decay_convention)
-  _check_numbers(curvature, scale, initial_lr, min_lr, max_lr, weight_decay,
-                 ema)
+      weight_decay_convention, scale, initial_lr, min_lr, max_lr,
+      weight_decay, ema, joint_step)
   cfg = _Config(
       curvature=curvature, reduce=reduce, scale=scale, estimator=estimator,
       num_probes=num_probes, hvp=hvp, weight_decay=weight_decay,
       weight_decay_convention=weight_decay_convention, initial_lr=initial_lr,
       min_lr=min_lr, max_lr=max_lr, curvature_floor=curvature_floor, ema=ema,
       update_interval=update_interval, static_interval=static_interval,
-      fd_scale=fd_scale, joint_step=_check_joint_step(curvature, joint_step),
+      fd_scale=fd_scale, joint_step=joint_step,
       max_relative_change=max_relative_change, layers=layers, seed=seed,
       axis_name=axis_name)
 
