@@ -117,7 +117,7 @@ def register_layer_kind(kind: LayerKind) -> LayerKind:
     ...       rows=x.reshape(-1, x.shape[-1]), outputs=y, out_axes=1,
     ...       kernel=module.get_variable('params', 'kernel'), bias=None)
     >>> _ = olw.register_layer_kind(olw.LayerKind(
-    ...     name='bilinear', linen_types=lambda: (Bilinear,),
+    ...     name='bilinear', linen_types=lambda cls=Bilinear: (cls,),
     ...     nnx_types=lambda: (), adapter=adapter))
     >>> x = jnp.ones((4, 2))
     >>> params = Bilinear().init(jax.random.PRNGKey(0), x)['params']
