@@ -225,3 +225,21 @@ def _nnx_lm_loss(graphdef):
       return _tokens_loss(nnx.merge(graphdef, p, rest)(tokens), tokens)
     return loss
   return _cached(("nnx", graphdef), build)
+
+
+def train(tx, value_fn, params, num_steps: int = 10):
+  """``num_steps`` jitted steps of ``tx`` in one ``lax.scan`` (one
+  compilation): ``(losses before each step, final loss, final state)``."""
+
+  @jax.jit
+  def run(params):
+    def step(carry, _):
+      params, state = carry
+      loss, grads = jax.value_and_grad(value_fn)(params)
+      updates, state = tx.update(grads, state, params, value_fn=value_fn)
+      return (optax.apply_updates(params, updates), state), loss
+    (params, state), losses = jax.lax.scan(
+        step, (params, tx.init(params)), length=num_steps)
+    return losses, value_fn(params), state
+
+  return run(params)

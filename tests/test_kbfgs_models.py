@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import optax_layerwise as olw
+from tests import flax_models
 
 VOCAB, SEQ, BATCH = 11, 6, 8
 
@@ -198,20 +199,9 @@ def test_kbfgs_trains_real_model_kinds(make, memory):
   assert fraction >= 0.9, str(report)
   tx = olw.kbfgs(memory_size=memory)
 
-  @jax.jit
-  def run(params):
-    def step(carry, _):
-      params, state = carry
-      loss, grads = jax.value_and_grad(value_fn)(params)
-      updates, state = tx.update(grads, state, params, value_fn=value_fn)
-      return (optax.apply_updates(params, updates), state), loss
-    (params, state), losses = jax.lax.scan(step, (params, tx.init(params)),
-                                           length=10)
-    return losses, value_fn(params), state
-
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # fallback warnings: the report has them
-    losses, final, state = run(params)
+    losses, final, state = flax_models.train(tx, value_fn, params)
   assert np.all(np.isfinite(losses)) and np.isfinite(final)
   assert final < losses[0], (losses, final)
   assert int(state.num_skipped) == 0

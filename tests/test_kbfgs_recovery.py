@@ -19,6 +19,7 @@ import pytest
 
 import optax_layerwise as olw
 from optax_layerwise import _bfgs
+from tests.test_kbfgs import _two_loop  # the NumPy L-BFGS reference
 
 
 def _rng():
@@ -29,19 +30,6 @@ def _np_bfgs(h, s, y):
   rho = 1.0 / (s @ y)
   v = np.eye(len(s)) - rho * np.outer(y, s)
   return v.T @ h @ v + rho * np.outer(s, s)
-
-
-def _np_two_loop(pairs, v, gamma):
-  q = v.copy()
-  alphas = []
-  for s, y in reversed(pairs):
-    alpha = (s @ q) / (s @ y)
-    alphas.append(alpha)
-    q = q - alpha * y
-  r = gamma * q
-  for (s, y), alpha in zip(pairs, reversed(alphas)):
-    r = r + s * (alpha - (y @ r) / (s @ y))
-  return r
 
 
 # --- The rule itself, against NumPy -----------------------------------------
@@ -126,7 +114,7 @@ def test_scaled_gamma_matches_two_loop(x64):
     pairs = (pairs + [(s, y)])[-p:]
     gamma = (s @ y) / (y @ y)
     np.testing.assert_allclose(lm.apply(mem, jnp.asarray(v)),
-                               _np_two_loop(pairs, v, gamma), rtol=1e-9)
+                               _two_loop(pairs, v, gamma), rtol=1e-9)
   with pytest.raises(ValueError, match="lbfgs_gamma"):
     _bfgs.LimitedMemory(2, gamma="auto")
 

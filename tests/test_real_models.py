@@ -97,20 +97,9 @@ def test_defaults_train_real_models(name, model):
                    params, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
   tx = TRANSFORMS[name]()
 
-  @jax.jit
-  def run(params):
-    def step(carry, _):
-      params, state = carry
-      loss, grads = jax.value_and_grad(value_fn)(params)
-      updates, state = tx.update(grads, state, params, value_fn=value_fn)
-      return (optax.apply_updates(params, updates), state), loss
-    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)),
-                                       length=10)
-    return losses, value_fn(params)
-
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # K-BFGS: layers in nn.scan fall back
-    losses, final = run(params)
+    losses, final, _ = flax_models.train(tx, value_fn, params)
   print(name, model, np.asarray(losses).round(3), float(final))
   assert np.all(np.isfinite(losses)) and np.isfinite(final)
   assert final < losses[0], (losses, final)
