@@ -12,27 +12,11 @@ fallbacks. About 3 minutes on 2 CPU cores.
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import optax_layerwise as olw
 from tests import flax_models
-
-
-def exact_rayleigh(loss_fn, params):
-  grad_fn = jax.grad(loss_fn)
-  g = grad_fn(params)
-  layers = olw.group_layers(params)
-  leaves, treedef = jax.tree_util.tree_flatten(g)
-  out = []
-  for l in range(layers.num_layers):
-    gl = jax.tree_util.tree_unflatten(treedef, [
-        x if i == l else jnp.zeros_like(x)
-        for x, i in zip(leaves, layers.leaf_layer)])
-    _, hg = jax.jvp(grad_fn, (params,), (gl,))
-    out.append(float(optax.tree.vdot(gl, hg) / optax.tree.vdot(gl, gl)))
-  return np.asarray(out)
 
 
 def run(tx, params, loss_fn, steps=10):
@@ -57,11 +41,13 @@ def main(kinds):
   np.set_printoptions(precision=3, linewidth=200)
   for kind in kinds:
     for seed in (0, 1):
-      params, loss_fn = flax_models.make(kind, seed)
+      params, loss, data = flax_models.make_problem(kind, seed)
+      loss_fn = lambda p, data=data: loss(p, data)
       layers = olw.group_layers(params)
       print(f"== {kind} seed {seed}: layers "
             f"{[jax.tree_util.keystr(tuple(l))[-24:] if isinstance(l, tuple) else str(l)[-24:] for l in layers.labels]}")
-      print("   exact kappa at init:", exact_rayleigh(loss_fn, params))
+      print("   exact kappa at init:",
+            flax_models.layer_rayleigh(loss, params, data, layers))
       for name, tx in (("cblr()", olw.cblr()), ("mclr()", olw.mclr())):
         losses, lrs, inner = run(tx, params, loss_fn)
         print(f"   {name}: loss {losses[0]:.4g} -> {losses[-1]:.4g} "

@@ -243,3 +243,25 @@ def train(tx, value_fn, params, num_steps: int = 10):
     return losses, value_fn(params), state
 
   return run(params)
+
+
+def layer_rayleigh(loss, params, data, layers):
+  """``kappa_l = g_l^T H g_l / ||g_l||^2`` per layer of ``layers``, by
+  ``jax.jvp`` of ``jax.grad``, one layer at a time: an independent route
+  (no library oracle) to the curvature CBLR measures."""
+
+  @jax.jit
+  def quotients(params, data):
+    grad_fn = jax.grad(loss)
+    g = grad_fn(params, data)
+    leaves, treedef = jax.tree_util.tree_flatten(g)
+    out = []
+    for l in range(layers.num_layers):
+      gl = jax.tree_util.tree_unflatten(treedef, [
+          x if i == l else jnp.zeros_like(x)
+          for x, i in zip(leaves, layers.leaf_layer)])
+      _, hg = jax.jvp(lambda p: grad_fn(p, data), (params,), (gl,))
+      out.append(optax.tree.vdot(gl, hg) / optax.tree.vdot(gl, gl))
+    return jnp.stack(out)
+
+  return np.asarray(quotients(params, data))

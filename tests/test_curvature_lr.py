@@ -514,27 +514,6 @@ def test_cblr_converges_where_a_single_tuned_learning_rate_crawls():
 _DEFAULT_KINDS = ("cnn", "conv_bn")
 
 
-def _exact_rayleigh(loss, params, data, layers):
-  """kappa_l = g_l^T H g_l / ||g_l||^2 by jax.jvp of jax.grad, one layer at a
-  time: an independent route (no library oracle) for the rates' check."""
-
-  @jax.jit
-  def quotients(params, data):
-    grad_fn = jax.grad(loss)
-    g = grad_fn(params, data)
-    leaves, treedef = jax.tree_util.tree_flatten(g)
-    out = []
-    for l in range(layers.num_layers):
-      gl = jax.tree_util.tree_unflatten(treedef, [
-          x if i == l else jnp.zeros_like(x)
-          for x, i in zip(leaves, layers.leaf_layer)])
-      _, hg = jax.jvp(lambda p: grad_fn(p, data), (params,), (gl,))
-      out.append(optax.tree.vdot(gl, hg) / optax.tree.vdot(gl, gl))
-    return jnp.stack(out)
-
-  return np.asarray(quotients(params, data))
-
-
 @pytest.mark.parametrize("kind", _DEFAULT_KINDS)
 def test_defaults_lower_the_loss_on_flax_models_and_rates_follow_curvature(
     kind):
@@ -581,7 +560,7 @@ def test_defaults_lower_the_loss_on_flax_models_and_rates_follow_curvature(
       accepted = np.asarray(first.num_accepted) == 1
       lrs = np.asarray(first.lrs)
       if make_tx is olw.cblr:
-        kappa = _exact_rayleigh(loss_fn, params, data, layers)
+        kappa = flax_models.layer_rayleigh(loss_fn, params, data, layers)
       else:
         kappa = np.asarray(first.curvatures)
       # lr_l = min(1 / kappa_l, ||theta_l|| / ||g_l||) on every accepted layer
