@@ -16,15 +16,19 @@ from typing import Any, Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from optax_layerwise import _curvature_lr
+from optax_layerwise import _kbfgs
+from optax_layerwise import _step_size
+
 PyTree = Any
 
 __all__ = ["diagnostics"]
 
-# The state types and their short names, resolved lazily (no import cycle).
+# This library's state types and their short names in the keys.
 _STATES = {
-    "ScaleByLayerwiseStepSizeState": "step_size",
-    "ScaleByCurvatureLRState": "curvature_lr",
-    "KBFGSState": "kbfgs",
+    _step_size.ScaleByLayerwiseStepSizeState: "step_size",
+    _curvature_lr.ScaleByCurvatureLRState: "curvature_lr",
+    _kbfgs.KBFGSState: "kbfgs",
 }
 
 
@@ -39,7 +43,7 @@ def _walk(state, depth: int = 0) -> Iterator[tuple]:
   hyperparameters found anywhere in ``state``."""
   if depth > 32:
     return
-  name = _STATES.get(type(state).__name__)
+  name = _STATES.get(type(state))
   if name is not None:
     yield name, state
   elif hasattr(state, "hyperparams") and isinstance(state.hyperparams, dict):

@@ -495,8 +495,9 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
                          y=y_bar), flags
 
 
-def _counts(flags: list, num: int) -> tuple:
-  """Per-layer int32 vectors of the four flags (False for untapped rows)."""
+def _counts(flags: dict, num: int) -> tuple:
+  """Per-layer int32 vectors of the four flags, from ``{row: flags}`` of the
+  tapped layers (False for the other rows)."""
   false = (jnp.asarray(False),) * 4
   rows = [flags.get(r, false) for r in range(num)]
   if not rows:

@@ -181,8 +181,7 @@ def _is_kernel(path: tuple, leaf) -> bool:
   ``nnx.vmap`` / ``nn.scan``), and named ``kernel`` leaves of higher rank."""
   if path and key_name(path[-1]) in _NOT_KERNELS:
     return False
-  if not jnp.issubdtype(jnp.asarray(leaf).dtype if not hasattr(
-      leaf, "dtype") else leaf.dtype, jnp.floating):
+  if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
     return False
   if jnp.ndim(leaf) == 2:
     return True
