@@ -14,6 +14,9 @@
   reader and writer.
 * :func:`make_csbm`: a contextual stochastic block model graph with Gaussian
   node features, for the GCN benchmark.
+* :func:`load_stdlib_corpus`: byte-level text of the Python standard
+  library's own ``.py`` files (a character corpus every machine has), cut
+  into windows for a language model.
 
 Every loader returns plain NumPy arrays (float32 inputs, int32 labels).
 """
@@ -28,6 +31,7 @@ import os
 import pathlib
 import re
 import struct
+import sys
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -46,6 +50,9 @@ __all__ = [
     "load_idx_dataset",
     "load_fashion_mnist",
     "make_csbm",
+    "Corpus",
+    "stdlib_source_files",
+    "load_stdlib_corpus",
 ]
 
 # Where Debian's `dataset-fashion-mnist` package installs the files.
@@ -504,3 +511,86 @@ def make_csbm(num_nodes: int = 2000, num_classes: int = 5,
                int(upper.sum()),
                f"CSBM ({n} nodes, {c} classes, {int(upper.sum())} edges, "
                f"homophily {homophily})")
+
+
+# --------------------------------------------------------------------------
+# A character corpus from the Python standard library's own source files
+# --------------------------------------------------------------------------
+
+
+class Corpus(NamedTuple):
+  """A byte-level language-modelling corpus cut into fixed windows.
+
+  Attributes:
+    x_train: ``(n, seq_len)`` int32 input bytes (non-overlapping windows of
+      the training text).
+    y_train: ``(n, seq_len)`` int32 next bytes (the inputs shifted by one).
+    x_test: held-out inputs, from text after the training text.
+    y_test: held-out next bytes.
+    files: the source files read, in order (paths relative to ``root``).
+    num_bytes: bytes of text read (train and held-out).
+    name: a short description.
+  """
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  files: tuple
+  num_bytes: int
+  name: str
+
+
+def stdlib_source_files(root=None) -> list:
+  """The ``.py`` files directly in the standard library's directory
+  (``sysconfig.get_paths()['stdlib']`` unless ``root``), sorted by name."""
+  if root is None:
+    import sysconfig  # pylint: disable=import-outside-toplevel
+    root = sysconfig.get_paths()["stdlib"]
+  root = pathlib.Path(root)
+  files = sorted(p for p in root.glob("*.py") if p.is_file())
+  if not files:
+    raise DataUnavailableError(f"no .py files in {root}")
+  return files
+
+
+def load_stdlib_corpus(max_bytes: int = 1_000_000, *, seq_len: int = 64,
+                       held_out_fraction: float = 0.1,
+                       root=None) -> Corpus:
+  """Byte-level text of the standard library's top-level ``.py`` files.
+
+  The files of :func:`stdlib_source_files` are concatenated in that (sorted)
+  order, each followed by a newline, and the text is cut at ``max_bytes``.
+  The last ``held_out_fraction`` of it is held out (so held-out windows come
+  from files never trained on, except the one straddling the cut). Each part
+  is cut into non-overlapping windows of ``seq_len + 1`` bytes: inputs are
+  the first ``seq_len`` bytes, targets the last ``seq_len``. Nothing is
+  downloaded; the text depends on the Python version that runs it (the
+  files read are returned).
+  """
+  files = stdlib_source_files(root)
+  base = files[0].parent
+  chunks, used, total = [], [], 0
+  for path in files:
+    if total >= max_bytes:
+      break
+    text = path.read_bytes() + b"\n"
+    chunks.append(text)
+    used.append(str(path.relative_to(base)))
+    total += len(text)
+  data = np.frombuffer(b"".join(chunks)[:max_bytes], np.uint8)
+  cut = int(round(len(data) * (1.0 - held_out_fraction)))
+  window = seq_len + 1
+
+  def windows(part):
+    n = len(part) // window
+    w = part[:n * window].reshape(n, window).astype(np.int32)
+    return w[:, :-1], w[:, 1:]
+
+  (x_train, y_train), (x_test, y_test) = windows(data[:cut]), windows(
+      data[cut:])
+  return Corpus(
+      x_train, y_train, x_test, y_test, tuple(used), int(len(data)),
+      f"Python {'.'.join(map(str, sys.version_info[:3]))} "
+      f"stdlib source, {len(used)} files, {len(data) / 1e6:.2f} MB bytes "
+      f"({len(x_train)} train / {len(x_test)} held-out windows of "
+      f"{seq_len})")

@@ -10,6 +10,8 @@ take K-BFGS's documented fallback.
 * :class:`CNN`: a small convolutional classifier.
 * :class:`GCN`: a two-layer graph convolutional network (Kipf and Welling,
   2017): ``softmax(A relu(A X W1 + b1) W2 + b2)``.
+* :class:`CharTransformer`: a small pre-LayerNorm causal transformer
+  language model over bytes (blocks unrolled, not ``nn.scan``-stacked).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "Autoencoder",
     "CNN",
     "GCN",
+    "CharTransformer",
 ]
 
 # Layer widths, input first (the autoencoders of arXiv 2006.08877).
@@ -118,6 +121,52 @@ class GCN(nn.Module):
   def __call__(self, adjacency: jax.Array, features: jax.Array) -> jax.Array:
     h = nn.relu(nn.Dense(self.hidden, name="gc1")(adjacency @ features))
     return nn.Dense(self.num_classes, name="gc2")(adjacency @ h)
+
+
+class _Block(nn.Module):
+  """Pre-LayerNorm block: causal self-attention, then a GELU MLP."""
+  dim: int
+  heads: int
+  mlp_ratio: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(self.heads, name="attention")(
+        h, h, mask=mask)
+    h = nn.gelu(nn.Dense(self.mlp_ratio * self.dim, name="mlp_in")(
+        nn.LayerNorm()(x)))
+    return x + nn.Dense(self.dim, name="mlp_out")(h)
+
+
+class CharTransformer(nn.Module):
+  """A causal transformer language model over ``vocab`` symbols.
+
+  Token and learned position embeddings (``nn.Embed``), ``num_blocks``
+  pre-LayerNorm blocks (``nn.MultiHeadDotProductAttention`` with a causal
+  mask, then ``Dense(mlp_ratio * dim)``-GELU-``Dense(dim)``), a final
+  LayerNorm and an untied ``Dense(vocab)`` head; returns next-symbol logits
+  ``(batch, length, vocab)``. The blocks are separate modules (no
+  ``nn.scan``), so K-BFGS taps every Dense / DenseGeneral in them.
+  """
+  vocab: int = 256
+  dim: int = 64
+  heads: int = 4
+  num_blocks: int = 2
+  max_len: int = 512
+  mlp_ratio: int = 4
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    length = tokens.shape[-1]
+    x = nn.Embed(self.vocab, self.dim, name="embed")(tokens)
+    x = x + nn.Embed(self.max_len, self.dim, name="pos_embed")(
+        jnp.arange(length))
+    mask = nn.make_causal_mask(tokens)
+    for i in range(self.num_blocks):
+      x = _Block(self.dim, self.heads, self.mlp_ratio, name=f"block_{i}")(
+          x, mask)
+    return nn.Dense(self.vocab, name="head")(nn.LayerNorm()(x))
 
 
 def count_params(params) -> int:
