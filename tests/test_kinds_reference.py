@@ -525,11 +525,13 @@ STEPS, OUTLIER = 6, 3
 RTOL = 1e-9
 
 
+# K-BFGS (memory None) on the conv and shared cases, K-BFGS(L) on all three;
+# the paper's fixed step and the per-layer step; bounded (rho = 0.1, the
+# default) or not. Five compilations keep the module near 30 s on 2 cores.
 @pytest.mark.parametrize("kind,memory,rule,rho", [
     ("conv", None, "layerwise", None),
     ("conv", 2, "fixed", 0.1),
     ("seq", 2, "layerwise", 0.1),
-    ("seq", None, "fixed", None),
     ("shared", None, "layerwise", 0.1),
     ("shared", 3, "layerwise", None),
 ])
