@@ -20,8 +20,8 @@ Models (Flax linen, :mod:`benchmarks.models`):
   next-byte cross-entropy (nats per byte).
 
 The loss compared is the mean cross-entropy over the WHOLE training split,
-evaluated after every ``1 / --evals-per-epoch`` epoch (the held-out loss is
-reported next to it).
+evaluated at the start and after every ``1 / --cnn-evals`` (``--lm-evals``)
+epoch (the held-out loss is reported next to it).
 
 Methods: ``kbfgs`` = ``olw.kbfgs()`` (nothing passed, nothing tuned),
 ``kbfgs-l`` = ``olw.kbfgs(memory_size=p)`` (``--kbfgs-memory``, 0 leaves it
@@ -90,15 +90,15 @@ __all__ = ["cnn_experiment", "lm_experiment", "state_bytes",
 ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 KBFGS_MEMORY = 20
 MODELS = ("cnn", "lm")
-FULL = dict(cnn_train=12_000, cnn_test=10_000, cnn_epochs=4,
+FULL = dict(cnn_train=12_000, cnn_test=10_000, cnn_epochs=5,
             cnn_channels=(16, 32), cnn_hidden=64, cnn_batch=128,
-            lm_bytes=600_000, lm_epochs=3, lm_dim=64, lm_heads=4,
+            lm_bytes=400_000, lm_epochs=3, lm_dim=64, lm_heads=4,
             lm_blocks=2, lm_seq=64, lm_batch=32, timing_rounds=7,
-            timing_calls=3, evals_per_epoch=2)
+            timing_calls=3, cnn_evals=2, lm_evals=1)
 QUICK = dict(cnn_train=512, cnn_test=256, cnn_epochs=2, cnn_channels=(4, 8),
              cnn_hidden=16, cnn_batch=64, lm_bytes=24_000, lm_epochs=2,
              lm_dim=16, lm_heads=2, lm_blocks=1, lm_seq=32, lm_batch=16,
-             timing_rounds=2, timing_calls=2, evals_per_epoch=1)
+             timing_rounds=2, timing_calls=2, cnn_evals=1, lm_evals=1)
 
 
 def registry(kbfgs_memory: int) -> Dict[str, Method]:
@@ -182,8 +182,9 @@ def lm_experiment(*, max_bytes: int, seq_len: int, batch_size: int, dim: int,
 
 
 def state_bytes(state) -> int:
-  """Bytes of an optimizer state: the sum over its array leaves."""
-  return int(sum(np.size(x) * jnp.result_type(x).itemsize
+  """Bytes of an optimizer state (arrays or ``jax.ShapeDtypeStruct``s): the
+  sum over its leaves of size x item size."""
+  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
                  for x in jax.tree_util.tree_leaves(state)))
 
 
@@ -248,11 +249,13 @@ def memory_report(exp: Experiment, reg: Dict[str, Method], seed: int,
                   memory_size: int) -> Dict[str, Any]:
   """Per method: measured state bytes (and ratio to AdamW's); for K-BFGS
   the formula's bytes, the per-layer dims and the coverage fraction."""
-  params = exp.init_fn(jax.random.PRNGKey(seed))
+  # Shapes only (jax.eval_shape): the bytes are those of tx.init(params).
+  params = jax.eval_shape(exp.init_fn, jax.random.PRNGKey(seed))
   batch = {k: jnp.asarray(v[:exp.batch_size]) for k, v in exp.train.items()}
   coverage = olw.kbfgs_coverage(lambda p: exp.loss_fn(p, batch), params)
   dims = layer_dims(coverage, params)
-  num_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+  num_params = int(sum(math.prod(x.shape)
+                       for x in jax.tree_util.tree_leaves(params)))
   num_leaves = len(jax.tree_util.tree_leaves(params))
   out: Dict[str, Any] = {
       "num_params": num_params, "params_bytes": state_bytes(params),
@@ -265,7 +268,7 @@ def memory_report(exp: Experiment, reg: Dict[str, Method], seed: int,
     if tx is None:
       out["methods"][name] = {"error": reason}
       continue
-    entry = {"state_bytes": state_bytes(tx.init(params))}
+    entry = {"state_bytes": state_bytes(jax.eval_shape(tx.init, params))}
     if name.startswith("kbfgs"):
       entry["formula"] = state_bytes_formula(
           dims, num_params, num_leaves,
@@ -434,7 +437,6 @@ def write_zoom_plot(results: Dict[str, Any], out: pathlib.Path) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from benchmarks import plots as plots_lib  # pylint: disable=import-outside-toplevel
-  from benchmarks.fashion_mnist import _zoom_limits  # pylint: disable=import-outside-toplevel,protected-access
 
   target = (results.get("target") or {}).get("train_loss")
   series = []
@@ -464,14 +466,15 @@ def write_zoom_plot(results: Dict[str, Any], out: pathlib.Path) -> str:
                    label=f"tuned AdamW final ({target:.4g})")
       ax.set_xlabel(xlabel)
       ax.grid(True, which="both", alpha=0.3)
-      if zoom:
-        lim = _zoom_limits([s[5] for s in series])
-        if lim:
-          ax.set_ylim(*lim)
-        xmin = min((s[3 + xi][1] for s in series), default=0.0)
-        xmax = max((s[3 + xi][-1] for s in series), default=1.0)
-        ax.set_xlim(0.9 * xmin, 1.02 * xmax)
-        ax.set_title("zoom (linear y)", fontsize=9)
+      if zoom and series:
+        # From the lowest loss to the highest final loss (or the target),
+        # so that every curve's end and the target line are in view.
+        lo = min(float(np.min(x[5])) for x in series)
+        hi = max([float(x[5][-1]) for x in series]
+                 + ([target] if target is not None else []))
+        span = max(hi - lo, 1e-3 * abs(hi))
+        ax.set_ylim(lo - 0.1 * span, hi + 0.8 * span)
+        ax.set_title("zoom on the final losses (linear y)", fontsize=9)
         ax.set_ylabel("training loss (whole training split)")
       else:
         ax.set_yscale("log")
@@ -491,7 +494,7 @@ def write_zoom_plot(results: Dict[str, Any], out: pathlib.Path) -> str:
 
 
 def run_model(exp: Experiment, s: argparse.Namespace, epochs: int,
-              out: pathlib.Path) -> BenchmarkResult:
+              evals_per_epoch: int, out: pathlib.Path) -> BenchmarkResult:
   """Trains every method on ``exp`` with the runner, times the steps side by
   side, measures the state memory, writes the JSON and plots."""
   reg = registry(s.kbfgs_memory)
@@ -499,7 +502,7 @@ def run_model(exp: Experiment, s: argparse.Namespace, epochs: int,
   result = runner.run_benchmark(
       exp, list(reg), registry=reg, seeds=[s.seed], epochs=epochs,
       tune=["adamw"], lr_grids={"adamw": tuple(s.adamw_grid)},
-      reference="adamw", evals_per_epoch=s.evals_per_epoch,
+      reference="adamw", evals_per_epoch=evals_per_epoch,
       max_steps=s.max_steps, timing_rounds=0, out_dir=None, plots=False,
       progress=s.progress, verbose=False)
   side = side_by_side(exp, reg, result, s.seed, s.timing_rounds,
@@ -588,12 +591,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, BenchmarkResult]:
       except DataUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
-      results[name] = run_model(exp, s, s.cnn_epochs, out / "cnn")
+      results[name] = run_model(exp, s, s.cnn_epochs, s.cnn_evals,
+                                out / "cnn")
     else:
       exp = lm_experiment(max_bytes=s.lm_bytes, seq_len=s.lm_seq,
                           batch_size=s.lm_batch, dim=s.lm_dim,
                           heads=s.lm_heads, num_blocks=s.lm_blocks)
-      results[name] = run_model(exp, s, s.lm_epochs, out / "char_lm")
+      results[name] = run_model(exp, s, s.lm_epochs, s.lm_evals,
+                                out / "char_lm")
   return results
 
 
