@@ -193,27 +193,68 @@ def _homogeneous(spec: Spec, tap: _taps.DenseTap):
   return abar, a_batch
 
 
+def _part(leaves: list, index: int, spec: Spec) -> jax.Array:
+  """The layer's slice of a leaf (the whole leaf unless stacked)."""
+  return leaves[index][spec.slice] if spec.slice else leaves[index]
+
+
+def _set_part(leaves: list, index: int, spec: Spec, value) -> None:
+  """Writes the layer's slice of a leaf."""
+  leaf = leaves[index]
+  if not spec.slice:
+    leaves[index] = value.reshape(jnp.shape(leaf)).astype(leaf.dtype)
+    return
+  shape = jnp.shape(leaf)[len(spec.slice):]
+  leaves[index] = leaf.at[spec.slice].set(
+      value.reshape(shape).astype(leaf.dtype))
+
+
 def _matrix(leaves: list, spec: Spec) -> jax.Array:
   """A layer's ``(k, d_out)`` matrix ``[W; b]`` from its kernel and bias."""
-  w = leaves[spec.kernel_index].reshape(spec.d_in, spec.d_out)
+  w = _part(leaves, spec.kernel_index, spec).reshape(spec.d_in, spec.d_out)
   if spec.bias_index is None:
     return w
-  return jnp.concatenate([w, leaves[spec.bias_index].reshape(1, -1)])
+  return jnp.concatenate([w, _part(leaves, spec.bias_index, spec).reshape(
+      1, -1)])
 
 
 def _set_matrix(leaves: list, spec: Spec, matrix: jax.Array) -> None:
   """Writes a ``(k, d_out)`` matrix back into the kernel and bias leaves."""
-  kernel = spec.kernel_index
-  leaves[kernel] = matrix[:spec.d_in].reshape(jnp.shape(leaves[kernel]))
+  _set_part(leaves, spec.kernel_index, spec, matrix[:spec.d_in])
   if spec.bias_index is not None:
-    leaves[spec.bias_index] = matrix[spec.d_in].reshape(
-        jnp.shape(leaves[spec.bias_index]))
+    _set_part(leaves, spec.bias_index, spec, matrix[spec.d_in])
+
+
+def _layer_indices(spec: Spec) -> tuple:
+  return tuple(i for i in (spec.kernel_index, spec.bias_index)
+               if i is not None)
 
 
 def _layer_dot(a_leaves, b_leaves, spec: Spec, dtype) -> jax.Array:
   """``<a, b>_l`` over the kernel and bias of one layer."""
-  return sum(jnp.vdot(a_leaves[i].astype(dtype), b_leaves[i].astype(dtype))
-             for i in (spec.kernel_index, spec.bias_index) if i is not None)
+  return sum(jnp.vdot(_part(a_leaves, i, spec).astype(dtype),
+                      _part(b_leaves, i, spec).astype(dtype))
+             for i in _layer_indices(spec))
+
+
+def _key(spec: Spec) -> tuple:
+  """A sortable key of one layer (a pytree dict key)."""
+  return (spec.kernel_index,) + spec.slice
+
+
+def _layer_tap(taps: _taps.TapResult, spec: Spec):
+  """The layer's statistics (its slice's, for a scanned stack), or
+  ``None`` if no call was tapped."""
+  tap = taps.layers.get(spec.kernel_index)
+  if tap is None or not spec.slice:
+    return tap
+  if tap.input_mean.ndim == 1:
+    raise ValueError(
+        f"{_NAME}: the layer {spec.name} was read as a slice of a stacked "
+        "kernel, but it was called unstacked. Pass a `dense_layers` "
+        "predicate returning the number of contracted leading kernel axes "
+        "for this leaf.")
+  return jax.tree_util.tree_map(lambda x: x[spec.slice], tap)
 
 
 def _step_scales(decrease: jax.Array, curvature: jax.Array,
@@ -330,7 +371,7 @@ def _tapped_layers(specs: tuple, taps: _taps.TapResult) -> tuple:
         "the fallback -lr * momentum. Exclude them with `dense_layers` to "
         "save their state memory.", stacklevel=3)
   for spec in specs:
-    tap = taps.layers.get(spec.kernel_index)
+    tap = _layer_tap(taps, spec)
     if tap is None:
       continue
     if tap.bias_index != spec.bias_index:
@@ -341,19 +382,20 @@ def _tapped_layers(specs: tuple, taps: _taps.TapResult) -> tuple:
           "`bias` sibling leaf, or none if it has none.")
     if tap.input_mean.shape != (spec.d_in,):
       raise ValueError(
-          f"{_NAME}: the layer {spec.name} was called with {tap.input_mean.shape[0]} "
-          f"inputs per row but its kernel was read as ({spec.d_in}, "
-          f"{spec.d_out}). Pass a `dense_layers` predicate returning the "
-          "number of contracted leading kernel axes for this leaf.")
+          f"{_NAME}: the layer {spec.name} was called with inputs of shape "
+          f"{tap.input_mean.shape} per row (leading axes: the slices of a "
+          "kernel stacked by nn.scan) but its kernel was read as "
+          f"({spec.d_in}, {spec.d_out}). Pass a `dense_layers` predicate "
+          "returning, for this leaf, the number of contracted leading "
+          "kernel axes, or (stacked axes, contracted axes) for a stack.")
   return tuple(s for s in specs if s.kernel_index in taps.layers)
 
 
 def _preconditioned(treedef, num_leaves: int, tapped: tuple):
   flags = [False] * num_leaves
   for spec in tapped:
-    for i in (spec.kernel_index, spec.bias_index):
-      if i is not None:
-        flags[i] = True
+    for i in _layer_indices(spec):
+      flags[i] = True
   return jax.tree_util.tree_unflatten(treedef,
                                       [jnp.asarray(f) for f in flags])
 
@@ -412,14 +454,13 @@ def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps,
     plus = _second_tap(cfg, value_fn, shifted, tapped, measure)
     pairs = {}
     for spec in tapped:
-      before, after = taps.layers[spec.kernel_index], plus.layers.get(
-          spec.kernel_index)
+      before, after = _layer_tap(taps, spec), _layer_tap(plus, spec)
       if after is None:
         raise ValueError(f"{_NAME}: the layer {spec.name} was tapped at "
                          "theta but not at theta + delta; value_fn must "
                          "call the same layers for all params.")
-      pairs[spec.kernel_index] = (after.output_mean - before.output_mean,
-                                  after.output_grad - before.output_grad)
+      pairs[_key(spec)] = (after.output_mean - before.output_mean,
+                     after.output_grad - before.output_grad)
     grad_change = None if not cfg.layerwise else [
         a - b for a, b in zip(jax.tree_util.tree_leaves(plus.grads),
                               jax.tree_util.tree_leaves(taps.grads))]
@@ -427,9 +468,8 @@ def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps,
 
   def means(p):
     res = _second_tap(cfg, value_fn, p, tapped, measure)
-    return {s.kernel_index: (res.layers[s.kernel_index].output_mean,
-                             res.layers[s.kernel_index].output_grad)
-            for s in tapped}, res.grads
+    return {_key(s): (_layer_tap(res, s).output_mean,
+                _layer_tap(res, s).output_grad) for s in tapped}, res.grads
 
   # The tangent of the gradient is the Hessian-vector product H delta.
   _, (pairs, hess_delta) = jax.jvp(means, (params,), (updates,))
@@ -636,7 +676,7 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   work, limits = {}, {}
   for r in rows:
     spec, ls = specs[r], state.layers[r]
-    work[r] = _input_factor(cfg, spec, ls, taps.layers[spec.kernel_index],
+    work[r] = _input_factor(cfg, spec, ls, _layer_tap(taps, spec),
                             state.count == 0, refresh)
     step, limits[r] = _trial_step(cfg, spec, ls, work[r], new_mom, leaves, lr)
     _set_matrix(trial, spec, step)
@@ -660,9 +700,8 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
                           jax.tree_util.tree_leaves(taps.grads), grad_change,
                           trial, limits, measure)
     for r in rows:
-      for i in (specs[r].kernel_index, specs[r].bias_index):
-        if i is not None:
-          out[i] = (scales[0][r] * trial[i]).astype(leaves[i].dtype)
+      for i in _layer_indices(specs[r]):
+        _set_part(out, i, specs[r], scales[0][r] * _part(trial, i, specs[r]))
     finite = finite & _nonfinite.tree_all_finite(out)
 
   # 6-7. Damping and the factor updates; a non-finite step skips it all
@@ -670,10 +709,9 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   def take_step(_):
     new_layers, flags = list(state.layers), {}
     for r in rows:
-      kernel = specs[r].kernel_index
       new_layers[r], flags[r] = _update_factors(
-          cfg, state.layers[r], work[r], taps.layers[kernel], pairs[kernel],
-          refresh)
+          cfg, state.layers[r], work[r], _layer_tap(taps, specs[r]),
+          pairs[_key(specs[r])], refresh)
     powell, lm, skipped, skipped_a = _counts(flags, len(specs))
     step_sizes, decreases, curvatures, measured = scales
     fallbacks = jnp.asarray([r in work for r in range(len(specs))],

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from optax_layerwise import _layer_kinds
 
 
-def _unbox(value):
+def unbox(value):
   """The array inside a Flax ``Partitioned`` / ``LogicallyPartitioned`` box."""
   unbox = getattr(value, "unbox", None)
   return unbox() if callable(unbox) else value
@@ -26,15 +26,15 @@ def _unbox(value):
 def _raw(variable):
   """The array held by an NNX variable."""
   get = getattr(variable, "get_value", None)
-  return _unbox(get() if get is not None else variable.value)
+  return unbox(get() if get is not None else variable.value)
 
 
 def kernel_and_bias(module):
   """The kernel and bias arrays (``None`` without a bias) of a linen or NNX
   module, unboxed: the very params leaves the tap matches by identity."""
   if hasattr(module, "get_variable"):  # linen
-    kernel = _unbox(module.get_variable("params", "kernel"))
-    bias = (_unbox(module.get_variable("params", "bias"))
+    kernel = unbox(module.get_variable("params", "kernel"))
+    bias = (unbox(module.get_variable("params", "bias"))
             if module.use_bias else None)
     return kernel, bias
   bias = getattr(module, "bias", None)

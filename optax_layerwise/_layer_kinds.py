@@ -26,6 +26,7 @@ against what it found.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Callable, Optional, Union
 
@@ -76,11 +77,17 @@ class LayerKind:
     nnx_types: returns the ``flax.nnx`` module classes of this kind.
     adapter: ``(module, args, kwargs, output) -> LayerCall | reason``, for a
       module of one of those classes called with ``args, kwargs``.
+    rewrite: for a linen module that applies several kernels fused (e.g.
+      ``nn.OptimizedLSTMCell``), ``(module, args, kwargs, dense) -> output``
+      computing the call itself with ``dense(x, name)``, the tapped dense
+      layer of its sub-module ``name`` (``x @ kernel + bias``); used instead
+      of ``adapter``.
   """
   name: str
   linen_types: Callable[[], tuple]
   nnx_types: Callable[[], tuple]
-  adapter: Adapter
+  adapter: Optional[Adapter] = None
+  rewrite: Optional[Callable] = None
 
 
 _KINDS: dict = {}
@@ -147,12 +154,15 @@ class LayerSpec:
     bias_index: flatten index of its bias leaf, or ``None``.
     d_in: rows of the kernel matrix (product of the contracted axes).
     d_out: columns (product of the output axes).
+    slice: for a kernel stacked by ``nn.scan`` (leading axes, one slice per
+      layer of the stack), the index of this layer's slice; ``()`` else.
   """
   name: str
   kernel_index: int
   bias_index: Optional[int]
   d_in: int
   d_out: int
+  slice: tuple = ()
 
   @property
   def k(self) -> int:
@@ -186,6 +196,29 @@ def _is_kernel(path: tuple, leaf) -> bool:
   if jnp.ndim(leaf) == 2:
     return True
   return jnp.ndim(leaf) > 2 and bool(path) and key_name(path[-1]) == "kernel"
+
+
+def _stack_and_split(path: tuple, shape: tuple,
+                     bias_shape: Optional[tuple]) -> tuple[int, int]:
+  """How many leading kernel axes stack layers (``nn.scan`` over layers),
+  and how many of the others are contracted with the input.
+
+  A stacked kernel ``(L, *contracted, *outputs)`` has a stacked bias ``(L,
+  *outputs)``: the leading axes they share, with the rest of the bias
+  matching the kernel's trailing axes, are stack axes (none when the bias
+  matches without them). Without a bias nothing is read as stacked: the tap
+  then finds a stacked call and asks for a ``dense_layers`` predicate
+  returning ``(stacked axes, contracted axes)``.
+  """
+  if bias_shape is not None:
+    for stack in range(len(bias_shape)):
+      if tuple(shape[:stack]) != tuple(bias_shape[:stack]):
+        break
+      inner, inner_bias = tuple(shape[stack:]), tuple(bias_shape[stack:])
+      for split in range(len(inner) - 1, 0, -1):
+        if inner[split:] == inner_bias:
+          return stack, split
+  return 0, _split(path, shape, None)
 
 
 def _split(path: tuple, shape: tuple, bias_shape: Optional[tuple]) -> int:
@@ -232,10 +265,11 @@ def find_kernels(params: PyTree, select=None) -> tuple:
 
   Args:
     params: the params (or their shapes).
-    select: ``(path, leaf) -> bool | int`` on the kernels' key paths: falsy
-      excludes the leaf, an ``int`` (not ``bool``) gives the number of
-      contracted leading axes. Default: every kernel whose key does not
-      contain ``"embed"``.
+    select: ``(path, leaf) -> bool | int | (int, int)`` on the kernels' key
+      paths: falsy excludes the leaf, an ``int`` (not ``bool``) gives the
+      number of contracted leading axes, a pair ``(stacked, contracted)``
+      also the number of leading axes stacking layers (``nn.scan``).
+      Default: every kernel whose key does not contain ``"embed"``.
 
   Returns:
     A tuple of :class:`LayerSpec`, in flatten order.
@@ -254,12 +288,25 @@ def find_kernels(params: PyTree, select=None) -> tuple:
     bias = _bias_of(i, paths, leaves)
     bias_shape = None if bias is None else tuple(jnp.shape(leaves[bias]))
     shape = tuple(jnp.shape(leaf))
-    split = chosen if (isinstance(chosen, int) and not isinstance(
-        chosen, bool)) else _split(path, shape, bias_shape)
+    stack, split = _chosen_split(chosen, path, shape, bias_shape)
+    stacked, shape = shape[:stack], shape[stack:]
     d_in, d_out = math.prod(shape[:split]), math.prod(shape[split:])
-    if bias is not None and math.prod(bias_shape) != d_out:
+    if bias is not None and math.prod(bias_shape) != d_out * math.prod(
+        stacked):
       bias = None  # a sibling of another shape is not this kernel's bias
     parent = path[:-1]
     name = jax.tree_util.keystr(parent if parent else path)
-    specs.append(LayerSpec(name, i, bias, d_in, d_out))
+    for index in itertools.product(*[range(n) for n in stacked]):
+      label = name + "".join(f"[{j}]" for j in index)
+      specs.append(LayerSpec(label, i, bias, d_in, d_out, index))
   return tuple(specs)
+
+
+def _chosen_split(chosen, path, shape, bias_shape) -> tuple[int, int]:
+  """``(stacked axes, contracted axes)``: the ``select`` predicate's answer
+  (an ``int``: contracted axes; a pair: both) or the guess from the shapes."""
+  if isinstance(chosen, tuple):
+    return int(chosen[0]), int(chosen[1])
+  if isinstance(chosen, int) and not isinstance(chosen, bool):
+    return 0, chosen
+  return _stack_and_split(path, shape, bias_shape)

@@ -31,8 +31,13 @@ array inside the trace (each params leaf is a distinct tracer of the
 ``jax.vjp``), not by call order, so layers may be called in any order, several
 times (weight sharing: the rows of all calls are pooled), or not at all.
 Calls whose kernel is not a params leaf (frozen weights closed over by
-``value_fn``, or calls inside a ``jax.jit`` / ``nn.scan`` / ``nn.remat``
-nested in ``value_fn``, which re-trace the kernel) are left untapped.
+``value_fn``, or calls inside a ``jax.jit`` / ``jax.lax.scan`` nested in
+``value_fn``, which re-trace the kernel) are left untapped, except linen
+layers inside ``nn.scan`` / ``nn.RNN`` / ``nn.remat``: those are matched by
+their scope path and their statistics leave the inner trace through shadow
+leaves (:mod:`optax_layerwise._shadows`), summed over a broadcast cell's
+steps, one set per slice of a scanned stack (leading axes of the
+statistics).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import dataclasses
 import functools
 import math
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +56,11 @@ from optax_layerwise import _checks
 from optax_layerwise import _kind_conv  # pylint: disable=unused-import
 from optax_layerwise import _kind_dense
 from optax_layerwise import _kind_einsum  # pylint: disable=unused-import
+from optax_layerwise import _kind_lstm  # pylint: disable=unused-import
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layers
 from optax_layerwise import _parallel
+from optax_layerwise import _shadows
 
 PyTree = Any
 
@@ -61,14 +68,17 @@ __all__ = ["dense", "DenseTap", "TapResult", "tap_dense_layers",
            "SUPPORTED_LAYERS"]
 
 SUPPORTED_LAYERS = ("flax.linen.Dense", "flax.linen.DenseGeneral",
-                    "flax.linen.Einsum", "flax.linen.Conv", "flax.nnx.Linear",
+                    "flax.linen.Einsum", "flax.linen.Conv",
+                    "flax.linen.OptimizedLSTMCell",
+                    "linen layers inside nn.scan / nn.RNN / nn.remat",
+                    "flax.nnx.Linear",
                     "flax.nnx.LinearGeneral", "flax.nnx.Einsum",
                     "flax.nnx.Conv", "optax_layerwise.dense (plain JAX)",
                     "kinds added with optax_layerwise.register_layer_kind")
 
-_NESTED = ("called only inside a transform nested in value_fn (nn.scan, "
-           "nn.RNN, jax.lax.scan, jax.checkpoint): its statistics cannot "
-           "leave that trace")
+_NESTED = ("called only inside a transform nested in value_fn that is not "
+           "a Flax linen transform (jax.lax.scan, jax.checkpoint, nnx.scan): "
+           "its statistics cannot leave that trace")
 
 # The stack of active tap contexts. It is empty outside `tap_dense_layers`;
 # a lock serialises the (trace-time only) patching of `nnx.Linear`.
@@ -146,6 +156,59 @@ class _Record:
   sum_y: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Nested:
+  """A tapped kernel called inside a nested transform."""
+  path: tuple  # key names of the kernel leaf
+  stack: tuple  # leading axes the transform slices (nn.scan over layers)
+  layout: _shadows.Layout
+  kind: str
+  bias_index: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """Where a linen layer's params live: its scope path and params dict."""
+  path: tuple
+  params: Any
+
+  def leaf(self, kernel, path_index: dict):
+    """``(kernel index, bias index)`` if ``kernel`` is this layer's kernel
+    (a params leaf, possibly re-traced by a nested transform), else
+    ``None``."""
+    own = self.params.get("kernel") if hasattr(self.params, "get") else None
+    index = path_index.get(self.path + ("kernel",))
+    if own is None or _kind_dense.unbox(own) is not kernel or index is None:
+      return None
+    bias = path_index.get(self.path + ("bias",)) if (
+        "bias" in self.params) else None
+    return index, bias
+
+  def shadow(self):
+    return self.params[_shadows.name_for("kernel")]
+
+
+def _suffix_index(paths) -> dict:
+  """``{path suffix: leaf index}`` over every suffix of every leaf's path
+  that ends only one leaf's path: a module's scope path finds its params
+  whether ``value_fn`` receives the params or the whole variables dict
+  (paths starting with ``'params'``)."""
+  owners: dict = {}
+  for i, path in enumerate(paths):
+    for start in range(len(path)):
+      owners.setdefault(tuple(path[start:]), set()).add(i)
+  return {suffix: next(iter(found)) for suffix, found in owners.items()
+          if len(found) == 1}
+
+
+def linen_location(module) -> Optional[Location]:
+  """The :class:`Location` of a bound linen module (``None`` for NNX)."""
+  scope = getattr(module, "scope", None)
+  if scope is None or not hasattr(module, "get_variable"):
+    return None
+  return Location(tuple(scope.path), module.variables.get("params", {}))
+
+
 def _trace_of(x):
   """The JAX trace a value belongs to (``None`` for concrete arrays)."""
   return getattr(x, "_trace", None)
@@ -154,9 +217,15 @@ def _trace_of(x):
 class _Context:
   """One active tap: kernel identities, perturbations, and the records."""
 
-  def __init__(self, leaves, perts, want_second_moment, stats_dtype):
+  def __init__(self, leaves, perts, want_second_moment, stats_dtype,
+               paths=(), shadows_on=False):
     self.kernel_pos = {id(leaves[index]): index for index in perts}
     self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
+    self.paths = list(paths)
+    self.path_index = _suffix_index(paths)
+    self.shapes = [jnp.shape(leaf) for leaf in leaves]
+    self.shadows_on = shadows_on
+    self.nested: dict = {}
     self.perts = perts
     self.want_second_moment = want_second_moment
     self.stats_dtype = stats_dtype
@@ -173,32 +242,27 @@ class _Context:
     else:
       self.unsupported[index] = reason
 
-  def record(self, call: _layer_kinds.LayerCall, kind: str = "dense"):
+  def record(self, call: _layer_kinds.LayerCall, kind: str = "dense",
+             location: Optional[Location] = None):
     """Accumulates one call's statistics; returns its perturbed output."""
     y = call.outputs
     index = self.kernel_pos.get(id(call.kernel))
-    if index is not None and _trace_of(y) is not _trace_of(
-        self.perts[index]):
-      # A call inside a transform nested in value_fn (nn.scan, nn.RNN,
-      # jax.lax.scan, jax.checkpoint ...): its values live in that inner
-      # trace and may not leave it.
-      self.untapped_kernels.add(index)
-      index = None
-    if index is None:
+    if index is None or _trace_of(y) is not _trace_of(self.perts[index]):
+      # Not a params leaf: a frozen kernel, or a call inside a transform
+      # nested in value_fn (nn.scan, nn.RNN, nn.remat ...), whose values
+      # live in that inner trace and may not leave it but by a shadow.
+      nested = None if location is None else location.leaf(
+          call.kernel, self.path_index)
+      if nested is not None and nested[0] in self.perts:
+        return self._record_nested(call, kind, location, *nested)
+      if index is not None:
+        self.untapped_kernels.add(index)
       self.untapped += 1
       return y
     bias_index = None if call.bias is None else self.leaf_index.get(
         id(call.bias))
-    out_shape = y.shape[y.ndim - call.out_axes:]
+    out_shape = self._out_shape(index, call)
     pert = self.perts[index]
-    if math.prod(out_shape) != pert.shape[0]:
-      raise ValueError(
-          f"The layer with kernel leaf {index} (shape {call.kernel.shape}) "
-          f"was called with {math.prod(out_shape)} outputs per row, but "
-          f"{pert.shape[0]} were expected from the params: its kernel's "
-          "contracted and output axes were guessed wrong. Pass kbfgs a "
-          "`dense_layers` predicate returning the number of contracted "
-          "leading kernel axes for this leaf.")
     rec = self.records.get(index)
     if rec is None:
       rec = self.records[index] = _Record(index, bias_index, kind)
@@ -211,6 +275,40 @@ class _Context:
       return y + pert.reshape(out_shape)
     # Add in the statistics dtype so the summed cotangent stays accurate.
     return (y.astype(pert.dtype) + pert.reshape(out_shape)).astype(y.dtype)
+
+  def _out_shape(self, index: int, call: _layer_kinds.LayerCall) -> tuple:
+    """The call's output axes, checked against the kernel's ``d_out``."""
+    y = call.outputs
+    out_shape = y.shape[y.ndim - call.out_axes:]
+    d_out = self.perts[index].shape[0]
+    if math.prod(out_shape) != d_out:
+      raise ValueError(
+          f"The layer with kernel leaf {index} (shape {call.kernel.shape}) "
+          f"was called with {math.prod(out_shape)} outputs per row, but "
+          f"{d_out} were expected from the params: its kernel's "
+          "contracted and output axes were guessed wrong. Pass kbfgs a "
+          "`dense_layers` predicate returning the number of contracted "
+          "leading kernel axes for this leaf.")
+    return out_shape
+
+  def _record_nested(self, call, kind, location, index, bias_index):
+    """A call in a nested transform: its statistics leave by a shadow."""
+    self._out_shape(index, call)
+    stack = self.shapes[index][:len(self.shapes[index]) - call.kernel.ndim]
+    path = self.paths[index]
+    layout = _shadows.Layout(call.rows.shape[1], self.perts[index].shape[0],
+                             self.want_second_moment is not False)
+    self.nested[index] = _Nested(path, stack, layout, kind, bias_index)
+    if not self.shadows_on:
+      return call.outputs
+    shadow = location.shadow()
+    rows = call.rows.astype(self.stats_dtype)
+    second = (_second_moment(rows, self.want_second_moment)
+              if layout.second_moment else None)
+    stats = _shadows.stats_vector(
+        rows, call.outputs.reshape(-1, layout.d_out), second, shadow.dtype)
+    return _shadows.emit(1 + layout.d_in + layout.d_out, layout.d_out,
+                         shadow, stats, call.outputs)
 
   def _accumulate(self, rec: _Record, rows, out) -> None:
     rows, out = rows.astype(self.stats_dtype), out.astype(self.stats_dtype)
@@ -319,7 +417,28 @@ def _tapped_call(kind, module, args, kwargs, y):
   if isinstance(call, str):
     _CONTEXTS[-1].skip(_kind_dense.kernel_and_bias(module)[0], call)
     return y
-  return _CONTEXTS[-1].record(call, kind.name)
+  return _CONTEXTS[-1].record(call, kind.name, linen_location(module))
+
+
+def _sublayer_dense(kind, module):
+  """``dense(x, name, dtype=None)``: the tapped dense layer of ``module``'s
+  sub-module ``name`` (for a kind's ``rewrite``), computed in ``dtype``."""
+  location = linen_location(module)
+
+  def dense(x, name, dtype=None):
+    sub = Location(location.path + (name,), location.params[name])
+    kernel = _kind_dense.unbox(sub.params["kernel"])
+    bias = sub.params.get("bias")
+    bias = None if bias is None else _kind_dense.unbox(bias)
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+    y = jax.lax.dot_general(x, cast(kernel),
+                            (((x.ndim - 1,), (0,)), ((), ())))
+    y = y if bias is None else y + cast(bias)
+    call = _layer_kinds.LayerCall(x.reshape(-1, kernel.shape[0]), y, 1,
+                                  kernel, bias)
+    return _CONTEXTS[-1].record(call, kind.name, sub)
+
+  return dense
 
 
 def _linen_interceptor(next_fun, args, kwargs, context):
@@ -327,6 +446,9 @@ def _linen_interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
   for kind in _layer_kinds.layer_kinds():
     if isinstance(context.module, kind.linen_types()):
+      if kind.rewrite is not None:
+        return kind.rewrite(context.module, args, kwargs,
+                            _sublayer_dense(kind, context.module))
       y = next_fun(*args, **kwargs)
       return _tapped_call(kind, context.module, args, kwargs, y)
   return next_fun(*args, **kwargs)
@@ -455,10 +577,59 @@ def tap_dense_layers(
   sizes = kernels if isinstance(kernels, dict) else {
       i: leaves[i].shape[-1] for i in kernels}
   perts = {i: jnp.zeros((d_out,), dtype) for i, d_out in sizes.items()}
+  paths = [tuple(_layer_kinds.key_name(k)
+                 for k in _layers.strip_variable_keys(path))
+           for path, _ in with_path]
+  run = functools.partial(_vjp_pass, checked, perts=perts, paths=paths,
+                          second_moment=second_moment, dtype=dtype,
+                          axis_name=axis_name)
+  out = run(params)
+  shadows = {n.path: jnp.zeros(n.stack + (n.layout.size,), dtype)
+             for n in out.ctx.nested.values()}
+  injected = _shadows.insert(params, shadows) if shadows else None
+  if injected is not None:  # again, the nested calls' statistics leaving
+    out = run(injected, shadows_on=True)  # (the first pass is dead code)
+  loss, grads, pert_grads, aux, ctx = out
+  grads, cts = _shadows.remove(grads)
+  nested = {i: (n, cts[n.path]) for i, n in ctx.nested.items()
+            if n.path in cts}
+  if axis_name is not None:  # one all-reduce for everything that is used
+    local = grads if with_grads and local_grads else None
+    grads = grads if with_grads and not local_grads else None
+    loss, grads, aux, pert_grads, nested = _parallel.global_mean(
+        (loss, grads, aux, {i: pert_grads[i] for i in aux}, nested),
+        axis_name)
+    grads = local if local is not None else grads
+  layers = {index: _layer_tap(rec, aux[index], pert_grads[index],
+                              with_path[index][0])
+            for index, rec in ctx.records.items()}
+  for index, (info, ct) in nested.items():
+    layers[index] = _nested_tap(info, ct, layers.get(index), index,
+                                with_path[index][0])
+  unsupported = {i: _NESTED for i in ctx.untapped_kernels
+                 if i not in layers}
+  unsupported.update(ctx.unsupported)
+  return TapResult(loss, grads if with_grads else None,
+                   dict(sorted(layers.items())), ctx.untapped,
+                   tuple(sorted(unsupported.items())))
+
+
+class _Pass(NamedTuple):
+  loss: jax.Array
+  grads: PyTree
+  pert_grads: dict
+  aux: dict
+  ctx: _Context
+
+
+def _vjp_pass(checked, params, *, perts, paths, second_moment, dtype,
+              axis_name, shadows_on=False) -> _Pass:
+  """One tapped forward pass and its ``jax.vjp`` at the loss."""
   box = {}
 
   def tapped(p, e):
-    ctx = _Context(jax.tree_util.tree_leaves(p), e, second_moment, dtype)
+    leaves = jax.tree_util.tree_leaves(_shadows.remove(p)[0])
+    ctx = _Context(leaves, e, second_moment, dtype, paths, shadows_on)
     with _tapping(ctx):
       loss = checked(p)
     box["ctx"] = ctx
@@ -469,32 +640,46 @@ def tap_dense_layers(
       tapped, *_parallel.local_params((params, perts), axis_name),
       has_aux=True)
   grads, pert_grads = vjp_fn(jnp.ones_like(scaled))
-  ctx = box["ctx"]
-  if axis_name is not None:  # one all-reduce for everything that is used
-    local = grads if with_grads and local_grads else None
-    grads = grads if with_grads and not local_grads else None
-    loss, grads, aux, pert_grads = _parallel.global_mean(
-        (loss, grads, aux, {i: pert_grads[i] for i in aux}), axis_name)
-    grads = local if local is not None else grads
-  layers = {}
-  for index, rec in sorted(ctx.records.items()):
-    sum_x, sum_xx, sum_y = aux[index]
-    n = rec.num_rows
-    layers[index] = DenseTap(
-        input_mean=sum_x / n,
-        input_second_moment=None if sum_xx is None else sum_xx / n,
-        output_mean=sum_y / n,
-        output_grad=pert_grads[index],
-        name=jax.tree_util.keystr(with_path[index][0]),
-        num_rows=n,
-        kernel_index=index,
-        bias_index=rec.bias_index,
-        kind=rec.kind)
-  unsupported = {i: _NESTED for i in ctx.untapped_kernels
-                 if i not in ctx.records}
-  unsupported.update(ctx.unsupported)
-  return TapResult(loss, grads if with_grads else None, layers, ctx.untapped,
-                   tuple(sorted(unsupported.items())))
+  return _Pass(loss, grads, pert_grads, aux, box["ctx"])
+
+
+def _layer_tap(rec: _Record, sums, output_grad, path) -> DenseTap:
+  """The tap of a layer called in ``value_fn``'s own trace."""
+  sum_x, sum_xx, sum_y = sums
+  n = rec.num_rows
+  return DenseTap(
+      input_mean=sum_x / n,
+      input_second_moment=None if sum_xx is None else sum_xx / n,
+      output_mean=sum_y / n, output_grad=output_grad,
+      name=jax.tree_util.keystr(path), num_rows=n,
+      kernel_index=rec.kernel_index, bias_index=rec.bias_index,
+      kind=rec.kind)
+
+
+def _nested_tap(info: _Nested, shadow_ct, direct: Optional[DenseTap],
+                index: int, path) -> DenseTap:
+  """The tap of a layer called in nested transforms, from its shadow's
+  cotangent (sums over the calls; leading ``info.stack`` axes for a
+  scanned stack), combined with its direct calls if any."""
+  if direct is not None:
+    if info.stack:
+      raise ValueError(
+          f"The kernel {jax.tree_util.keystr(path)} is called both as a "
+          "scanned stack and directly; give each use its own layer.")
+    shadow_ct = shadow_ct + _as_sums(direct, info.layout, shadow_ct.dtype)
+  means = info.layout.unpack(shadow_ct)
+  return DenseTap(**means, name=jax.tree_util.keystr(path), num_rows=0,
+                  kernel_index=index, bias_index=info.bias_index,
+                  kind=info.kind)
+
+
+def _as_sums(tap: DenseTap, layout: _shadows.Layout, dtype) -> jax.Array:
+  """A direct tap written as a shadow vector of sums."""
+  n = jnp.full((1,), tap.num_rows, dtype)
+  parts = [n, tap.input_mean * n, tap.output_mean * n, tap.output_grad]
+  if layout.second_moment:
+    parts.append((tap.input_second_moment * n).reshape(-1))
+  return jnp.concatenate([x.astype(dtype) for x in parts])
 
 
 def no_tappable_layer_error(transform: str, untapped: int) -> ValueError:
@@ -503,9 +688,9 @@ def no_tappable_layer_error(transform: str, untapped: int) -> ValueError:
   if untapped:
     why = (f"{untapped} layer call(s) ran, but none on a params leaf: pass "
            "the params leaves to the layers unchanged (no casts or copies in "
-           "value_fn); layers called inside jax.jit / nn.scan / nn.RNN / "
-           "nn.remat nested in value_fn cannot be tapped (stacked blocks: "
-           "use another optimizer for now, e.g. olw.layerwise_adamw).")
+           "value_fn); layers called inside jax.jit / jax.lax.scan / "
+           "nnx.scan nested in value_fn cannot be tapped (linen nn.scan / "
+           "nn.RNN / nn.remat can).")
   else:
     why = "value_fn called no supported layer."
   return ValueError(

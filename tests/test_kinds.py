@@ -326,15 +326,28 @@ def test_grouped_convolution_takes_the_fallback_with_its_reason():
   assert bool(state.preconditioned["Dense_0"]["kernel"])
 
 
+class _PlainScan(nn.Module):
+  """A dense map applied by a plain ``jax.lax.scan`` over time (no Flax
+  scope inside the scan: its statistics cannot be routed out)."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (5, 5))
+    step = lambda _, x_t: (None, olw.dense(x_t, kernel))
+    return jnp.moveaxis(jax.lax.scan(step, None, jnp.moveaxis(x, 1, 0))[1],
+                        0, 1)
+
+
 class _Mixed(nn.Module):
-  """One of each: conv, grouped conv, norm, a cell scanned by nn.RNN, dense."""
+  """One of each: conv, grouped conv, norm, a cell scanned by nn.RNN, a
+  plain lax.scan, dense."""
 
   @nn.compact
   def __call__(self, x):
     h = nn.relu(nn.Conv(4, (3,), name="conv")(x))
     h = nn.Conv(4, (3,), feature_group_count=2, name="grouped")(h)
     h = nn.LayerNorm(name="norm")(h)
-    h = nn.RNN(nn.SimpleCell(5))(h)
+    h = _PlainScan(name="plain_scan")(nn.RNN(nn.SimpleCell(5))(h))
     return nn.Dense(1, name="out")(h[:, -1])
 
 
@@ -350,14 +363,15 @@ def test_coverage_names_each_leafs_kind_or_reason_and_matches_kbfgs():
   assert "grouped" in by_path["['grouped']['kernel']"].reason
   assert by_path["['norm']['scale']"].kind is None
   rnn = [leaf for path, leaf in by_path.items() if "SimpleCell" in path]
-  assert rnn and all(leaf.kind is None and "nn.scan" in leaf.reason
-                     for leaf in rnn)
+  assert rnn and all(leaf.kind == "dense" for leaf in rnn)  # via shadows
+  plain = by_path["['plain_scan']['kernel']"]
+  assert plain.kind is None and "nn.scan" in plain.reason
   sizes = {leaf.path: math.prod(leaf.shape) for leaf in report.leaves}
   kept = sum(sizes[p] for p, leaf in by_path.items() if leaf.kind)
   assert report.fraction == pytest.approx(kept / sum(sizes.values()))
   assert "conv" in str(report) and "fallback" in str(report)
-  # K-BFGS preconditions exactly these leaves, and the scanned cell's
-  # calls do not leak a tracer out of nn.RNN's scan.
+  # K-BFGS preconditions exactly these leaves, and the scanned calls do
+  # not leak a tracer out of the scans.
   tx = olw.kbfgs()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
