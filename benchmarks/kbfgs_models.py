@@ -1,9 +1,11 @@
 """K-BFGS at its defaults on a CNN and on a small transformer language model,
 against AdamW tuned over a learning-rate grid (issue 13).
 
-    python -m benchmarks.kbfgs_models            # both models (~25-30 min on 2 cores)
-    python -m benchmarks.kbfgs_models --quick    # tiny smoke run (~1 min)
+    python -m benchmarks.kbfgs_models            # both models (~18 min on 2 shared cores)
+    python -m benchmarks.kbfgs_models --quick    # tiny smoke run (~2 min)
     python -m benchmarks.kbfgs_models --models lm --kbfgs-memory 0
+    python -m benchmarks.kbfgs_models --models cnn --methods adamw --adamw-grid 0.03
+    python -m benchmarks.kbfgs_models --report   # re-print the saved tables (and Markdown)
 
 Models (Flax linen, :mod:`benchmarks.models`):
 
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import pathlib
 import sys
@@ -429,6 +432,34 @@ def format_table(results: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def markdown_table(results: Dict[str, Any]) -> str:
+  """The table of one model in Markdown (docs/benchmarks.md)."""
+  sec = results["kbfgs_models"]
+  head = ["method", "LR", "final train loss", "held-out loss",
+          "epochs to AdamW's final", "seconds to it (measured / adj)",
+          "step time / AdamW's", "state bytes / AdamW's", "formula = measured"]
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in sec["table"]:
+    lr = (f"{r['lr']:g}" + (" (tuned)" if r["tuned"] else "")
+          if r["lr"] is not None else "default")
+    loss = _fmt(r["final_train_loss"])
+    if r["diverged"] or r["status"] != "ok":
+      loss = f"{'diverged' if r['diverged'] else r['status']}"
+    reached = r["epochs_to_target"] is not None
+    out.append("| " + " | ".join([
+        f"{r['label']}", lr, loss, _fmt(r["final_test_loss"]),
+        _fmt(r["epochs_to_target"], 3) if reached else
+        f"not reached (final {_fmt(r['final_train_loss'])})",
+        (f"{_fmt(r['time_to_target_s'], 3)} / "
+         f"{_fmt(r['time_to_target_adj_s'], 3)}") if reached else "–",
+        _fmt(r["step_ratio_adamw"], 3),
+        f"{_mb(r['state_bytes'])}, {_fmt(r['state_ratio_adamw'], 3)}x",
+        "–" if r["formula_bytes"] is None else (
+            "yes" if r["formula_bytes"] == r["state_bytes"] else
+            f"no ({r['formula_bytes']} B)")]) + " |")
+  return "\n".join(out)
+
+
 def write_zoom_plot(results: Dict[str, Any], out: pathlib.Path) -> str:
   """``loss_zoom.png``: training loss vs epochs and vs training wall time,
   each as a full-range log panel and a linear panel zoomed on the later
@@ -497,7 +528,8 @@ def run_model(exp: Experiment, s: argparse.Namespace, epochs: int,
               evals_per_epoch: int, out: pathlib.Path) -> BenchmarkResult:
   """Trains every method on ``exp`` with the runner, times the steps side by
   side, measures the state memory, writes the JSON and plots."""
-  reg = registry(s.kbfgs_memory)
+  reg = {k: v for k, v in registry(s.kbfgs_memory).items()
+         if k in s.methods}
   start = time.perf_counter()
   result = runner.run_benchmark(
       exp, list(reg), registry=reg, seeds=[s.seed], epochs=epochs,
@@ -542,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="tiny smoke run (small data, models and epochs)")
   p.add_argument("--models", default=",".join(MODELS),
                  help="comma-separated, from: " + ", ".join(MODELS))
+  p.add_argument("--methods", default="adamw,kbfgs,kbfgs-l",
+                 help="comma-separated subset of adamw, kbfgs, kbfgs-l")
   p.add_argument("--adamw-grid", type=float_list, default=list(ADAMW_GRID))
   p.add_argument("--kbfgs-memory", type=int, default=KBFGS_MEMORY,
                  help="K-BFGS(L) memory p (0: no K-BFGS(L) run)")
@@ -559,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default="results/kbfgs_models")
   p.add_argument("--no-plots", action="store_true")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--report", action="store_true",
+                 help="train nothing: re-print the tables (and Markdown) "
+                 "and redraw loss_zoom.png from the results.json files "
+                 "under --out")
   return p
 
 
@@ -574,13 +612,32 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
   if unknown:
     raise SystemExit(f"error: unknown model(s) {unknown}; choose from "
                      f"{list(MODELS)}")
+  s.methods = csv_list(args.methods)
   s.progress = not args.no_progress
   return s
+
+
+def report(out: pathlib.Path, plots: bool = True) -> None:
+  """Re-prints (and re-plots) the results.json files under ``out``, with
+  the Markdown tables of docs/benchmarks.md."""
+  for sub in ("cnn", "char_lm"):
+    path = out / sub / "results.json"
+    if not path.exists():
+      continue
+    results = json.loads(path.read_text())
+    if plots:
+      write_zoom_plot(results, path.parent)
+    print(format_table(results))
+    print()
+    print(markdown_table(results))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, BenchmarkResult]:
   s = settings(build_parser().parse_args(argv))
   out = pathlib.Path(s.out)
+  if s.report:
+    report(out, plots=not s.no_plots)
+    return {}
   results = {}
   for name in s.models:
     if name == "cnn":
