@@ -591,21 +591,19 @@ def tap_dense_layers(
     out = run(injected, shadows_on=True)  # (the first pass is dead code)
   loss, grads, pert_grads, aux, ctx = out
   grads, cts = _shadows.remove(grads)
-  nested = {i: (n, cts[n.path]) for i, n in ctx.nested.items()
-            if n.path in cts}
+  cts = {i: cts[n.path] for i, n in ctx.nested.items() if n.path in cts}
   if axis_name is not None:  # one all-reduce for everything that is used
     local = grads if with_grads and local_grads else None
     grads = grads if with_grads and not local_grads else None
-    loss, grads, aux, pert_grads, nested = _parallel.global_mean(
-        (loss, grads, aux, {i: pert_grads[i] for i in aux}, nested),
-        axis_name)
+    loss, grads, aux, pert_grads, cts = _parallel.global_mean(
+        (loss, grads, aux, {i: pert_grads[i] for i in aux}, cts), axis_name)
     grads = local if local is not None else grads
   layers = {index: _layer_tap(rec, aux[index], pert_grads[index],
                               with_path[index][0])
             for index, rec in ctx.records.items()}
-  for index, (info, ct) in nested.items():
-    layers[index] = _nested_tap(info, ct, layers.get(index), index,
-                                with_path[index][0])
+  for index, ct in cts.items():
+    layers[index] = _nested_tap(ctx.nested[index], ct, layers.get(index),
+                                index, with_path[index][0])
   unsupported = {i: _NESTED for i in ctx.untapped_kernels
                  if i not in layers}
   unsupported.update(ctx.unsupported)
