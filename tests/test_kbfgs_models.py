@@ -185,11 +185,9 @@ def _kernel_fraction(report) -> float:
   return sum(s for s, kept in sizes if kept) / sum(s for s, _ in sizes)
 
 
-# K-BFGS on every model; K-BFGS(L) (the same taps, another H_g) on four.
-CASES = [pytest.param(m, None, id=f"{n}-kbfgs") for n, m in MODELS.items()
-         ] + [pytest.param(MODELS[n], 5, id=f"{n}-kbfgs_l")
-              for n in ("linen_conv_batchnorm", "nnx_transformer",
-                        "linen_scanned_blocks", "linen_lstm")]
+# K-BFGS and K-BFGS(L) (the same taps, another H_g) on every model.
+CASES = [pytest.param(m, memory, id=f"{n}-kbfgs{'_l' if memory else ''}")
+         for n, m in MODELS.items() for memory in (None, 5)]
 
 
 @pytest.mark.parametrize("make,memory", CASES)
