@@ -80,6 +80,10 @@ _NESTED = ("called only inside a transform nested in value_fn that is not "
            "a Flax linen transform (jax.lax.scan, jax.checkpoint, nnx.scan): "
            "its statistics cannot leave that trace")
 
+_NO_SHADOW = ("called inside nn.scan / nn.RNN, but its params are not nested "
+              "dicts, so no shadow leaf can carry its statistics out (pass "
+              "value_fn the params as Flax's init returns them)")
+
 # The stack of active tap contexts. It is empty outside `tap_dense_layers`;
 # a lock serialises the (trace-time only) patching of `nnx.Linear`.
 _CONTEXTS: list = []
@@ -606,6 +610,7 @@ def tap_dense_layers(
                                 index, with_path[index][0])
   unsupported = {i: _NESTED for i in ctx.untapped_kernels
                  if i not in layers}
+  unsupported.update({i: _NO_SHADOW for i in ctx.nested if i not in layers})
   unsupported.update(ctx.unsupported)
   return TapResult(loss, grads if with_grads else None,
                    dict(sorted(layers.items())), ctx.untapped,
