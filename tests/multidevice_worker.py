@@ -9,6 +9,13 @@ absent) before importing JAX, and must run in a fresh interpreter::
 It trains a tiny tanh MLP (8-12-8-4, softmax cross-entropy, global batch 32)
 for 5 steps with every transform, on one device and on 4 devices, and writes
 a JSON report of the largest differences; the pytest module asserts on it.
+``kbfgs_scan_lstm`` is K-BFGS on a second problem, a small Flax linen
+sequence model whose layers are tapped through shadow leaves: an
+``nn.scan``-stacked pair of Dense+tanh blocks (one set of factors per slice)
+and an ``nn.RNN(nn.OptimizedLSTMCell)`` (global batch 32, sequence 4, width
+6, squared error; 10 sets of factors). It rides in the ``single``, ``jit``
+(a) and ``shard_map`` (``check_vma=True``) programs (about 4 s of compile
+each).
 Runs (every run starts from the same params and sees the same global batch):
 
 * ``single``: ``jax.jit`` on one device, the whole batch (the reference).
@@ -52,6 +59,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +108,57 @@ def loss_fn(params, x, y):
   return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
 
+# The linen problem: K-BFGS taps the scanned Dense blocks and the LSTM
+# through shadow leaves (optax_layerwise/_shadows.py), not olw.dense.
+SEQ_LEN, WIDTH = 4, 6
+
+
+class _Block(nn.Module):
+
+  @nn.compact
+  def __call__(self, h, _):
+    return jnp.tanh(nn.Dense(WIDTH)(h)), None
+
+
+class ScanLSTM(nn.Module):
+  """An nn.scan stack of 2 Dense+tanh blocks, then an LSTM (no other layer:
+  the LSTM's 8 kernels dominate the compile time)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h, _ = nn.scan(_Block, variable_axes={"params": 0},
+                   split_rngs={"params": True}, length=2)(name="stack")(x, None)
+    # The zero initial carry is built from the input: Flax's default one
+    # (cell.initialize_carry) is not varying over the shard_map axis, and
+    # with check_vma=True lax.scan then rejects the varying carry it returns.
+    c0 = jnp.zeros_like(h[:, 0])
+    return nn.RNN(nn.OptimizedLSTMCell(WIDTH), name="rnn")(
+        h, initial_carry=(c0, c0))
+
+
+def make_linen_problem():
+  keys = jax.random.split(jax.random.PRNGKey(5), 3)
+  x = jax.random.normal(keys[0], (BATCH, SEQ_LEN, WIDTH))
+  t = 0.5 * jax.random.normal(keys[1], (BATCH, SEQ_LEN, WIDTH))
+  params = ScanLSTM().init(keys[2], x[:1])["params"]
+  return params, x, t
+
+
+def linen_loss_fn(params, x, t):
+  return jnp.mean((ScanLSTM().apply({"params": params}, x) - t) ** 2)
+
+
+LINEN = ("kbfgs_scan_lstm",)
+
+
+def problem_of(name: str) -> str:
+  """The key of a transform's problem in the batch dict: "mlp" or "linen"."""
+  return "linen" if name.split("+")[0] in LINEN else "mlp"
+
+
+LOSSES = {"mlp": loss_fn, "linen": linen_loss_fn}
+
+
 def make_transforms(axis_name) -> Dict[str, optax.GradientTransformation]:
   """Every transform of the issue, plus the other data-parallel code paths
   (exact forms with the gradient-difference product, K-BFGS tangent pairs)."""
@@ -113,6 +172,7 @@ def make_transforms(axis_name) -> Dict[str, optax.GradientTransformation]:
       "layerwise_sgd_exact_fd": olw.layerwise_sgd(
           estimator="exact", hvp="gradient_difference", axis_name=axis_name),
       "kbfgs_tangent": olw.kbfgs(0.1, pair="tangent", axis_name=axis_name),
+      "kbfgs_scan_lstm": olw.kbfgs(0.1, axis_name=axis_name),
   }
 
 
@@ -129,12 +189,14 @@ FSDP = ("layerwise_adamw", "mclr", "kbfgs_l3")
 
 
 def global_step(txs: Dict[str, Any]) -> Callable:
-  """One step of every transform in ``txs``: plain (single device or jit)."""
+  """One step of every transform in ``txs``: plain (single device or jit).
+  ``batch`` maps a problem ("mlp", "linen") to its ``(inputs, targets)``."""
 
-  def step(params, states, x, y):
-    value_fn = lambda p: loss_fn(p, x, y)
+  def step(params, states, batch):
     new_params, new_states = {}, {}
     for name, tx in txs.items():
+      prob = problem_of(name)
+      value_fn = lambda p, prob=prob: LOSSES[prob](p, *batch[prob])
       grads = jax.grad(value_fn)(params[name])
       updates, new_states[name] = tx.update(grads, states[name], params[name],
                                             value_fn=value_fn)
@@ -148,11 +210,12 @@ def per_device_step(txs: Dict[str, Any], *, check_vma: bool,
                     pmean_value_fn: Dict[str, bool]) -> Callable:
   """The per-device body for ``jax.shard_map`` (``axis_name=AX``)."""
 
-  def step(params, states, x, y):
-    local = lambda p: loss_fn(p, x, y)
-    averaged = lambda p: jax.lax.pmean(loss_fn(p, x, y), AX)
+  def step(params, states, batch):
     new_params, new_states = {}, {}
     for name, tx in txs.items():
+      prob = problem_of(name)
+      local = lambda p, prob=prob: LOSSES[prob](p, *batch[prob])
+      averaged = lambda p, local=local: jax.lax.pmean(local(p), AX)
       if check_vma:
         # Differentiating the pmean-ed loss w.r.t. replicated params gives the
         # global gradient (shard_map's implicit psum of the cotangents).
@@ -169,10 +232,10 @@ def per_device_step(txs: Dict[str, Any], *, check_vma: bool,
   return step
 
 
-def run_steps(fn, params, states, x, y, steps=STEPS):
-  compiled = jax.jit(fn).lower(params, states, x, y).compile()
+def run_steps(fn, params, states, batch, steps=STEPS):
+  compiled = jax.jit(fn).lower(params, states, batch).compile()
   for _ in range(steps):
-    params, states = compiled(params, states, x, y)
+    params, states = compiled(params, states, batch)
   jax.block_until_ready((params, states))
   return params, states, compiled
 
@@ -332,29 +395,33 @@ def main(argv=None) -> Dict[str, Any]:
       report["timings"][label] = round(time.perf_counter() - t, 2)
 
   params, x, y = make_problem()
+  lparams, lx, lt = make_linen_problem()
+  batch = {"mlp": (x, y), "linen": (lx, lt)}
+  init_params = lambda n: lparams if problem_of(n) == "linen" else params
   explicit = jax.make_mesh((NUM_DEVICES,), (AX,))  # AxisType.Explicit
   auto = jax.make_mesh((NUM_DEVICES,), (AX,), axis_types=(AxisType.Auto,))
 
-  names_global = MAIN + EXTRA
+  names_global = MAIN + EXTRA + LINEN
   txs_none = make_transforms(None)
   txs_axis = make_transforms(AX)
-  p0 = {n: params for n in names_global}
-  s0 = {n: txs_none[n].init(params) for n in names_global}
+  p0 = {n: init_params(n) for n in names_global}
+  s0 = {n: txs_none[n].init(p0[n]) for n in names_global}
 
   # 1. The reference: one device.
   single = timed("single", lambda: run_steps(
-      global_step({n: txs_none[n] for n in names_global}), p0, s0, x, y))
+      global_step({n: txs_none[n] for n in names_global}), p0, s0, batch))
   results = {}
 
   # 2a. Sharded jit, explicit mesh, params and state replicated.
   def sharded_jit_explicit():
     rep = NamedSharding(explicit, P())
     bat = NamedSharding(explicit, P(AX))
+    names = MAIN + LINEN
     with jax.set_mesh(explicit):
-      ps = jax.device_put({n: params for n in MAIN}, rep)
-      ss = jax.jit(lambda p: {n: txs_none[n].init(p[n]) for n in MAIN})(ps)
-      out = run_steps(global_step({n: txs_none[n] for n in MAIN}), ps, ss,
-                      jax.device_put(x, bat), jax.device_put(y, bat))
+      ps = jax.device_put({n: init_params(n) for n in names}, rep)
+      ss = jax.jit(lambda p: {n: txs_none[n].init(p[n]) for n in names})(ps)
+      out = run_steps(global_step({n: txs_none[n] for n in names}), ps, ss,
+                      jax.device_put(batch, bat))
     return out, ss
 
   # 2b. Sharded jit, automatic axes, params sharded FSDP-style.
@@ -367,7 +434,7 @@ def main(argv=None) -> Dict[str, Any]:
     ss = {n: jax.device_put(ss[n], like_params(ss[n], params, fsdp, rep))
           for n in FSDP}
     out = run_steps(global_step({n: txs_none[n] for n in FSDP}), ps, ss,
-                    jax.device_put(x, bat), jax.device_put(y, bat))
+                    jax.device_put({"mlp": batch["mlp"]}, bat))
     return out, ss
 
   # 3. shard_map: check_vma=True (default) and False (pmap semantics).
@@ -378,21 +445,20 @@ def main(argv=None) -> Dict[str, Any]:
     txs = {k: txs_axis[keys[k]] for k in names}
     body = per_device_step(txs, check_vma=check_vma,
                            pmean_value_fn=pmean_value_fn)
-    fn = jax.shard_map(body, mesh=explicit, in_specs=(P(), P(), P(AX), P(AX)),
+    fn = jax.shard_map(body, mesh=explicit, in_specs=(P(), P(), P(AX)),
                        out_specs=(P(), P()), check_vma=check_vma)
-    ps = jax.device_put({k: params for k in names}, rep)
-    ss = jax.device_put({k: txs[k].init(params) for k in names}, rep)
-    return run_steps(fn, ps, ss, jax.device_put(x, bat),
-                     jax.device_put(y, bat))
+    ps = jax.device_put({k: init_params(k) for k in names}, rep)
+    ss = jax.device_put({k: txs[k].init(ps[k]) for k in names}, rep)
+    return run_steps(fn, ps, ss, jax.device_put(batch, bat))
 
   runs = {
       "jit_explicit_replicated": lambda: sharded_jit_explicit(),
       "jit_auto_fsdp": lambda: sharded_jit_fsdp(),
       # The issue's runs, plus the extra code paths and a pmean-ed value_fn.
       "shard_map": lambda: shard_mapped(
-          MAIN + EXTRA + ("kbfgs+pmean_value_fn",), True,
+          MAIN + EXTRA + LINEN + ("kbfgs+pmean_value_fn",), True,
           {"kbfgs+pmean_value_fn": True},
-          keys={**{n: n for n in MAIN + EXTRA},
+          keys={**{n: n for n in MAIN + EXTRA + LINEN},
                 "kbfgs+pmean_value_fn": "kbfgs"}),
       # pmap semantics (check_vma=False): the paths that differ (taps,
       # elementwise diagonal, per-layer forms), and a pmean-ed value_fn.
@@ -426,8 +492,16 @@ def main(argv=None) -> Dict[str, Any]:
   report["diffs"] = results
   if single is not None:
     # How far the 5 steps moved the params: differences are judged against it.
-    report["param_change"] = {n: compare(single[0][n], params)["max_abs"]
+    report["param_change"] = {n: compare(single[0][n], p0[n])["max_abs"]
                               for n in names_global}
+    # The linen model is really tapped: a set of factors per scanned slice
+    # and per LSTM kernel, every leaf preconditioned by the last step.
+    ls = single[1][LINEN[0]]
+    report["linen_kbfgs"] = {
+        "num_layers": len(ls.layers),
+        "all_preconditioned": all(
+            bool(b) for b in jax.tree_util.tree_leaves(ls.preconditioned)),
+        "param_change": report["param_change"][LINEN[0]]}
 
   # 4. Collectives of the K-BFGS step under shard_map.
   def hlo_counts():
@@ -444,9 +518,9 @@ def main(argv=None) -> Dict[str, Any]:
     ss = jax.device_put({"kbfgs": tx.init(params)}, rep)
     xs, ys = jax.device_put(x, bat), jax.device_put(y, bat)
     step = jax.jit(jax.shard_map(body, mesh=explicit,
-                                 in_specs=(P(), P(), P(AX), P(AX)),
+                                 in_specs=(P(), P(), P(AX)),
                                  out_specs=(P(), P())))
-    lowered = step.lower(ps, ss, xs, ys)
+    lowered = step.lower(ps, ss, {"mlp": (xs, ys)})
     upd = jax.jit(jax.shard_map(update_only, mesh=explicit,
                                 in_specs=(P(), P(), P(), P(AX), P(AX)),
                                 out_specs=(P(), P())))

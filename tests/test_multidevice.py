@@ -4,7 +4,7 @@ JAX reads ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` only when
 its CPU backend starts, so everything runs in one subprocess
 (``tests/multidevice_worker.py``, which documents the runs) and this module
 asserts on its JSON report. One test function on purpose: the subprocess
-(about 30-60 s of CPU, mostly XLA compilation) then runs once even under
+(about 50 s of CPU, mostly XLA compilation) then runs once even under
 ``pytest -n``; every failed check is listed in the one assertion message.
 
 Checks, for ``layerwise_sgd``, ``layerwise_adamw``, ``cblr``, ``mclr``,
@@ -14,6 +14,10 @@ Checks, for ``layerwise_sgd``, ``layerwise_adamw``, ``cblr``, ``mclr``,
 * sharded ``jax.jit`` (batch over a 4-device mesh, ``axis_name=None``) and
   ``jax.shard_map`` with ``axis_name`` give the single-device params and
   states within float32 tolerance, with the same counters;
+* so does ``kbfgs`` on a Flax linen model with an ``nn.scan`` stack of Dense
+  blocks (factors per slice) and an ``nn.RNN(nn.OptimizedLSTMCell)``, tapped
+  through shadow leaves (``kbfgs_scan_lstm``; sharded ``jit`` with
+  replicated params, and ``shard_map`` with ``check_vma=True``);
 * under ``shard_map`` every device holds the same params and state;
 * under sharded ``jit`` the state keeps the shardings it was given;
 * the K-BFGS step's all-reduces are bounded by a small multiple of the
@@ -42,6 +46,7 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 "
 
 MAIN = ("layerwise_sgd", "layerwise_adamw", "cblr", "mclr", "kbfgs",
         "kbfgs_l3")
+LINEN = ("kbfgs_scan_lstm",)
 
 # Tolerances (float32). The multi-device runs differ from the single-device
 # one only in the order of the sums over the batch (per-device partial sums,
@@ -52,7 +57,12 @@ PARAM_ATOL = 1e-4   # params are O(1) and move by 0.02..3.4 in the 5 steps
 STATE_RTOL = 1e-4   # max |diff| / max(max |leaf|, 1), per state leaf
 # K-BFGS's pair s = mean h(theta + delta) - mean h(theta) is a difference of
 # nearly equal means (cancellation), and the BFGS updates of H_g and H_a
-# compound it: 6e-5 measured on H_g.
+# compound it: 6e-5 measured on H_g. The linen scan + LSTM model
+# (kbfgs_scan_lstm) measured the same: state 6e-5, params 1.4e-6; its runs in
+# float64 agree to 4e-13 and 6e-15 (rounding amplified 1e3..4e3-fold in both
+# precisions, so no difference of algorithm), while its nested layers'
+# statistics summed instead of averaged over the devices give state 0.2 and
+# params 3e-3 (left per-device, shard_map rejects the varying state).
 KBFGS_STATE_RTOL = 1e-3
 
 
@@ -80,10 +90,10 @@ def _state_rtol(name: str) -> float:
 def _check_diffs(report, failures):
   diffs = report.get("diffs", {})
   expected = {
-      "jit_explicit_replicated": MAIN,
+      "jit_explicit_replicated": MAIN + LINEN,
       "jit_auto_fsdp": ("layerwise_adamw", "mclr", "kbfgs_l3"),
-      "shard_map": MAIN + ("layerwise_sgd_exact_fd", "kbfgs_tangent",
-                           "kbfgs+pmean_value_fn"),
+      "shard_map": MAIN + LINEN + ("layerwise_sgd_exact_fd",
+                                   "kbfgs_tangent", "kbfgs+pmean_value_fn"),
       "shard_map_no_vma": ("kbfgs", "mclr", "layerwise_sgd",
                            "kbfgs+pmean_value_fn"),
   }
@@ -107,6 +117,17 @@ def _check_diffs(report, failures):
         if d[what]["int_mismatches"]:
           failures.append(f"{run}/{name}: integer/bool {what} leaves differ "
                           f"from one device: {d[what]['int_mismatches']}")
+
+
+def _check_linen(report, failures):
+  # 2 scanned Dense slices + the LSTM's 8 kernels (4 gates x input/hidden).
+  lin = report.get("linen_kbfgs")
+  if lin is None:
+    failures.append("no linen K-BFGS result (see the worker errors)")
+  elif (lin["num_layers"] != 10 or not lin["all_preconditioned"]
+        or not lin["param_change"] > 1e-3):
+    failures.append(f"K-BFGS did not tap the linen scan + LSTM model as "
+                    f"expected (10 layers, all preconditioned, moving): {lin}")
 
 
 def _check_devices_and_shardings(report, failures):
@@ -213,6 +234,7 @@ def test_multidevice_data_parallel(tmp_path):
   failures = [f"worker error in {label}:\n{tb}"
               for label, tb in report.get("errors", {}).items()]
   _check_diffs(report, failures)
+  _check_linen(report, failures)
   _check_devices_and_shardings(report, failures)
   _check_all_reduce(report, failures)
   _check_helpers_and_benchmark(report, failures)
