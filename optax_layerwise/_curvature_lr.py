@@ -386,13 +386,17 @@ def _measure_secant(cfg: _Config, grads, params, state, partition):
 
 
 def _joint_factor(cfg: _Config, oracle, reg_grads, partition, lrs, matrix):
-  """``t = min(1, b / q)`` along the combined step ``d = sum_l lr_l g_l``.
+  """``t = min(1, b / |q|)`` along the combined step ``d = sum_l lr_l g_l``.
 
-  ``b = <g, d>`` and ``q = d^T H d`` (weight decay included): ``t d`` is
-  the minimiser of the quadratic model along ``d`` when that is shorter
-  than ``d``. ``q`` comes from the exact block matrix when measured (free),
-  else from one more Hessian-vector product. ``q <= 0`` or non-finite:
-  the model gives no bound, ``t = 1``.
+  ``b = <g, d>`` and ``q = d^T H d`` (weight decay included). ``q > 0``:
+  ``t d`` is the minimiser of the quadratic model along ``d`` when that is
+  shorter than ``d``. ``q < 0``: the model has no minimiser along ``d`` and
+  ``|q|`` stands for ``q``, the saddle-free Newton step (Dauphin et al. 2014,
+  arXiv 1406.2572: ``|H|`` for ``H``) on this line: the step stops
+  where the second-order term is as large as the first-order one (``t = 1``
+  there let the displacement bound alone set the step, and the loss rose).
+  ``q`` comes from the exact block matrix when measured (free), else from
+  one more Hessian-vector product. ``q = 0`` or non-finite: ``t = 1``.
   """
   sq = partition.sq_norm(reg_grads)
   b = jnp.sum(lrs * sq)
@@ -402,7 +406,7 @@ def _joint_factor(cfg: _Config, oracle, reg_grads, partition, lrs, matrix):
     d = partition.scale(reg_grads, lrs)
     _, hd = oracle(d)
     q = _parallel.global_mean(jnp.sum(partition.inner(d, hd)), cfg.axis_name)
-  q = q + cfg.weight_decay * jnp.sum(lrs ** 2 * sq)
+  q = jnp.abs(q + cfg.weight_decay * jnp.sum(lrs ** 2 * sq))
   ok = jnp.isfinite(q) & jnp.isfinite(b) & (q > 0) & (b > 0)
   return jnp.where(ok, jnp.minimum(1.0, b / jnp.where(ok, q, 1.0)),
                    1.0).astype(lrs.dtype)
@@ -496,7 +500,7 @@ def scale_by_curvature_lr(
     update_interval: int = 1,
     fd_scale: float = 1e-3,
     joint_step: Optional[bool] = None,
-    max_relative_change: Optional[float] = 1.0,
+    max_relative_change: Optional[float] = 0.1,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
     axis_name: Optional[_parallel.AxisName] = None,
@@ -553,13 +557,17 @@ def scale_by_curvature_lr(
       every other numeric argument but ``num_probes``.
     fd_scale: relative step of ``hvp="gradient_difference"``.
     joint_step: multiply every layer's rate by one factor ``t = min(1, <g, d>
-      / d^T H d)``, ``d = sum_l lr_l g_l`` (the minimiser of the quadratic
-      model along the combined step; the ratios between layers are kept).
+      / |d^T H d|)``, ``d = sum_l lr_l g_l`` (the minimiser of the quadratic
+      model along the combined step, saddle-free where ``d^T H d < 0``; the
+      ratios between layers are kept).
       ``None``: on for ``"hessian"`` (free from the exact blocks, one more
       Hessian-vector product otherwise); needs ``"hessian"``.
     max_relative_change: bound ``lr_l <= max_relative_change * ||theta_l|| /
       ||g_l||`` (no layer moves by more than this fraction of its norm in a
-      step; a layer with zero norm is not bounded). ``None``: no bound.
+      step; a layer with zero norm is not bounded). Default 0.1, as K-BFGS:
+      1 let layers move by their whole norm and raised the loss of an LSTM
+      and of transformers (docs/curvature_lr.md, "Defaults and why").
+      ``None``: no bound.
       Ignored by ``"norm_ratio"``, which is that ratio.
     layers: the layer grouping (see :func:`optax_layerwise.group_layers`).
       ``optax.lars`` uses one trust ratio per leaf: pass
@@ -592,8 +600,10 @@ def scale_by_curvature_lr(
     >>> params = {'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.ones(2)}}
     >>> loss = lambda p: (jnp.sum(p['a']['w'] ** 2)
     ...                   + 50 * jnp.sum(p['b']['w'] ** 2))
-    >>> tx = optax.chain(olw.scale_by_curvature_lr(estimator='exact'),
-    ...                  optax.scale(-1.0))
+    >>> # Newton's step per block reaches 0, moving each block by its whole
+    >>> # norm: more than the default bound (0.1 of it) allows.
+    >>> tx = optax.chain(olw.scale_by_curvature_lr(
+    ...     estimator='exact', max_relative_change=None), optax.scale(-1.0))
     >>> state = tx.init(params)
     >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
     ...                            value_fn=loss)
@@ -662,9 +672,10 @@ _SHARED_ARGS_DOC = """    scale: the multiplier in ``lr_l = scale / kappa_l`` (s
     update_interval: measure every this many steps.
     fd_scale: relative step of the gradient difference.
     joint_step: one factor ``t <= 1`` on all rates, the quadratic model's
-      minimiser along the combined step (``None``: on for ``"hessian"``).
+      (saddle-free) minimiser along the combined step (``None``: on for
+      ``"hessian"``).
     max_relative_change: ``lr_l <= max_relative_change ||theta_l|| /
-      ||g_l||`` (``None``: no bound).
+      ||g_l||`` (default 0.1; ``None``: no bound).
     layers: the layer grouping (a callable must be listed in ``static_args``
       of :func:`optax.inject_hyperparams`).
     seed: seeds the Hutchinson probes.
@@ -692,7 +703,7 @@ def cblr(
     update_interval: int = 1,
     fd_scale: float = 1e-3,
     joint_step: Optional[bool] = None,
-    max_relative_change: Optional[float] = 1.0,
+    max_relative_change: Optional[float] = 0.1,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
     axis_name: Optional[_parallel.AxisName] = None,
@@ -733,7 +744,8 @@ def cblr(
     >>> params = {{'a': {{'w': jnp.ones(3)}}, 'b': {{'w': jnp.ones(2)}}}}
     >>> loss = lambda p: (jnp.sum(p['a']['w'] ** 2)
     ...                   + 50 * jnp.sum(p['b']['w'] ** 2))
-    >>> tx = olw.cblr(0.5, momentum=0.0, estimator='exact')
+    >>> tx = olw.cblr(0.5, momentum=0.0, estimator='exact',
+    ...               max_relative_change=None)  # no displacement bound
     >>> state = tx.init(params)
     >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
     ...                            value_fn=loss)
@@ -771,7 +783,7 @@ def mclr(
     update_interval: int = 1,
     fd_scale: float = 1e-3,
     joint_step: Optional[bool] = None,
-    max_relative_change: Optional[float] = 1.0,
+    max_relative_change: Optional[float] = 0.1,
     layers: _layers.LayerGrouping = None,
     seed: int = 0,
     axis_name: Optional[_parallel.AxisName] = None,
@@ -805,7 +817,8 @@ def mclr(
     >>> params = {{'a': {{'w': jnp.ones(3)}}, 'b': {{'w': jnp.ones(2)}}}}
     >>> loss = lambda p: (jnp.sum(p['a']['w'] ** 2)
     ...                   + 50 * jnp.sum(p['b']['w'] ** 2))
-    >>> tx = olw.mclr(0.5, momentum=0.0)
+    >>> tx = olw.mclr(0.5, momentum=0.0,
+    ...               max_relative_change=None)  # no displacement bound
     >>> state = tx.init(params)
     >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
     ...                            value_fn=loss)
