@@ -1,10 +1,10 @@
 """Tests of K-BFGS / K-BFGS(L) (optax_layerwise._kbfgs).
 
-The centrepiece is `_Reference`: docs/kbfgs.md, "Algorithm", re-implemented in
-plain NumPy (float64), with the MLP's forward and backward passes written by
-hand and the per-example quantities formed explicitly. It shares no code with
-the library (in particular L-BFGS uses the two-loop recursion here, the
-compact representation in the library).
+The centrepiece is `_Reference`: docs/kbfgs.md, "Algorithm", in plain NumPy
+(float64) (tests/kbfgs_reference.py, shared with tests/test_kinds_reference.py),
+on an MLP whose forward and backward passes are written by hand here. It
+shares no code with the library (in particular L-BFGS uses the two-loop
+recursion there, the compact representation in the library).
 """
 
 import math
@@ -18,6 +18,9 @@ import pytest
 from flax import nnx
 
 import optax_layerwise as olw
+from tests.kbfgs_reference import KBFGSReference
+# tests/test_kbfgs_recovery.py imports the two-loop recursion from here.
+from tests.kbfgs_reference import two_loop as _two_loop  # noqa: F401
 
 # ---------------------------------------------------------------------------
 # The reference: docs/kbfgs.md, "Algorithm", in NumPy.
@@ -51,198 +54,12 @@ def _forward_backward(w, b, x, t):
   return inputs, pre, dh, gw, gb
 
 
-def _bfgs(h, s, y, gnorm, tol):
-  """Inverse BFGS, textbook product form; None when skipped."""
-  sy = s @ y
-  if not (sy > tol * (s @ s) * gnorm and sy > 0):
-    return None
-  rho = 1.0 / sy
-  eye = np.eye(len(s))
-  new = (eye - rho * np.outer(s, y)) @ h @ (eye - rho * np.outer(y, s)) + (
-      rho * np.outer(s, s))
-  return new if np.all(np.isfinite(new)) else None
+class _Reference(KBFGSReference):
+  """K-BFGS on the 5-6-4-3 MLP, step by step, as docs/kbfgs.md states it:
+  the generic NumPy reference with each layer's rows its examples."""
 
-
-def _two_loop(pairs, v, gamma):
-  """L-BFGS H v by the two-loop recursion, pairs oldest first."""
-  q = v.copy()
-  alphas = []
-  for s, y in reversed(pairs):
-    alpha = (s @ q) / (s @ y)
-    alphas.append(alpha)
-    q = q - alpha * y
-  r = gamma * q
-  for (s, y), alpha in zip(pairs, reversed(alphas)):
-    beta = (y @ r) / (s @ y)
-    r = r + s * (alpha - beta)
-  return r
-
-
-class _Reference:
-  """K-BFGS on the 5-6-4-3 MLP, step by step, as docs/kbfgs.md states it."""
-
-  def __init__(self, w, b, *, lr, damping, momentum, weight_decay, decay,
-               memory, mu1=0.2, skip_tol=1e-4, max_relative_change=None,
-               step_rule="fixed", max_step_scale=10.0, factor_interval=1,
-               step_size_interval=1):
-    self.w = [np.array(x, np.float64) for x in w]
-    self.b = [None if x is None else np.array(x, np.float64) for x in b]
-    self.lr, self.lam, self.mom, self.tau = lr, damping, momentum, weight_decay
-    self.beta, self.memory, self.mu1, self.tol = decay, memory, mu1, skip_tol
-    self.mu2 = math.sqrt(damping)
-    self.rho = max_relative_change
-    self.relative_steps = []  # lr ||P_l|| / ||[W_l; b_l]|| before the bound
-    # The per-layer step (ours): t_l = -b_l / q_l, safeguarded.
-    self.step_rule, self.max_t = step_rule, max_step_scale
-    self.interval = factor_interval  # A and H_a refreshed every k steps
-    self.ss_interval = step_size_interval  # t_l measured every k steps
-    self.t = np.ones(3)
-    self.raw_t = []            # every measured -b_l / q_l, for the test
-    self.fallbacks = np.zeros(3, int)
-    self.clipped = np.zeros(3, int)
-    self.unclipped = np.zeros(3, int)  # accepted and applied as measured
-    self.count = 0
-    k = [SIZES[l] + HAS_BIAS[l] for l in range(3)]
-    self.k = k
-    self.A = [np.zeros((k[l], k[l])) for l in range(3)]
-    self.Ha = [np.eye(k[l]) for l in range(3)]
-    self.Hg = [np.eye(SIZES[l + 1]) for l in range(3)]
-    self.pairs = [[] for _ in range(3)]
-    self.s = [np.zeros(SIZES[l + 1]) for l in range(3)]
-    self.y = [np.zeros(SIZES[l + 1]) for l in range(3)]
-    self.Mw = [np.zeros_like(x) for x in self.w]
-    self.Mb = [None if x is None else np.zeros_like(x) for x in self.b]
-    self.powell = np.zeros(3, int)
-    self.lm = np.zeros(3, int)
-    self.skipped = np.zeros(3, int)
-    self.skipped_a = np.zeros(3, int)
-
-  def _hg(self, l, v):
-    if self.memory is None:
-      return self.Hg[l] @ v
-    if v.ndim == 1:
-      return _two_loop(self.pairs[l], v, 1.0)
-    return np.stack([_two_loop(self.pairs[l], c, 1.0) for c in v.T], 1)
-
-  def step(self, x, t):
-    n = x.shape[0]
-    lr = self.lr(self.count)
-    refresh = self.count % self.interval == 0
-    inputs, pre, dh, gw, gb = _forward_backward(self.w, self.b, x, t)
-    # 1. Per-example statistics at theta.
-    abar, gh_mean, h_mean = [], [], []
-    for l in range(3):
-      at = inputs[l]
-      if HAS_BIAS[l]:
-        at = np.concatenate([at, np.ones((n, 1))], 1)
-      a_batch = sum(np.outer(at[i], at[i]) for i in range(n)) / n
-      if refresh:
-        self.A[l] = a_batch if self.count == 0 else (
-            self.beta * self.A[l] + (1 - self.beta) * a_batch)
-      abar.append(at.mean(0))
-      gh = n * dh[l]                       # per-example gh_i = m dL/dh_i
-      gh_mean.append(gh.mean(0))
-      h_mean.append(pre[l].mean(0))
-    a_lm = [self.A[l] + math.sqrt(self.lam) * np.eye(self.k[l])
-            for l in range(3)]
-    if self.count == 0:
-      self.Ha = [np.linalg.inv(a_lm[l]) for l in range(3)]
-    # 2-3. Momentum of the regularised gradient, direction, step.
-    new_w, new_b = [], []
-    for l in range(3):
-      self.Mw[l] = self.mom * self.Mw[l] + (1 - self.mom) * (
-          gw[l] + self.tau * self.w[l])
-      mat = self.Mw[l]
-      if HAS_BIAS[l]:
-        self.Mb[l] = self.mom * self.Mb[l] + (1 - self.mom) * (
-            gb[l] + self.tau * self.b[l])
-        mat = np.concatenate([mat, self.Mb[l][None]], 0)
-      p = self._hg(l, (self.Ha[l] @ mat).T).T
-      theta = self.w[l] if not HAS_BIAS[l] else np.concatenate(
-          [self.w[l], self.b[l][None]], 0)
-      relative = lr * np.linalg.norm(p) / np.linalg.norm(theta)
-      self.relative_steps.append(relative)
-      if self.rho is not None and relative > self.rho:
-        p = p * self.rho / relative  # ours: ||delta_l|| <= rho ||theta_l||
-      new_w.append(self.w[l] - lr * p[:SIZES[l]])
-      new_b.append(self.b[l] - lr * p[SIZES[l]] if HAS_BIAS[l] else None)
-    # 4. Second pass on the same batch at theta + delta.
-    _, pre2, dh2, gw2, gb2 = _forward_backward(new_w, new_b, x, t)
-    final_w, final_b = self._layerwise(new_w, new_b, gw, gb, gw2, gb2)
-    for l in range(3):
-      s_new = pre2[l].mean(0) - h_mean[l]
-      y_new = (n * dh2[l]).mean(0) - gh_mean[l]
-      self.s[l] = self.beta * self.s[l] + (1 - self.beta) * s_new
-      self.y[l] = self.beta * self.y[l] + (1 - self.beta) * y_new
-      s, y = self.s[l].copy(), self.y[l].copy()
-      # 5. Double damping.
-      hy = self._hg(l, y)
-      if s @ y < self.mu1 * (y @ hy):
-        t1 = (1 - self.mu1) * (y @ hy) / (y @ hy - s @ y)
-        s = t1 * s + (1 - t1) * hy
-        self.powell[l] += 1
-      if s @ y < self.mu2 * (s @ s):
-        t2 = (1 - self.mu2) * (s @ s) / (s @ s - s @ y)
-        y = t2 * y + (1 - t2) * s
-        self.lm[l] += 1
-      # 6. H_g.
-      gnorm = np.linalg.norm(gh_mean[l])
-      if self.memory is None:
-        new = _bfgs(self.Hg[l], s, y, gnorm, self.tol)
-        if new is None:
-          self.skipped[l] += 1
-        else:
-          self.Hg[l] = new
-      else:
-        sy = s @ y
-        if sy > self.tol * (s @ s) * gnorm and sy > 0:
-          self.pairs[l] = (self.pairs[l] + [(s, y)])[-self.memory:]
-        else:
-          self.skipped[l] += 1
-      # 7. H_a by Hessian action.
-      if not refresh:
-        continue
-      s_a = self.Ha[l] @ abar[l]
-      y_a = a_lm[l] @ s_a
-      new = _bfgs(self.Ha[l], s_a, y_a, np.linalg.norm(abar[l]), self.tol)
-      if new is None:
-        self.skipped_a[l] += 1
-      else:
-        self.Ha[l] = new
-    self.w, self.b = final_w, final_b
-    self.count += 1
-
-  def _layerwise(self, new_w, new_b, gw, gb, gw2, gb2):
-    """The applied step: the trial, or t_l times it (step_rule='layerwise')."""
-    if self.step_rule == "fixed":
-      return new_w, new_b
-    final_w, final_b = [], []
-    for l in range(3):
-      stack = lambda w, b: w.ravel() if b is None else np.concatenate(
-          [w.ravel(), b])
-      delta = stack(new_w[l] - self.w[l],
-                    None if self.b[l] is None else new_b[l] - self.b[l])
-      g0 = stack(gw[l], gb[l])
-      g1 = stack(gw2[l], gb2[l])
-      b, q = g0 @ delta, delta @ (g1 - g0)
-      if self.count % self.ss_interval:
-        pass                            # not measured: reuse the last t_l
-      elif q > 0 and b < 0:
-        self.raw_t.append(-b / q)
-        self.clipped[l] += -b / q > self.max_t
-        self.unclipped[l] += -b / q <= self.max_t
-        self.t[l] = min(-b / q, self.max_t)
-      else:
-        self.fallbacks[l] += 1          # reuse the last accepted t_l
-      theta = stack(self.w[l], self.b[l])
-      t = self.t[l]
-      if self.rho is not None and delta @ delta > 0:
-        t = min(t, self.rho * np.linalg.norm(theta) / np.linalg.norm(delta))
-      self.t[l] = t
-      final_w.append(self.w[l] + t * (new_w[l] - self.w[l]))
-      final_b.append(None if self.b[l] is None else
-                     self.b[l] + t * (new_b[l] - self.b[l]))
-    return final_w, final_b
+  def __init__(self, w, b, **kwargs):
+    super().__init__(_forward_backward, w, b, **kwargs)
 
 
 # ---------------------------------------------------------------------------
