@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from benchmarks import data as data_lib
 from benchmarks import models
 
 __all__ = ["Experiment", "EXPERIMENTS", "build_experiment", "curves_ae",
-           "mnist_ae", "digits_cnn", "gcn"]
+           "mnist_ae", "digits_cnn", "gcn", "softmax_cross_entropy_fns"]
 
 Params = Any
 Batch = Dict[str, jax.Array]
@@ -190,10 +190,14 @@ def mnist_ae(*, dataset: str = "auto", data_dir: Optional[str] = None,
                 "on MNIST (not comparable on other data)"})
 
 
-def _classifier(name, description, model, x_train, y_train, x_test, y_test,
-                batch_size, default_epochs, info) -> Experiment:
+def softmax_cross_entropy_fns(model) -> Tuple[Callable, Callable]:
+  """``(loss_fn, metrics_fn)`` for a Flax ``model`` giving logits of integer
+  labels (applied as ``{"params": params}`` to ``batch["x"]``, labels
+  ``batch["y"]``): the softmax cross-entropy averaged over every labelled
+  position (an example, or each token of a sequence); the metrics are the
+  loss and argmax-accuracy sums with the number of positions."""
 
-  def per_example(params, batch):
+  def per_position(params, batch):
     logits = model.apply({"params": params}, batch["x"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits,
                                                              batch["y"])
@@ -201,12 +205,19 @@ def _classifier(name, description, model, x_train, y_train, x_test, y_test,
     return losses, correct
 
   def loss_fn(params, batch):
-    return per_example(params, batch)[0].mean()
+    return per_position(params, batch)[0].mean()
 
   def metrics_fn(params, batch):
-    losses, correct = per_example(params, batch)
-    n = losses.shape[0]
-    return {"loss": (losses.sum(), n), "accuracy": (correct.sum(), n)}
+    losses, correct = per_position(params, batch)
+    return {"loss": (losses.sum(), losses.size),
+            "accuracy": (correct.sum(), correct.size)}
+
+  return loss_fn, metrics_fn
+
+
+def _classifier(name, description, model, x_train, y_train, x_test, y_test,
+                batch_size, default_epochs, info) -> Experiment:
+  loss_fn, metrics_fn = softmax_cross_entropy_fns(model)
 
   @jax.jit
   def init_fn(key):

@@ -80,6 +80,7 @@ from benchmarks import models
 from benchmarks import runner
 from benchmarks.data import DataUnavailableError
 from benchmarks.experiments import Experiment, digits_cnn
+from benchmarks.experiments import softmax_cross_entropy_fns
 from benchmarks.methods import Method
 from benchmarks.report import aligned, format_number
 from benchmarks.results import BenchmarkResult
@@ -147,21 +148,7 @@ def lm_experiment(*, max_bytes: int, seq_len: int, batch_size: int, dim: int,
   corpus = data_lib.load_stdlib_corpus(max_bytes, seq_len=seq_len)
   model = models.CharTransformer(vocab=256, dim=dim, heads=heads,
                                  num_blocks=num_blocks, max_len=seq_len)
-
-  def per_token(params, batch):
-    logits = model.apply({"params": params}, batch["x"])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                             batch["y"])
-    correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
-    return losses, correct
-
-  def loss_fn(params, batch):
-    return per_token(params, batch)[0].mean()
-
-  def metrics_fn(params, batch):
-    losses, correct = per_token(params, batch)
-    return {"loss": (losses.sum(), losses.size),
-            "accuracy": (correct.sum(), correct.size)}
+  loss_fn, metrics_fn = softmax_cross_entropy_fns(model)  # token means
 
   @jax.jit
   def init_fn(key):
