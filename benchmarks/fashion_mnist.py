@@ -527,27 +527,9 @@ def write_plots(results: Dict[str, Any], out: pathlib.Path,
   paths = dict(plots_lib.plot_results(results, out))  # step sizes etc.
   target = (results.get("target") or {}).get("train_loss")
   exp = results["experiment"]
-  series = []
-  for name, e in results["methods"].items():
-    run = next((r for r in e["runs"] if r["status"] == "ok"), None)
-    if run is None:
-      continue
-    h = run["history"]
-    pts = [(ep, t, l) for ep, t, l in zip(h["epoch"], h["time_s"],
-                                          h["train_loss"]) if l is not None]
-    if not pts:
-      continue
-    ep, t, l = (np.asarray(v, float) for v in zip(*pts))
-    color, ls = plots_lib._STYLE.get(name, (None, "-"))  # pylint: disable=protected-access
-    lr = f", lr {e['lr']:g}" if e.get("lr") is not None else ""
-    series.append((f"{e['label']}{lr}", color, ls, ep, t, l))
-  kh = (kfac or {}).get("history") or {}
-  pts = [(ep, t, l) for ep, t, l in zip(kh.get("epoch", []),
-                                        kh.get("time_s", []),
-                                        kh.get("train_loss", []))
-         if l is not None]
-  if len(pts) >= 2:
-    ep, t, l = (np.asarray(v, float) for v in zip(*pts))
+  series = plots_lib.loss_curves(results)
+  ep, t, l = plots_lib.loss_points((kfac or {}).get("history") or {})
+  if len(l) >= 2:
     series.append(("kfac-jax K-FAC, adaptive (own process)", "tab:green",
                    "-.", ep, t, l))
   for kind, xi, xlabel in (("loss_vs_epoch", 3, "epoch"),
@@ -555,15 +537,8 @@ def write_plots(results: Dict[str, Any], out: pathlib.Path,
                             "training wall time (s, excl. compile and eval)")):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, zoom in zip(axes, (False, True)):
-      for label, color, ls, *xs in series:
-        x, y = xs[xi - 3], xs[2]
-        ax.plot(x, y, color=color, ls=ls, marker="o", ms=3, lw=1.5,
-                label=label)
-      if target is not None:
-        ax.axhline(target, color="k", ls=":", lw=0.8,
-                   label=f"tuned Adam final ({target:.1f})")
-      ax.set_xlabel(xlabel)
-      ax.grid(True, which="both", alpha=0.3)
+      plots_lib.plot_loss_curves(ax, series, xi == 4, xlabel, target,
+                                 "tuned Adam final ({:.1f})")
       if zoom:
         lim = _zoom_limits([s[5] for s in series])
         if lim:

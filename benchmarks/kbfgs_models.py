@@ -457,33 +457,14 @@ def write_zoom_plot(results: Dict[str, Any], out: pathlib.Path) -> str:
   from benchmarks import plots as plots_lib  # pylint: disable=import-outside-toplevel
 
   target = (results.get("target") or {}).get("train_loss")
-  series = []
-  for name, e in results["methods"].items():
-    run = next((r for r in e["runs"] if r["status"] == "ok"), None)
-    if run is None:
-      continue
-    h = run["history"]
-    pts = [(ep, t, l) for ep, t, l in zip(h["epoch"], h["time_s"],
-                                          h["train_loss"]) if l is not None]
-    if len(pts) < 2:
-      continue
-    ep, t, l = (np.asarray(v, float) for v in zip(*pts))
-    color, ls = plots_lib._STYLE.get(name, (None, "-"))  # pylint: disable=protected-access
-    lr = f", lr {e['lr']:g}" if e.get("lr") is not None else ""
-    series.append((f"{e['label']}{lr}", color, ls, ep, t, l))
+  series = plots_lib.loss_curves(results, min_points=2)
   fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
   exp = results["experiment"]
   for row, (xi, xlabel) in enumerate(((0, "epoch"), (1, "training wall time "
                                       "(s, excl. compile and eval)"))):
     for ax, zoom in zip(axes[row], (False, True)):
-      for label, color, ls, *xs in series:
-        ax.plot(xs[xi], xs[2], color=color, ls=ls, marker="o", ms=3, lw=1.5,
-                label=label)
-      if target is not None:
-        ax.axhline(target, color="k", ls=":", lw=0.8,
-                   label=f"tuned AdamW final ({target:.4g})")
-      ax.set_xlabel(xlabel)
-      ax.grid(True, which="both", alpha=0.3)
+      plots_lib.plot_loss_curves(ax, series, xi == 1, xlabel, target,
+                                 "tuned AdamW final ({:.4g})")
       if zoom and series:
         # From the lowest loss to the highest final loss (or the target),
         # so that every curve's end and the target line are in view.

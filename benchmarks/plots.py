@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import matplotlib
 
@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-__all__ = ["plot_results"]
+__all__ = ["plot_results", "loss_points", "loss_curves", "plot_loss_curves"]
 
 _STYLE = {
     "kbfgs": ("tab:red", "-"),
@@ -48,6 +48,58 @@ def _xy(run, xkey, ykey):
     return np.zeros(0), np.zeros(0)
   x, y = zip(*pts)
   return np.asarray(x, float), np.asarray(y, float)
+
+
+def loss_points(history: Dict[str, Any]
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(epochs, times_s, train_losses)`` of a run's ``history`` at the points
+  where the training loss was recorded (float arrays, empty without any)."""
+  pts = [(ep, t, l) for ep, t, l in zip(history.get("epoch", []),
+                                        history.get("time_s", []),
+                                        history.get("train_loss", []))
+         if l is not None]
+  if not pts:
+    return np.zeros(0), np.zeros(0), np.zeros(0)
+  ep, t, l = (np.asarray(v, float) for v in zip(*pts))
+  return ep, t, l
+
+
+Curve = Tuple[str, Optional[str], str, np.ndarray, np.ndarray, np.ndarray]
+
+
+def loss_curves(results: Dict[str, Any], min_points: int = 1) -> List[Curve]:
+  """Per method with an ``ok`` run, the training-loss curve of its first one:
+  ``(label, color, linestyle, epochs, times_s, losses)`` (the label with the
+  learning rate, ``", lr 0.01"``; the method's colour and line style);
+  methods with fewer than ``min_points`` recorded losses are left out."""
+  curves = []
+  for name, e in results["methods"].items():
+    run = next((r for r in e["runs"] if r["status"] == "ok"), None)
+    if run is None:
+      continue
+    ep, t, l = loss_points(run["history"])
+    if len(l) < max(min_points, 1):
+      continue
+    color, ls = _STYLE.get(name, (None, "-"))
+    lr = f", lr {e['lr']:g}" if e.get("lr") is not None else ""
+    curves.append((f"{e['label']}{lr}", color, ls, ep, t, l))
+  return curves
+
+
+def plot_loss_curves(ax, curves: List[Curve], by_time: bool, xlabel: str,
+                     target: Optional[float] = None,
+                     target_label: str = "target ({:g})") -> None:
+  """Draws :func:`loss_curves` on ``ax`` against epochs (or wall time,
+  ``by_time``) with markers, a dotted line at ``target`` (when not None)
+  labelled ``target_label.format(target)``, the x label and a grid."""
+  for label, color, ls, ep, t, l in curves:
+    ax.plot(t if by_time else ep, l, color=color, ls=ls, marker="o", ms=3,
+            lw=1.5, label=label)
+  if target is not None:
+    ax.axhline(target, color="k", ls=":", lw=0.8,
+               label=target_label.format(target))
+  ax.set_xlabel(xlabel)
+  ax.grid(True, which="both", alpha=0.3)
 
 
 def _loss_axes(ax, results, xkey, ykey, xlabel, ylabel, target=True):
