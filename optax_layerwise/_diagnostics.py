@@ -11,6 +11,8 @@ library's states and the injected hyperparameters, and names them
 
 from __future__ import annotations
 
+import re
+
 from typing import Any, Iterator, Optional, Sequence
 
 import jax
@@ -56,8 +58,10 @@ def _walk(state, depth: int = 0) -> Iterator[tuple]:
 
 
 def _layer_label(name: str) -> str:
-  """``"['encoder']['dense_0']"`` -> ``"encoder/dense_0"``."""
-  return name.replace("']['", "/").strip("[]'") or name
+  """``"['encoder']['dense_0']"`` -> ``"encoder/dense_0"``; a slice of a
+  scanned stack ``"['stack']['Dense_0'][1]"`` -> ``"stack/Dense_0/1"``."""
+  parts = re.findall(r"\[([^\]]*)\]", name)
+  return "/".join(p.strip("'\"") for p in parts) or name
 
 
 def diagnostics(opt_state: PyTree,

@@ -70,8 +70,9 @@ __all__ = ["KBFGSLayerState", "KBFGSState", "kbfgs"]
 _NAME = "kbfgs"
 PAIRS = ("secant", "tangent")
 STEP_RULES = ("layerwise", "fixed")
-UNSEEN = ("no call on the params leaf itself: not called, or only inside a "
-           "transform nested in value_fn such as nn.scan or nn.RNN")
+UNSEEN = ("no tapped call: not called, called on a cast or copy of the "
+           "params leaf, or inside a transform the tap cannot see through "
+           "(jax.lax.scan, nnx.scan; docs/kbfgs.md 'Layer kinds')")
 
 
 class KBFGSLayerState(NamedTuple):

@@ -8,15 +8,21 @@ its call is written over *rows*:
 * a dense layer, ``nn.DenseGeneral`` or ``nnx.LinearGeneral``: the contracted
   input axes are flattened into ``d_in``, every other input axis (batch,
   sequence, heads not contracted) joins the rows;
+* an einsum whose kernel letters are contracted then output letters: as a
+  dense layer;
 * a convolution: the input *patches* are the rows (KF-QN-CNN, Ren, Bahamou
   and Goldfarb, arXiv 2102.06737: a convolution is a dense layer over
   patches, its statistics averaged over the batch and the spatial
-  positions).
+  positions);
+* ``nn.OptimizedLSTMCell``: eight dense layers, its fused products computed
+  apart while a tap runs.
 
 The kernel is then the ``(d_in, d_out)`` matrix ``kernel.reshape(d_in,
 d_out)``: its leading axes are the contracted ones, its trailing axes the
-outputs. A *kind* (one module each: :mod:`optax_layerwise._kind_dense`,
-:mod:`optax_layerwise._kind_conv`) says which Flax modules it taps and how
+outputs (after the leading axes of a stack scanned by ``nn.scan``, one
+layer per slice). A *kind* (one module each: :mod:`optax_layerwise._kind_dense`,
+:mod:`optax_layerwise._kind_einsum`, :mod:`optax_layerwise._kind_conv`,
+:mod:`optax_layerwise._kind_lstm`) says which Flax modules it taps and how
 one of their calls becomes a :class:`LayerCall`; :func:`register_layer_kind`
 adds one of your own. :func:`find_kernels` finds the kernels in the params
 before any call (``init`` has no ``value_fn``), and the tap checks each call
@@ -78,10 +84,11 @@ class LayerKind:
     adapter: ``(module, args, kwargs, output) -> LayerCall | reason``, for a
       module of one of those classes called with ``args, kwargs``.
     rewrite: for a linen module that applies several kernels fused (e.g.
-      ``nn.OptimizedLSTMCell``), ``(module, args, kwargs, dense) -> output``
-      computing the call itself with ``dense(x, name)``, the tapped dense
-      layer of its sub-module ``name`` (``x @ kernel + bias``); used instead
-      of ``adapter``.
+      ``nn.OptimizedLSTMCell``), ``(module, args, kwargs, dense) -> output |
+      reason`` computing the call itself with ``dense(x, name, dtype=None)``,
+      the tapped dense layer of its sub-module ``name`` (``x @ kernel +
+      bias``); used instead of ``adapter`` (a string: the module runs as
+      it is, untapped, for that reason).
   """
   name: str
   linen_types: Callable[[], tuple]
@@ -132,6 +139,9 @@ def register_layer_kind(kind: LayerKind) -> LayerKind:
     >>> olw.kbfgs_coverage(loss, params).leaves[0].kind
     'bilinear'
   """
+  if (kind.adapter is None) == (kind.rewrite is None):
+    raise ValueError(f"register_layer_kind: the kind {kind.name!r} needs "
+                     "exactly one of `adapter` and `rewrite`.")
   _KINDS[kind.name] = kind
   return kind
 

@@ -5,8 +5,8 @@ runs in an inner JAX trace: the tap sees its input and output there, but
 values computed from them may not leave that trace, and its kernel is an
 inner tracer that no longer *is* the params leaf. The statistics leave it
 the way gradients do. Next to such a kernel the tap puts a zero *shadow*
-leaf in the params (key ``<kernel>__olw_tap``) that Flax hands the layer like
-any other variable (sliced by ``nn.scan``'s ``variable_axes``, broadcast by
+leaf in the params (key ``<kernel>__olw_tap<leaf index>``) that Flax hands
+the layer like any other variable (sliced by ``nn.scan``'s ``variable_axes``, broadcast by
 ``variable_broadcast``). The layer passes its output through :func:`emit`,
 the identity whose backward pass returns, as the shadow's cotangent, the
 call's statistics and the sum of its output cotangents. The transpose of the
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +33,21 @@ PyTree = Any
 SUFFIX = "__olw_tap"
 
 
-def name_for(kernel_name: str) -> str:
-  """The shadow's key beside the kernel's."""
-  return kernel_name + SUFFIX
+def name_for(kernel_name: str, index: int) -> str:
+  """The shadow's key beside the kernel's: it names the kernel's leaf index,
+  so a layer reads its own shadow whatever path its params came by."""
+  return f"{kernel_name}{SUFFIX}{index}"
+
+
+def find(params, kernel_name: str = "kernel") -> Optional[tuple]:
+  """``(leaf index, shadow)`` of the shadow in a layer's params dict."""
+  if not isinstance(params, Mapping):
+    return None
+  prefix = kernel_name + SUFFIX
+  for key, value in params.items():
+    if isinstance(key, str) and key.startswith(prefix):
+      return int(key[len(prefix):]), value
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,62 +77,83 @@ class Layout:
                 input_second_moment=second)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def emit(head: int, d_out: int, shadow: jax.Array, stats: jax.Array,
-         y: jax.Array):
-  """``y``; its backward pass gives ``shadow`` the cotangent ``[stats[:head],
-  sum of y's cotangent over rows, stats[head:]]``.
+@dataclasses.dataclass(frozen=True)
+class Emit:
+  """Static part of one :func:`emit`: the layout, the statistics dtype, the
+  Gram function, a static ``want`` (``None`` when it is traced), and where
+  the statistics are formed."""
+  layout: Layout
+  dtype: Any
+  gram: Callable  # (rows, want) -> rows^T rows, or zeros if not want
+  static_want: Optional[bool]
+  in_backward: bool  # form them in the backward pass from the saved rows
 
-  ``stats`` is ``[count, sum_x, sum_y, sum_xx]`` in the shadow's dtype and
-  ``head = 1 + d_in + d_out``; ``y``'s trailing axes hold its ``d_out``
-  outputs.
+  def stats(self, rows, out, want) -> jax.Array:
+    """``[count, sum_x, sum_y, sum_xx]`` of one call."""
+    rows = rows.astype(self.dtype)
+    parts = [jnp.full((1,), rows.shape[0], self.dtype),
+             jnp.sum(rows, axis=0),
+             jnp.sum(out.reshape(-1, self.layout.d_out).astype(self.dtype),
+                     axis=0)]
+    if self.layout.second_moment:
+      pred = self.static_want if self.static_want is not None else want > 0
+      parts.append(self.gram(rows, pred).reshape(-1))
+    return jnp.concatenate(parts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def emit(spec: Emit, shadow: jax.Array, rows: jax.Array, y: jax.Array,
+         want: jax.Array):
+  """``y``; its backward pass gives ``shadow`` the cotangent ``[count,
+  sum_x, sum_y, sum of y's cotangent over rows, sum_xx]`` of this call
+  (``want``: a float scalar, the second moment is formed where it is > 0).
+
+  The statistics are formed in the backward pass from the saved rows when
+  those are the smaller residual (``n d_in <= d_in^2``: a recurrent cell
+  over a long sequence saves no ``d_in^2`` Gram matrix per step), else in
+  the forward pass (a convolution's many patch rows).
   """
-  del head, d_out, shadow, stats
+  del spec, shadow, rows, want
   return y
 
 
-def _emit_fwd(head, d_out, shadow, stats, y):
-  del head, d_out, shadow
-  return y, stats
+def _emit_fwd(spec: Emit, shadow, rows, y, want):
+  del shadow
+  if spec.in_backward:
+    return y, (rows, y, want)
+  return y, spec.stats(rows, y, want)
 
 
-def _emit_bwd(head, d_out, stats, g):
-  g_sum = jnp.sum(g.reshape(-1, d_out).astype(stats.dtype), axis=0)
+def _emit_bwd(spec: Emit, saved, g):
+  stats = spec.stats(*saved) if spec.in_backward else saved
+  head = 1 + spec.layout.d_in + spec.layout.d_out
+  g_sum = jnp.sum(g.reshape(-1, spec.layout.d_out).astype(spec.dtype),
+                  axis=0)
   shadow_ct = jnp.concatenate([stats[:head], g_sum, stats[head:]])
-  return shadow_ct, jnp.zeros_like(stats), g
+  return shadow_ct, None, g, None
 
 
 emit.defvjp(_emit_fwd, _emit_bwd)
 
 
-def stats_vector(rows: jax.Array, out: jax.Array,
-                 second: Optional[jax.Array], dtype) -> jax.Array:
-  """``[count, sum_x, sum_y, sum_xx]`` of one call, in ``dtype``."""
-  parts = [jnp.full((1,), rows.shape[0], dtype),
-           jnp.sum(rows.astype(dtype), axis=0),
-           jnp.sum(out.astype(dtype), axis=0)]
-  if second is not None:
-    parts.append(second.astype(dtype).reshape(-1))
-  return jnp.concatenate(parts)
-
-
 def insert(params: PyTree, shadows: dict) -> Optional[PyTree]:
-  """``params`` with each ``shadows[path]`` beside the leaf at ``path`` (a
-  tuple of key names); ``None`` if a parent is not a mapping."""
+  """``params`` with, for each ``index: (path, value)``, the shadow
+  ``value`` beside the leaf at ``path`` (a tuple of key names); ``None`` if
+  a parent is not a mapping."""
   tree = params
-  for path, value in shadows.items():
-    tree = _insert_one(tree, path, value)
+  for index, (path, value) in shadows.items():
+    tree = _insert_one(tree, path, name_for(path[-1], index), value)
     if tree is None:
       return None
   return tree
 
 
-def _insert_one(node, path: tuple, value):
+def _insert_one(node, path: tuple, key: str, value):
   if not isinstance(node, Mapping) or path[0] not in node:
     return None
   if len(path) == 1:
-    return _rebuilt(node, {**node, name_for(path[0]): value})
-  child = _insert_one(node[path[0]], path[1:], value)
+    return _rebuilt(node, {**node, key: value})
+  child = _insert_one(node[path[0]], path[1:], key, value)
   return None if child is None else _rebuilt(node, {**node, path[0]: child})
 
 
@@ -129,15 +162,15 @@ def _rebuilt(node, items: dict):
   return items if type(node) is dict else type(node)(items)  # pylint: disable=unidiomatic-typecheck
 
 
-def remove(tree: PyTree, prefix: tuple = ()) -> tuple[PyTree, dict]:
-  """``tree`` without its shadows, and ``{kernel path: shadow}``."""
+def remove(tree: PyTree) -> tuple[PyTree, dict]:
+  """``tree`` without its shadows, and ``{leaf index: shadow}``."""
   if not isinstance(tree, Mapping):
     return tree, {}
   kept, found = {}, {}
   for key, value in tree.items():
-    if isinstance(key, str) and key.endswith(SUFFIX):
-      found[prefix + (key[:-len(SUFFIX)],)] = value
+    if isinstance(key, str) and SUFFIX in key:
+      found[int(key[key.index(SUFFIX) + len(SUFFIX):])] = value
       continue
-    kept[key], inner = remove(value, prefix + (key,))
+    kept[key], inner = remove(value)
     found.update(inner)
   return _rebuilt(tree, kept), found

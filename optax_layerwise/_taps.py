@@ -80,9 +80,10 @@ _NESTED = ("called only inside a transform nested in value_fn that is not "
            "a Flax linen transform (jax.lax.scan, jax.checkpoint, nnx.scan): "
            "its statistics cannot leave that trace")
 
-_NO_SHADOW = ("called inside nn.scan / nn.RNN, but its params are not nested "
-              "dicts, so no shadow leaf can carry its statistics out (pass "
-              "value_fn the params as Flax's init returns them)")
+_NO_SHADOW = ("called inside nn.scan / nn.RNN, but no shadow leaf reached it "
+              "to carry its statistics out: its params must come from the "
+              "params given to value_fn as nested dicts, unchanged (no cast "
+              "or copy in value_fn)")
 
 # The stack of active tap contexts. It is empty outside `tap_dense_layers`;
 # a lock serialises the (trace-time only) patching of `nnx.Linear`.
@@ -110,7 +111,9 @@ class DenseTap:
     output_grad: ``(d_out,)`` ``sum_i dL/dh_i`` (``= mean_i gh_i`` with ``gh_i
       = n dL/dh_i``; equals the bias gradient).
     name: key path of the kernel leaf, e.g. ``"['Dense_0']['kernel']"``.
-    num_rows: number of examples ``n`` (all leading dims of all calls).
+    num_rows: number of examples ``n`` (all leading dims of all calls);
+      ``0`` for a layer called inside ``nn.scan`` / ``nn.RNN``, whose row
+      count is only known at run time (the means are exact either way).
     kernel_index: flatten index of the kernel leaf in the params.
     bias_index: flatten index of the bias leaf, or ``None``.
     kind: the layer kind that tapped the calls (``"dense"``, ``"conv"``).
@@ -176,33 +179,26 @@ class Location:
   path: tuple
   params: Any
 
-  def leaf(self, kernel, path_index: dict):
-    """``(kernel index, bias index)`` if ``kernel`` is this layer's kernel
-    (a params leaf, possibly re-traced by a nested transform), else
-    ``None``."""
-    own = self.params.get("kernel") if hasattr(self.params, "get") else None
-    index = path_index.get(self.path + ("kernel",))
-    if own is None or _kind_dense.unbox(own) is not kernel or index is None:
-      return None
-    bias = path_index.get(self.path + ("bias",)) if (
-        "bias" in self.params) else None
-    return index, bias
-
-  def shadow(self):
-    return self.params[_shadows.name_for("kernel")]
-
 
 def _suffix_index(paths) -> dict:
-  """``{path suffix: leaf index}`` over every suffix of every leaf's path
-  that ends only one leaf's path: a module's scope path finds its params
-  whether ``value_fn`` receives the params or the whole variables dict
-  (paths starting with ``'params'``)."""
+  """``{path suffix: [leaf indices]}`` over every suffix of every leaf's
+  path: a module's scope path finds its params whether ``value_fn``
+  receives the params or the whole variables dict (paths starting with
+  ``'params'``), or one of several subtrees."""
   owners: dict = {}
   for i, path in enumerate(paths):
     for start in range(len(path)):
-      owners.setdefault(tuple(path[start:]), set()).add(i)
-  return {suffix: next(iter(found)) for suffix, found in owners.items()
-          if len(found) == 1}
+      owners.setdefault(tuple(path[start:]), []).append(i)
+  return owners
+
+
+def _ancestors(trace) -> list:
+  """``trace`` and the traces it was opened in (``parent_trace`` chain)."""
+  chain = []
+  while trace is not None and not any(trace is t for t in chain):
+    chain.append(trace)
+    trace = getattr(trace, "parent_trace", None)
+  return chain
 
 
 def linen_location(module) -> Optional[Location]:
@@ -222,14 +218,17 @@ class _Context:
   """One active tap: kernel identities, perturbations, and the records."""
 
   def __init__(self, leaves, perts, want_second_moment, stats_dtype,
-               paths=(), shadows_on=False):
+               paths=(), shadows_on=False, nested=None):
     self.kernel_pos = {id(leaves[index]): index for index in perts}
     self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
     self.paths = list(paths)
     self.path_index = _suffix_index(paths)
     self.shapes = [jnp.shape(leaf) for leaf in leaves]
     self.shadows_on = shadows_on
-    self.nested: dict = {}
+    self.nested: dict = dict(nested or {})
+    self.emitted: set = set()
+    self.own_traces = _ancestors(_trace_of(next(iter(perts.values()))) if (
+        perts) else None)
     self.perts = perts
     self.want_second_moment = want_second_moment
     self.stats_dtype = stats_dtype
@@ -252,13 +251,13 @@ class _Context:
     y = call.outputs
     index = self.kernel_pos.get(id(call.kernel))
     if index is None or _trace_of(y) is not _trace_of(self.perts[index]):
-      # Not a params leaf: a frozen kernel, or a call inside a transform
-      # nested in value_fn (nn.scan, nn.RNN, nn.remat ...), whose values
-      # live in that inner trace and may not leave it but by a shadow.
-      nested = None if location is None else location.leaf(
-          call.kernel, self.path_index)
-      if nested is not None and nested[0] in self.perts:
-        return self._record_nested(call, kind, location, *nested)
+      # Not a params leaf: frozen weights, params cast or copied in value_fn
+      # (untapped), or a call inside a transform nested in value_fn (nn.scan,
+      # nn.RNN, nn.remat), whose values live in an inner trace and may not
+      # leave it but by a shadow.
+      out = self._record_nested(call, kind, location)
+      if out is not None:
+        return out
       if index is not None:
         self.untapped_kernels.add(index)
       self.untapped += 1
@@ -280,39 +279,76 @@ class _Context:
     # Add in the statistics dtype so the summed cotangent stays accurate.
     return (y.astype(pert.dtype) + pert.reshape(out_shape)).astype(y.dtype)
 
-  def _out_shape(self, index: int, call: _layer_kinds.LayerCall) -> tuple:
-    """The call's output axes, checked against the kernel's ``d_out``."""
+  def _out_shape(self, index: int, call: _layer_kinds.LayerCall,
+                 stacked: int = 0) -> tuple:
+    """The call's output axes, checked against the kernel's ``d_out``
+    (``stacked``: leading axes of the leaf the call sees sliced off)."""
     y = call.outputs
     out_shape = y.shape[y.ndim - call.out_axes:]
     d_out = self.perts[index].shape[0]
     if math.prod(out_shape) != d_out:
+      how = (f"({stacked}, number of contracted axes): it is a stack of "
+             f"{self.shapes[index][:stacked]} layers scanned by nn.scan"
+             if stacked else "the number of contracted leading kernel axes")
       raise ValueError(
-          f"The layer with kernel leaf {index} (shape {call.kernel.shape}) "
+          f"The layer with kernel leaf {index} (shape {self.shapes[index]}) "
           f"was called with {math.prod(out_shape)} outputs per row, but "
-          f"{d_out} were expected from the params: its kernel's "
-          "contracted and output axes were guessed wrong. Pass kbfgs a "
-          "`dense_layers` predicate returning the number of contracted "
-          "leading kernel axes for this leaf.")
+          f"{d_out} were expected from the params: its kernel's axes were "
+          "guessed wrong. Pass kbfgs a `dense_layers` predicate returning, "
+          f"for this leaf, {how}.")
     return out_shape
 
-  def _record_nested(self, call, kind, location, index, bias_index):
-    """A call in a nested transform: its statistics leave by a shadow."""
-    self._out_shape(index, call)
-    stack = self.shapes[index][:len(self.shapes[index]) - call.kernel.ndim]
-    path = self.paths[index]
-    layout = _shadows.Layout(call.rows.shape[1], self.perts[index].shape[0],
-                             self.want_second_moment is not False)
-    self.nested[index] = _Nested(path, stack, layout, kind, bias_index)
+  def _is_inner(self, value) -> bool:
+    """A tracer of a trace opened inside the tap's (a nested transform's),
+    not a concrete array or a tracer of the tap's or an enclosing trace
+    (a call on frozen weights or a cast of the params, in value_fn)."""
+    trace = _trace_of(value)
+    return trace is not None and not any(trace is t for t in self.own_traces)
+
+  def _record_nested(self, call, kind, location) -> Optional[jax.Array]:
+    """A linen call in a nested transform: its statistics leave by the
+    shadow beside its kernel. The first pass finds the kernel leaves it may
+    be (by scope path and shape); the shadow pass reads the shadow its
+    module received. ``None``: not such a call, or no shadow reached it."""
+    if location is None or not self._is_inner(call.outputs):
+      return None
     if not self.shadows_on:
+      self._find_nested(call, kind, location)
       return call.outputs
-    shadow = location.shadow()
-    rows = call.rows.astype(self.stats_dtype)
-    second = (_second_moment(rows, self.want_second_moment)
-              if layout.second_moment else None)
-    stats = _shadows.stats_vector(
-        rows, call.outputs.reshape(-1, layout.d_out), second, shadow.dtype)
-    return _shadows.emit(1 + layout.d_in + layout.d_out, layout.d_out,
-                         shadow, stats, call.outputs)
+    found = _shadows.find(location.params)
+    if found is None or found[0] not in self.nested:
+      return None
+    index, shadow = found
+    info = self.nested[index]
+    if shadow.dtype != self.stats_dtype:
+      return None  # params cast in value_fn: statistics would lose precision
+    self.emitted.add(index)
+    want = self.want_second_moment
+    spec = _shadows.Emit(
+        info.layout, self.stats_dtype, _second_moment,
+        static_want=want if isinstance(want, bool) else None,
+        in_backward=call.rows.shape[0] <= info.layout.d_in)
+    return _shadows.emit(spec, shadow, call.rows, call.outputs,
+                         jnp.asarray(want, self.stats_dtype))
+
+  def _find_nested(self, call, kind, location) -> None:
+    """First pass: records every tapped kernel leaf this call may use."""
+    ndim = call.kernel.ndim
+    for index in self.path_index.get(location.path + ("kernel",), ()):
+      shape = self.shapes[index]
+      if index not in self.perts or tuple(shape[len(shape) - ndim:]) != (
+          call.kernel.shape):
+        continue
+      stack = tuple(shape[:len(shape) - ndim])
+      self._out_shape(index, call, len(stack))
+      bias_path = self.paths[index][:-1] + ("bias",)
+      bias = None if call.bias is None else next(
+          (i for i in self.path_index.get(bias_path, ())
+           if self.paths[i] == bias_path), None)
+      layout = _shadows.Layout(call.rows.shape[1], self.perts[index].shape[0],
+                               self.want_second_moment is not False)
+      self.nested[index] = _Nested(self.paths[index], stack, layout, kind,
+                                   bias)
 
   def _accumulate(self, rec: _Record, rows, out) -> None:
     rows, out = rows.astype(self.stats_dtype), out.astype(self.stats_dtype)
@@ -402,14 +438,23 @@ def dense(x: jax.Array, kernel: jax.Array,
   if kernel.ndim != 2:
     raise ValueError(
         f"dense: kernel must be (d_in, d_out), got shape {kernel.shape}.")
-  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+  call = _affine(x, kernel, bias, precision=precision)
+  if not _CONTEXTS:
+    return call.outputs
+  return _CONTEXTS[-1].record(call)
+
+
+def _affine(x, kernel, bias, *, precision=None,
+            dtype=None) -> _layer_kinds.LayerCall:
+  """``x @ kernel + bias`` over the last axis of ``x`` (in ``dtype`` if
+  given), as a :class:`LayerCall` on the uncast leaves."""
+  cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+  y = jax.lax.dot_general(x, cast(kernel), (((x.ndim - 1,), (0,)), ((), ())),
                           precision=precision)
   if bias is not None:
-    y = y + bias
-  if not _CONTEXTS:
-    return y
-  rows = x.reshape(-1, kernel.shape[0])
-  return _CONTEXTS[-1].record(_layer_kinds.LayerCall(rows, y, 1, kernel, bias))
+    y = y + cast(bias)
+  return _layer_kinds.LayerCall(x.reshape(-1, kernel.shape[0]), y, 1, kernel,
+                                bias)
 
 
 # --- Flax adapters ---------------------------------------------------------
@@ -431,15 +476,10 @@ def _sublayer_dense(kind, module):
 
   def dense(x, name, dtype=None):
     sub = Location(location.path + (name,), location.params[name])
-    kernel = _kind_dense.unbox(sub.params["kernel"])
     bias = sub.params.get("bias")
-    bias = None if bias is None else _kind_dense.unbox(bias)
-    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
-    y = jax.lax.dot_general(x, cast(kernel),
-                            (((x.ndim - 1,), (0,)), ((), ())))
-    y = y if bias is None else y + cast(bias)
-    call = _layer_kinds.LayerCall(x.reshape(-1, kernel.shape[0]), y, 1,
-                                  kernel, bias)
+    call = _affine(x, _kind_dense.unbox(sub.params["kernel"]),
+                   None if bias is None else _kind_dense.unbox(bias),
+                   dtype=dtype)
     return _CONTEXTS[-1].record(call, kind.name, sub)
 
   return dense
@@ -451,8 +491,12 @@ def _linen_interceptor(next_fun, args, kwargs, context):
   for kind in _layer_kinds.layer_kinds():
     if isinstance(context.module, kind.linen_types()):
       if kind.rewrite is not None:
-        return kind.rewrite(context.module, args, kwargs,
-                            _sublayer_dense(kind, context.module))
+        out = kind.rewrite(context.module, args, kwargs,
+                           _sublayer_dense(kind, context.module))
+        if not isinstance(out, str):
+          return out
+        _CONTEXTS[-1].untapped += 1  # the reason: docs/kbfgs.md
+        return next_fun(*args, **kwargs)
       y = next_fun(*args, **kwargs)
       return _tapped_call(kind, context.module, args, kwargs, y)
   return next_fun(*args, **kwargs)
@@ -588,20 +632,28 @@ def tap_dense_layers(
                           second_moment=second_moment, dtype=dtype,
                           axis_name=axis_name)
   out = run(params)
-  shadows = {n.path: jnp.zeros(n.stack + (n.layout.size,), dtype)
-             for n in out.ctx.nested.values()}
-  injected = _shadows.insert(params, shadows) if shadows else None
-  if injected is not None:  # again, the nested calls' statistics leaving
-    out = run(injected, shadows_on=True)  # (the first pass is dead code)
-  loss, grads, pert_grads, aux, ctx = out
-  grads, cts = _shadows.remove(grads)
-  cts = {i: cts[n.path] for i, n in ctx.nested.items() if n.path in cts}
+  found = out.ctx.nested
+  injected = _shadows.insert(params, {
+      i: (n.path, jnp.zeros(n.stack + (n.layout.size,), dtype))
+      for i, n in found.items()}) if found else None
+  cts = {}
+  if injected is not None:  # again, with the nested calls' statistics
+    out, cts = _shadow_pass(run, injected, out)  # leaving (the first pass:
+  loss, grads, pert_grads, aux, ctx = out        # dead code then)
+  cts = {i: cts[i] for i in ctx.emitted}
   if axis_name is not None:  # one all-reduce for everything that is used
     local = grads if with_grads and local_grads else None
     grads = grads if with_grads and not local_grads else None
     loss, grads, aux, pert_grads, cts = _parallel.global_mean(
         (loss, grads, aux, {i: pert_grads[i] for i in aux}, cts), axis_name)
     grads = local if local is not None else grads
+  return _result(loss, grads if with_grads else None, ctx, aux, pert_grads,
+                 cts, with_path)
+
+
+def _result(loss, grads, ctx: _Context, aux, pert_grads, cts,
+            with_path) -> TapResult:
+  """The :class:`TapResult` of the last pass."""
   layers = {index: _layer_tap(rec, aux[index], pert_grads[index],
                               with_path[index][0])
             for index, rec in ctx.records.items()}
@@ -612,9 +664,24 @@ def tap_dense_layers(
                  if i not in layers}
   unsupported.update({i: _NO_SHADOW for i in ctx.nested if i not in layers})
   unsupported.update(ctx.unsupported)
-  return TapResult(loss, grads if with_grads else None,
-                   dict(sorted(layers.items())), ctx.untapped,
+  return TapResult(loss, grads, dict(sorted(layers.items())), ctx.untapped,
                    tuple(sorted(unsupported.items())))
+
+
+def _shadow_pass(run, injected, first):
+  """The pass with shadows, and the shadows' cotangents; the first pass
+  (nested calls untapped, with the reason) if ``value_fn`` cannot take
+  the extra leaves (it maps the params with another tree, ravels them)."""
+  try:
+    out = run(injected, nested=first.ctx.nested)
+  except (ValueError, TypeError, KeyError) as err:
+    reason = (f"{_NO_SHADOW.split(':')[0]}: value_fn does not accept extra "
+              f"leaves in the params ({type(err).__name__}: "
+              f"{str(err).splitlines()[0][:120]})")
+    first.ctx.unsupported.update({i: reason for i in first.ctx.nested})
+    return first, {}
+  grads, cts = _shadows.remove(out.grads)
+  return out._replace(grads=grads), cts
 
 
 class _Pass(NamedTuple):
@@ -626,13 +693,15 @@ class _Pass(NamedTuple):
 
 
 def _vjp_pass(checked, params, *, perts, paths, second_moment, dtype,
-              axis_name, shadows_on=False) -> _Pass:
-  """One tapped forward pass and its ``jax.vjp`` at the loss."""
-  box = {}
+              axis_name, nested=None) -> _Pass:
+  """One tapped forward pass and its ``jax.vjp`` at the loss; with
+  ``nested`` (the first pass's finds), the params carry shadows."""
+  box = {}  # the context, filled while jax.vjp traces `tapped`
 
   def tapped(p, e):
-    leaves = jax.tree_util.tree_leaves(_shadows.remove(p)[0])
-    ctx = _Context(leaves, e, second_moment, dtype, paths, shadows_on)
+    clean = _shadows.remove(p)[0] if nested else p
+    ctx = _Context(jax.tree_util.tree_leaves(clean), e, second_moment, dtype,
+                   paths, shadows_on=bool(nested), nested=nested)
     with _tapping(ctx):
       loss = checked(p)
     box["ctx"] = ctx

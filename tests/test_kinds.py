@@ -365,7 +365,7 @@ def test_coverage_names_each_leafs_kind_or_reason_and_matches_kbfgs():
   rnn = [leaf for path, leaf in by_path.items() if "SimpleCell" in path]
   assert rnn and all(leaf.kind == "dense" for leaf in rnn)  # via shadows
   plain = by_path["['plain_scan']['kernel']"]
-  assert plain.kind is None and "nn.scan" in plain.reason
+  assert plain.kind is None and "jax.lax.scan" in plain.reason
   sizes = {leaf.path: math.prod(leaf.shape) for leaf in report.leaves}
   kept = sum(sizes[p] for p, leaf in by_path.items() if leaf.kind)
   assert report.fraction == pytest.approx(kept / sum(sizes.values()))

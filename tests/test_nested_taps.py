@@ -184,3 +184,29 @@ def test_scanned_layers_are_found_in_the_whole_variables_dict():
   loss = lambda v: jnp.sum(_Scanned().apply(v, x) ** 2)
   report = olw.kbfgs_coverage(loss, variables)
   assert report.fraction == 1.0, str(report)
+
+
+def test_frozen_teacher_and_cell_subclass_are_left_alone():
+  """A frozen network with the same module names (distillation), scanned
+  by nn.RNN, is not tapped; its calls do not take the student's shadows.
+  A subclass of ``nn.OptimizedLSTMCell`` with its own ``__call__`` runs as
+  written (the tap's loss is the loss), untapped."""
+
+  class HalfCell(nn.OptimizedLSTMCell):
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+      (c, h), y = super().__call__(carry, inputs)
+      return (c, 0.5 * h), 0.5 * y
+
+  x = jax.random.normal(jax.random.PRNGKey(_seed()), (4, 5, 3))
+  for cell, tapped in ((nn.OptimizedLSTMCell(6), True), (HalfCell(6), False)):
+    model = nn.RNN(cell)
+    student = model.init(jax.random.PRNGKey(0), x)["params"]
+    teacher = model.init(jax.random.PRNGKey(1), x)["params"]
+    loss = lambda p, m=model, t=teacher: jnp.mean(
+        (m.apply({"params": p}, x) - m.apply({"params": t}, x)) ** 2)
+    res = olw.tap_dense_layers(loss, student)
+    np.testing.assert_allclose(res.loss, loss(student), rtol=1e-6)
+    assert len(res.layers) == (8 if tapped else 0), res.layers.keys()
+    assert res.num_untapped_calls > 0  # the teacher's calls (and HalfCell)
