@@ -26,6 +26,8 @@ or two; ``width`` scales the hidden sizes for the benchmark sweep.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,3 +267,12 @@ def layer_rayleigh(loss, params, data, layers):
     return jnp.stack(out)
 
   return np.asarray(quotients(params, data))
+
+
+def kernel_fraction(report) -> float:
+  """Share of the parameters in kernels (2-D or more, not embeddings) that
+  an ``olw.kbfgs_coverage`` report says K-BFGS preconditions."""
+  sizes = [(math.prod(leaf.shape), leaf.kind is not None)
+           for leaf in report.leaves
+           if len(leaf.shape) >= 2 and "embed" not in leaf.path.lower()]
+  return sum(s for s, kept in sizes if kept) / sum(s for s, _ in sizes)

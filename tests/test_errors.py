@@ -110,7 +110,9 @@ def test_kbfgs_without_a_tappable_dense_layer():
   xs, ts = tiny.batches(jax.random.PRNGKey(1), 1)
   supported = re.escape("Supported layers: flax.linen.Dense, "
                         "flax.linen.DenseGeneral, flax.linen.Einsum, "
-                        "flax.linen.Conv, flax.nnx.Linear, "
+                        "flax.linen.Conv, flax.linen.OptimizedLSTMCell, "
+                        "linen layers inside nn.scan / nn.RNN / nn.remat, "
+                        "flax.nnx.Linear, "
                         "flax.nnx.LinearGeneral, flax.nnx.Einsum, "
                         "flax.nnx.Conv, optax_layerwise.dense (plain JAX), "
                         "kinds added with optax_layerwise.register_layer_kind.")

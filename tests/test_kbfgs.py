@@ -678,7 +678,7 @@ def test_defaults_stay_finite_on_the_curves_autoencoder(memory):
   from benchmarks import models
   x = jnp.asarray(data_lib.make_curves(2000, 10, seed=0).x_train.reshape(
       2000, -1), jnp.float32)
-  batches = x.reshape(10, 200, -1)[jnp.arange(200) % 10]  # 20 epochs
+  batches = x.reshape(20, 100, -1)[jnp.arange(200) % 20]  # 10 epochs
   tx = olw.kbfgs(memory_size=memory)
   model = models.Autoencoder(models.CURVES_AE_WIDTHS)
 

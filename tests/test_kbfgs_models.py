@@ -1,15 +1,15 @@
 """K-BFGS on the kinds of Flax models users train (small, random data).
 
-Each model runs 10 steps of K-BFGS or K-BFGS(L) at their defaults: the loss
-must stay finite and go down, and the kernels (2-D or more, embeddings
-aside) must be preconditioned, >= 90 % (the fraction is printed). The
+Each model runs 10 steps of K-BFGS(L) (and some of K-BFGS) at their
+defaults: the loss must stay finite and go down, and the kernels (2-D or
+more, embeddings aside) must be preconditioned, >= 90 % (the fraction is
+printed). The
 models: a linen CNN, a conv net with BatchNorm, a transformer LM with tied
 embeddings, two blocks stacked by ``nn.scan`` (one set of factors per
 slice), an LSTM through ``nn.RNN(nn.OptimizedLSTMCell)`` (statistics over
 all time steps), an NNX CNN and an NNX transformer.
 """
 
-import math
 import warnings
 
 import flax.linen as nn
@@ -176,18 +176,13 @@ MODELS = {
 }
 
 
-def _kernel_fraction(report) -> float:
-  """Preconditioned share of the parameters in kernels (2-D or more, not
-  embeddings)."""
-  sizes = [(math.prod(leaf.shape), leaf.kind is not None)
-           for leaf in report.leaves
-           if len(leaf.shape) >= 2 and "embed" not in leaf.path.lower()]
-  return sum(s for s, kept in sizes if kept) / sum(s for s, _ in sizes)
-
-
-# K-BFGS and K-BFGS(L) (the same taps, another H_g) on every model.
-CASES = [pytest.param(m, memory, id=f"{n}-kbfgs{'_l' if memory else ''}")
-         for n, m in MODELS.items() for memory in (None, 5)]
+# K-BFGS(L) on every model; K-BFGS (the same taps, another H_g) on those
+# whose kinds tests/test_real_models.py does not run it on (it runs K-BFGS on
+# a conv net with BatchNorm, the LSTM, the scanned LM and the NNX
+# transformer, with the same coverage check).
+CASES = [pytest.param(m, 5, id=f"{n}-kbfgs_l") for n, m in MODELS.items()] + [
+    pytest.param(MODELS[n], None, id=f"{n}-kbfgs")
+    for n in ("linen_cnn", "linen_transformer_tied", "nnx_cnn")]
 
 
 @pytest.mark.parametrize("make,memory", CASES)
@@ -195,7 +190,7 @@ def test_kbfgs_trains_real_model_kinds(make, memory):
   key = jax.random.PRNGKey(np.random.SeedSequence().entropy % 2**31)
   params, value_fn = make(key)
   report = olw.kbfgs_coverage(value_fn, params)
-  fraction = _kernel_fraction(report)
+  fraction = flax_models.kernel_fraction(report)
   print(f"preconditioned {fraction:.1%} of the kernel parameters\n{report}")
   assert fraction >= 0.9, str(report)
   tx = olw.kbfgs(memory_size=memory)
