@@ -623,6 +623,7 @@ def test_layer_step_is_minus_b_over_q_from_jax_grad(x64):
   fixed = olw.kbfgs(0.1, step_rule="fixed", **hyper)
   params = _plain_params(w, b)
   state = tx.init(params)
+  unguarded = 0
   for x, t in batches:
     loss = lambda p, x=x, t=t: _plain_loss(p, x, t)
     grads = jax.grad(loss)(params)
@@ -639,6 +640,7 @@ def test_layer_step_is_minus_b_over_q_from_jax_grad(x64):
       np.testing.assert_allclose(state.decreases[l], b_l, rtol=1e-10)
       np.testing.assert_allclose(state.curvatures[l], q_l, rtol=1e-8)
       if q_l > 0 and b_l < 0:  # no safeguard fires
+        unguarded += 1
         np.testing.assert_allclose(state.step_sizes[l], -b_l / q_l, rtol=1e-8)
         for k in params[name]:
           np.testing.assert_allclose(updates[name][k],
@@ -646,8 +648,9 @@ def test_layer_step_is_minus_b_over_q_from_jax_grad(x64):
                                      atol=1e-14)
     params = optax.apply_updates(params, updates)
   assert int(state.count) == len(batches)
-  # Most measurements were accepted (tanh net, small steps: q_l > 0).
-  assert int(np.sum(state.num_fallbacks)) <= len(NAMES)
+  # The rule itself was checked on most layer-steps (tanh net, small steps:
+  # q_l > 0 mostly; 8 to 12 of the 12 seen).
+  assert unguarded >= len(batches) * len(NAMES) // 2, unguarded
 
 
 def test_tangent_pair_measures_the_exact_curvature_along_the_step(x64):
@@ -669,7 +672,7 @@ def test_tangent_pair_measures_the_exact_curvature_along_the_step(x64):
     np.testing.assert_allclose(state.curvatures[l], q_l, rtol=1e-8)
 
 
-@pytest.mark.parametrize("memory", [None, 10])
+@pytest.mark.parametrize("memory", [None])  # K-BFGS(L): test_kbfgs_models
 def test_defaults_stay_finite_on_the_curves_autoencoder(memory):
   """The defaults, with no learning rate tuned, on the K-BFGS paper's CURVES
   autoencoder with Flax's default (LeCun normal), Glorot and the authors'

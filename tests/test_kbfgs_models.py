@@ -3,11 +3,11 @@
 Each model runs 10 steps of K-BFGS(L) (and some of K-BFGS) at their
 defaults: the loss must stay finite and go down, and the kernels (2-D or
 more, embeddings aside) must be preconditioned, >= 90 % (the fraction is
-printed). The
-models: a linen CNN, a conv net with BatchNorm, a transformer LM with tied
-embeddings, two blocks stacked by ``nn.scan`` (one set of factors per
-slice), an LSTM through ``nn.RNN(nn.OptimizedLSTMCell)`` (statistics over
-all time steps), an NNX CNN and an NNX transformer.
+printed). The models: a linen CNN, a conv net with BatchNorm, a transformer
+LM with ``MultiHeadDotProductAttention``, tied embeddings and two logically
+partitioned blocks stacked by ``nn.scan`` (one set of factors per slice), an
+LSTM through ``nn.RNN(nn.OptimizedLSTMCell)`` (statistics over all time
+steps), an NNX CNN and an NNX transformer.
 """
 
 import warnings
@@ -61,17 +61,6 @@ class _Block(nn.Module):
     h = nn.gelu(nn.Dense(32, kernel_init=init("embed", "mlp"))(
         nn.LayerNorm()(x)))
     return x + nn.Dense(16, kernel_init=init("mlp", "embed"))(h)
-
-
-class _LM(nn.Module):
-  """A linen transformer LM with tied embeddings (``Embed.attend``)."""
-
-  @nn.compact
-  def __call__(self, tokens):
-    embed = nn.Embed(VOCAB, 16)
-    x = embed(tokens)
-    x = _Block()(x)
-    return embed.attend(nn.LayerNorm()(x))
 
 
 class _ScannedLM(nn.Module):
@@ -168,7 +157,6 @@ def _nnx(cls, data):
 MODELS = {
     "linen_cnn": _linen(_CNN(), _images),
     "linen_conv_batchnorm": _linen(_ConvBN(), _images),
-    "linen_transformer_tied": _linen(_LM(), _tokens),
     "nnx_cnn": _nnx(_NNXCNN, _images),
     "nnx_transformer": _nnx(_NNXLM, _tokens),
     "linen_scanned_blocks": _linen(_ScannedLM(), _tokens),
@@ -182,7 +170,7 @@ MODELS = {
 # transformer, with the same coverage check).
 CASES = [pytest.param(m, 5, id=f"{n}-kbfgs_l") for n, m in MODELS.items()] + [
     pytest.param(MODELS[n], None, id=f"{n}-kbfgs")
-    for n in ("linen_cnn", "linen_transformer_tied", "nnx_cnn")]
+    for n in ("linen_cnn", "nnx_cnn")]
 
 
 @pytest.mark.parametrize("make,memory", CASES)
