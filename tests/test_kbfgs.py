@@ -624,13 +624,19 @@ def test_layer_step_is_minus_b_over_q_from_jax_grad(x64):
   params = _plain_params(w, b)
   state = tx.init(params)
   unguarded = 0
-  for x, t in batches:
-    loss = lambda p, x=x, t=t: _plain_loss(p, x, t)
+
+  @jax.jit
+  def step(params, state, x, t):
+    loss = lambda p: _plain_loss(p, x, t)
     grads = jax.grad(loss)(params)
     # The same state: the fixed rule returns the trial step delta itself.
     trial, _ = fixed.update(grads, state, params, value_fn=loss)
     updates, state = tx.update(grads, state, params, value_fn=loss)
     g1 = jax.grad(loss)(optax.apply_updates(params, trial))
+    return grads, trial, updates, state, g1
+
+  for x, t in batches:
+    grads, trial, updates, state, g1 = step(params, state, x, t)
     for l, name in enumerate(NAMES):
       dot = lambda a, c: sum(float(jnp.vdot(a[name][k], c[name][k]))
                              for k in a[name])

@@ -160,14 +160,14 @@ class _LoopRNN(nn.Module):
 @pytest.mark.parametrize("pair", ["secant", "tangent"])
 def test_rnn_cell_statistics_combine_all_time_steps(x64, pair):
   key = jax.random.PRNGKey(_seed())
-  x = jnp.zeros((4, 6, 3), jnp.float64)
+  x = jnp.zeros((4, 4, 3), jnp.float64)
   params = _FusedRNN().init(key, x)["params"]
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
       _LoopRNN().init(key, x)["params"])
   report = olw.kbfgs_coverage(
       lambda p: jnp.sum(_FusedRNN().apply({"params": p}, x)), params)
   assert report.fraction == 1.0, str(report)
-  batches = _batches(jax.random.fold_in(key, 1), (4, 6, 3), 2)
+  batches = _batches(jax.random.fold_in(key, 1), (4, 4, 3), 2)
   tx = olw.kbfgs(pair=pair)
   fused = _run(_FusedRNN(), params, batches, tx)
   loop = _run(_LoopRNN(), params, batches, tx)
