@@ -26,6 +26,7 @@ or two; ``width`` scales the hidden sizes for the benchmark sweep.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -171,62 +172,48 @@ def make_problem(kind: str, seed: int = 0, *, width: int = 1,
     tokens = jnp.asarray(rng.integers(0, vocab, (batch, 8)))
     if kind == "transformer":
       model = _Transformer(vocab, dim, heads)
-      return (model.init(key, tokens)["params"], _lm_loss(model),
-              (tokens, tokens))
+      return (model.init(key, tokens)["params"],
+              _linen_loss(model, _tokens_loss), (tokens, tokens))
     module = _NNXTransformer(vocab, dim, heads, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     return params, _nnx_lm_loss(graphdef), (tokens, rest)
   raise ValueError(f"unknown model kind {kind!r}; use one of {KINDS}.")
 
 
-_CACHE = {}
+# One loss function per model configuration (stable jit cache keys: linen
+# modules and NNX graph definitions are hashable).
 
 
-def _cached(key, build):
-  """One loss function per model configuration (stable jit cache keys)."""
-  if key not in _CACHE:
-    _CACHE[key] = build()
-  return _CACHE[key]
+@functools.cache
+def _linen_loss(model, criterion=None):
+  """``criterion(model(x), y)`` on ``data = (x, y)`` (default: class
+  cross-entropy; ``_tokens_loss`` with ``y = x`` for a language model)."""
+  criterion = criterion or _classes_loss
+
+  def loss(p, data):
+    x, y = data
+    return criterion(model.apply({"params": p}, x), y)
+  return loss
 
 
-def _linen_loss(model):
-  def build():
-    def loss(p, data):
-      x, y = data
-      return _classes_loss(model.apply({"params": p}, x), y)
-    return loss
-  return _cached(("linen", model), build)
-
-
+@functools.cache
 def _batchnorm_loss(model):
-  def build():
-    def loss(p, data):
-      x, y, stats = data
-      # As a user writes it: training-mode BatchNorm, the updated running
-      # averages dropped (value_fn returns the loss only).
-      logits, _ = model.apply({"params": p, "batch_stats": stats}, x,
-                              train=True, mutable=["batch_stats"])
-      return _classes_loss(logits, y)
-    return loss
-  return _cached(("batchnorm", model), build)
+  def loss(p, data):
+    x, y, stats = data
+    # As a user writes it: training-mode BatchNorm, the updated running
+    # averages dropped (value_fn returns the loss only).
+    logits, _ = model.apply({"params": p, "batch_stats": stats}, x,
+                            train=True, mutable=["batch_stats"])
+    return _classes_loss(logits, y)
+  return loss
 
 
-def _lm_loss(model):
-  def build():
-    def loss(p, data):
-      tokens, _ = data
-      return _tokens_loss(model.apply({"params": p}, tokens), tokens)
-    return loss
-  return _cached(("lm", model), build)
-
-
+@functools.cache
 def _nnx_lm_loss(graphdef):
-  def build():
-    def loss(p, data):
-      tokens, rest = data
-      return _tokens_loss(nnx.merge(graphdef, p, rest)(tokens), tokens)
-    return loss
-  return _cached(("nnx", graphdef), build)
+  def loss(p, data):
+    tokens, rest = data
+    return _tokens_loss(nnx.merge(graphdef, p, rest)(tokens), tokens)
+  return loss
 
 
 def train(tx, value_fn, params, num_steps: int = 10):
