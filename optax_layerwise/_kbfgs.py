@@ -461,7 +461,7 @@ def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps,
                          "theta but not at theta + delta; value_fn must "
                          "call the same layers for all params.")
       pairs[_key(spec)] = (after.output_mean - before.output_mean,
-                     after.output_grad - before.output_grad)
+                           after.output_grad - before.output_grad)
     grad_change = None if not cfg.layerwise else [
         a - b for a, b in zip(jax.tree_util.tree_leaves(plus.grads),
                               jax.tree_util.tree_leaves(taps.grads))]
@@ -469,8 +469,9 @@ def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps,
 
   def means(p):
     res = _second_tap(cfg, value_fn, p, tapped, measure)
-    return {_key(s): (_layer_tap(res, s).output_mean,
-                _layer_tap(res, s).output_grad) for s in tapped}, res.grads
+    layer_taps = {_key(s): _layer_tap(res, s) for s in tapped}
+    return {k: (t.output_mean, t.output_grad)
+            for k, t in layer_taps.items()}, res.grads
 
   # The tangent of the gradient is the Hessian-vector product H delta.
   _, (pairs, hess_delta) = jax.jvp(means, (params,), (updates,))

@@ -228,14 +228,14 @@ def _stack_and_split(path: tuple, shape: tuple,
       for split in range(len(inner) - 1, 0, -1):
         if inner[split:] == inner_bias:
           return stack, split
-  return 0, _split(path, shape, None)
+  return 0, _split_without_bias(path, shape)
 
 
-def _split(path: tuple, shape: tuple, bias_shape: Optional[tuple]) -> int:
-  """How many leading kernel axes are contracted with the input.
+def _split_without_bias(path: tuple, shape: tuple) -> int:
+  """How many leading kernel axes are contracted with the input, for a
+  kernel whose bias does not settle it (:func:`_stack_and_split`).
 
-  A bias has the output axes' shape, which settles it. Without one, a
-  kernel of rank 4 or 5, or under a key containing ``"conv"``, is a
+  A kernel of rank 4 or 5, or under a key containing ``"conv"``, is a
   convolution's ``(*window, c_in, c_out)`` (one output axis); a rank-3
   kernel takes the split whose matrix is closest to square (attention's
   projections ``(d, heads, head_dim)`` and ``(heads, head_dim, d)``, and
@@ -246,10 +246,6 @@ def _split(path: tuple, shape: tuple, bias_shape: Optional[tuple]) -> int:
   ndim = len(shape)
   if ndim == 2:
     return 1
-  if bias_shape is not None:
-    for split in range(ndim - 1, 0, -1):
-      if tuple(shape[split:]) == tuple(bias_shape):
-        return split
   if ndim > 3 or any("conv" in key_name(k).lower() for k in path):
     return ndim - 1
 

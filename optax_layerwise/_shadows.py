@@ -62,6 +62,14 @@ class Layout:
     return 1 + self.d_in + 2 * self.d_out + (
         self.d_in * self.d_in if self.second_moment else 0)
 
+  def pack(self, count, sum_x, sum_y, sum_g, sum_xx, dtype) -> jax.Array:
+    """The vector ``[count, sum_x, sum_y, sum_g, sum_xx]`` in ``dtype``
+    (``sum_xx`` left out unless the layout has the second moment)."""
+    parts = [jnp.reshape(count, (1,)), sum_x, sum_y, sum_g]
+    if self.second_moment:
+      parts.append(jnp.reshape(sum_xx, (-1,)))
+    return jnp.concatenate([jnp.asarray(x, dtype) for x in parts])
+
   def unpack(self, vec: jax.Array) -> dict:
     """Means of the statistics from a ``(..., size)`` vector of sums."""
     count = vec[..., :1]
@@ -88,17 +96,17 @@ class Emit:
   static_want: Optional[bool]
   in_backward: bool  # form them in the backward pass from the saved rows
 
-  def stats(self, rows, out, want) -> jax.Array:
-    """``[count, sum_x, sum_y, sum_xx]`` of one call."""
+  def stats(self, rows, out, want) -> tuple:
+    """``(sum_x, sum_y, sum_xx)`` of one call (``sum_xx`` ``None`` unless
+    the layout has the second moment)."""
     rows = rows.astype(self.dtype)
-    parts = [jnp.full((1,), rows.shape[0], self.dtype),
-             jnp.sum(rows, axis=0),
-             jnp.sum(out.reshape(-1, self.layout.d_out).astype(self.dtype),
-                     axis=0)]
+    sum_y = jnp.sum(out.reshape(-1, self.layout.d_out).astype(self.dtype),
+                    axis=0)
+    sum_xx = None
     if self.layout.second_moment:
       pred = self.static_want if self.static_want is not None else want > 0
-      parts.append(self.gram(rows, pred).reshape(-1))
-    return jnp.concatenate(parts)
+      sum_xx = self.gram(rows, pred)
+    return jnp.sum(rows, axis=0), sum_y, sum_xx
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -119,17 +127,19 @@ def emit(spec: Emit, shadow: jax.Array, rows: jax.Array, y: jax.Array,
 
 def _emit_fwd(spec: Emit, shadow, rows, y, want):
   del shadow
+  count = jnp.asarray(rows.shape[0], spec.dtype)
   if spec.in_backward:
-    return y, (rows, y, want)
-  return y, spec.stats(rows, y, want)
+    return y, (count, (rows, y, want))
+  return y, (count, spec.stats(rows, y, want))
 
 
 def _emit_bwd(spec: Emit, saved, g):
-  stats = spec.stats(*saved) if spec.in_backward else saved
-  head = 1 + spec.layout.d_in + spec.layout.d_out
-  g_sum = jnp.sum(g.reshape(-1, spec.layout.d_out).astype(spec.dtype),
+  count, saved = saved
+  sum_x, sum_y, sum_xx = spec.stats(*saved) if spec.in_backward else saved
+  sum_g = jnp.sum(g.reshape(-1, spec.layout.d_out).astype(spec.dtype),
                   axis=0)
-  shadow_ct = jnp.concatenate([stats[:head], g_sum, stats[head:]])
+  shadow_ct = spec.layout.pack(count, sum_x, sum_y, sum_g, sum_xx,
+                               spec.dtype)
   return shadow_ct, None, g, None
 
 

@@ -81,9 +81,9 @@ _NESTED = ("called only inside a transform nested in value_fn that is not "
            "its statistics cannot leave that trace")
 
 _NO_SHADOW = ("called inside nn.scan / nn.RNN, but no shadow leaf reached it "
-              "to carry its statistics out: its params must come from the "
-              "params given to value_fn as nested dicts, unchanged (no cast "
-              "or copy in value_fn)")
+              "to carry its statistics out")
+_SHADOW_NEEDS = (": its params must come from the params given to value_fn "
+                 "as nested dicts, unchanged (no cast or copy in value_fn)")
 
 # The stack of active tap contexts. It is empty outside `tap_dense_layers`;
 # a lock serialises the (trace-time only) patching of `nnx.Linear`.
@@ -218,13 +218,13 @@ class _Context:
   """One active tap: kernel identities, perturbations, and the records."""
 
   def __init__(self, leaves, perts, want_second_moment, stats_dtype,
-               paths=(), shadows_on=False, nested=None):
+               paths=(), nested=None):
+    """``nested``: the first pass's finds, given to the shadow pass."""
     self.kernel_pos = {id(leaves[index]): index for index in perts}
     self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
     self.paths = list(paths)
-    self.path_index = _suffix_index(paths)
     self.shapes = [jnp.shape(leaf) for leaf in leaves]
-    self.shadows_on = shadows_on
+    self.shadows_on = bool(nested)
     self.nested: dict = dict(nested or {})
     self.emitted: set = set()
     self.own_traces = _ancestors(_trace_of(next(iter(perts.values()))) if (
@@ -236,6 +236,11 @@ class _Context:
     self.untapped = 0
     self.untapped_kernels: set = set()
     self.unsupported: dict = {}
+
+  @functools.cached_property
+  def path_index(self) -> dict:
+    """Leaves by path suffix, built on the first nested call only."""
+    return _suffix_index(self.paths)
 
   def skip(self, kernel, reason: str) -> None:
     """A call of a tapped kernel that its kind cannot precondition."""
@@ -342,9 +347,8 @@ class _Context:
       stack = tuple(shape[:len(shape) - ndim])
       self._out_shape(index, call, len(stack))
       bias_path = self.paths[index][:-1] + ("bias",)
-      bias = None if call.bias is None else next(
-          (i for i in self.path_index.get(bias_path, ())
-           if self.paths[i] == bias_path), None)
+      bias = self.paths.index(bias_path) if (
+          call.bias is not None and bias_path in self.paths) else None
       layout = _shadows.Layout(call.rows.shape[1], self.perts[index].shape[0],
                                self.want_second_moment is not False)
       self.nested[index] = _Nested(self.paths[index], stack, layout, kind,
@@ -662,7 +666,8 @@ def _result(loss, grads, ctx: _Context, aux, pert_grads, cts,
                                 index, with_path[index][0])
   unsupported = {i: _NESTED for i in ctx.untapped_kernels
                  if i not in layers}
-  unsupported.update({i: _NO_SHADOW for i in ctx.nested if i not in layers})
+  unsupported.update({i: _NO_SHADOW + _SHADOW_NEEDS for i in ctx.nested
+                      if i not in layers})
   unsupported.update(ctx.unsupported)
   return TapResult(loss, grads, dict(sorted(layers.items())), ctx.untapped,
                    tuple(sorted(unsupported.items())))
@@ -675,8 +680,8 @@ def _shadow_pass(run, injected, first):
   try:
     out = run(injected, nested=first.ctx.nested)
   except (ValueError, TypeError, KeyError) as err:
-    reason = (f"{_NO_SHADOW.split(':')[0]}: value_fn does not accept extra "
-              f"leaves in the params ({type(err).__name__}: "
+    reason = (f"{_NO_SHADOW}: value_fn does not accept extra leaves in the "
+              f"params ({type(err).__name__}: "
               f"{str(err).splitlines()[0][:120]})")
     first.ctx.unsupported.update({i: reason for i in first.ctx.nested})
     return first, {}
@@ -701,7 +706,7 @@ def _vjp_pass(checked, params, *, perts, paths, second_moment, dtype,
   def tapped(p, e):
     clean = _shadows.remove(p)[0] if nested else p
     ctx = _Context(jax.tree_util.tree_leaves(clean), e, second_moment, dtype,
-                   paths, shadows_on=bool(nested), nested=nested)
+                   paths, nested=nested)
     with _tapping(ctx):
       loss = checked(p)
     box["ctx"] = ctx
@@ -747,11 +752,11 @@ def _nested_tap(info: _Nested, shadow_ct, direct: Optional[DenseTap],
 
 def _as_sums(tap: DenseTap, layout: _shadows.Layout, dtype) -> jax.Array:
   """A direct tap written as a shadow vector of sums."""
-  n = jnp.full((1,), tap.num_rows, dtype)
-  parts = [n, tap.input_mean * n, tap.output_mean * n, tap.output_grad]
-  if layout.second_moment:
-    parts.append((tap.input_second_moment * n).reshape(-1))
-  return jnp.concatenate([x.astype(dtype) for x in parts])
+  n = tap.num_rows
+  second = tap.input_second_moment
+  return layout.pack(n, tap.input_mean * n, tap.output_mean * n,
+                     tap.output_grad, None if second is None else second * n,
+                     dtype)
 
 
 def no_tappable_layer_error(transform: str, untapped: int) -> ValueError:
