@@ -164,7 +164,7 @@ def double_damping(
   return s, y, powell, lm
 
 
-def hessian_action_pair(h_a: jax.Array, a_damped: jax.Array,
+def hessian_action_pair(h_a: jax.Array, a_damped,
                         abar: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The Hessian-action pair for ``H_a`` (docs/kbfgs.md, step 8).
 
@@ -174,14 +174,15 @@ def hessian_action_pair(h_a: jax.Array, a_damped: jax.Array,
 
   Args:
     h_a: ``(k, k)`` current ``H_a``.
-    a_damped: ``(k, k)`` ``A + sqrt(lambda) I``.
+    a_damped: ``(k, k)`` ``A + sqrt(lambda) I``, or a function applying it
+      to a vector (so that the damped matrix need not be formed).
     abar: ``(k,)`` mean (homogeneous) layer input.
 
   Returns:
     ``(s_a, y_a)``.
   """
   s_a = h_a @ abar
-  return s_a, a_damped @ s_a
+  return s_a, a_damped(s_a) if callable(a_damped) else a_damped @ s_a
 
 
 class LBFGSMemory(NamedTuple):

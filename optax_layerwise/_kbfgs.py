@@ -323,8 +323,7 @@ class _Config:
 class _Work(NamedTuple):
   """One layer's input-side quantities, computed once per step."""
   abar: jax.Array
-  a: jax.Array
-  a_damped: jax.Array
+  a_batch: jax.Array
   h_a: jax.Array
 
 
@@ -414,31 +413,51 @@ def _momentum(cfg: _Config, grad_leaves, leaves, mom_leaves) -> list:
 
 
 def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
-                  first, refresh) -> _Work:
-  """``A`` (moving average of ``A_batch``) and ``H_a`` (inverted only on
-  the first step)."""
+                  first) -> _Work:
+  """``abar``, ``A_batch`` and ``H_a`` (``(A_batch + sqrt(lambda) I)^-1`` on
+  the first step, the only explicit inverse)."""
   # The tap's statistics dtype is the widest of all layers': cast to this
   # layer's (float32 factors next to a float64 layer, say).
   abar, a_batch = (x.astype(ls.a.dtype) for x in _homogeneous(spec, tap))
-  a_new = jnp.where(first, a_batch, jnp.where(
-      refresh, cfg.beta * ls.a + (1.0 - cfg.beta) * a_batch, ls.a))
-  a_damped = a_new + cfg.sqrt_damping * jnp.eye(spec.k, dtype=a_new.dtype)
-  h_a = jax.lax.cond(first, _spd_inverse, lambda _, h=ls.h_a: h, a_damped)
-  return _Work(abar, a_new, a_damped, h_a)
+  h_a = jax.lax.cond(
+      first, lambda a: _spd_inverse(a + cfg.sqrt_damping * jnp.eye(
+          spec.k, dtype=a.dtype)), lambda _, h=ls.h_a: h, a_batch)
+  return _Work(abar, a_batch, h_a)
+
+
+def _new_a(cfg: _Config, ls: KBFGSLayerState, work: _Work, first, refresh):
+  """``A``: ``A_batch`` on the first step, else ``beta A + (1 - beta)
+  A_batch`` when ``refresh``, else unchanged (one elementwise pass)."""
+  average = cfg.beta * ls.a + (1.0 - cfg.beta) * work.a_batch
+  return jnp.where(first, work.a_batch, jnp.where(refresh, average, ls.a))
+
+
+def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
+                     refresh):
+  """``v -> (A + sqrt(lambda) I) v`` with this step's ``A`` (of
+  :func:`_new_a`), by matrix-vector products: the matrix is not formed."""
+  def action(v):
+    old, batch = ls.a @ v, work.a_batch @ v
+    av = jnp.where(first, batch, jnp.where(
+        refresh, cfg.beta * old + (1.0 - cfg.beta) * batch, old))
+    return av + cfg.sqrt_damping * v
+  return action
 
 
 def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
                 mom_leaves, leaves, lr):
-  """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
+  """``delta_l = -lr H_a M_l H_g``, bounded; the cap on ``t_l``; and the
+  unbounded step's squared norm (finite iff the step is: the finiteness
+  check, at no extra pass)."""
   step = -lr * cfg.h_g.apply(ls.h_g, work.h_a @ _matrix(mom_leaves, spec))
+  step_sq = jnp.sum(jnp.square(step))
   if cfg.max_relative_change is None:
-    return step, jnp.asarray(jnp.inf, step.dtype)
+    return step, jnp.asarray(jnp.inf, step.dtype), step_sq
   theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)
-  ratio = _layers.trust_ratio(theta_sq, jnp.sum(jnp.square(step)),
-                              cfg.max_relative_change)
+  ratio = _layers.trust_ratio(theta_sq, step_sq, cfg.max_relative_change)
   # The per-layer multiple t_l may not push the move past the bound: the
   # shortened step sits on it (ratio 1), a shorter one has room.
-  return step * jnp.minimum(1.0, ratio), jnp.maximum(ratio, 1.0)
+  return step * jnp.minimum(1.0, ratio), jnp.maximum(ratio, 1.0), step_sq
 
 
 # --- Phase 4: the pair, at theta + delta or along delta ---------------------
@@ -512,12 +531,14 @@ def _layer_steps(cfg: _Config, state: KBFGSState, rows: list, specs: tuple,
 
 
 def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
-                    pair, refresh):
+                    pair, first, refresh, take):
   """Double damping, BFGS of ``H_g`` and the Hessian-action BFGS of
   ``H_a``; returns the layer's new state and its (powell, lm, skipped,
-  skipped_a) flags."""
+  skipped_a) flags. ``take`` false (a skipped step) returns ``ls`` and no
+  flags: the selections sit inside the updates' own elementwise passes, so
+  a step costs no extra copy of the factors."""
   s_new, y_new = (x.astype(ls.s.dtype) for x in pair)
-  pair_ok = _nonfinite.tree_all_finite((s_new, y_new))
+  pair_ok = _nonfinite.tree_all_finite((s_new, y_new)) & take
   beta = cfg.beta
   s_bar = jnp.where(pair_ok, beta * ls.s + (1.0 - beta) * s_new, ls.s)
   y_bar = jnp.where(pair_ok, beta * ls.y + (1.0 - beta) * y_new, ls.y)
@@ -528,13 +549,19 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       ls.h_g, s_d, y_d,
       grad_norm=jnp.linalg.norm(tap.output_grad).astype(ls.s.dtype),
       skip_tol=cfg.skip_tol, valid=pair_ok)
-  s_a, y_a = _bfgs.hessian_action_pair(work.h_a, work.a_damped, work.abar)
+  s_a, y_a = _bfgs.hessian_action_pair(
+      work.h_a, _damped_a_action(cfg, ls, work, first, refresh), work.abar)
+  refresh = refresh & take
   h_a, updated_a = _bfgs.bfgs_inverse_update(
       work.h_a, s_a, y_a, grad_norm=jnp.linalg.norm(work.abar),
       skip_tol=cfg.skip_tol, valid=refresh)
-  flags = (powell & pair_ok, lm & pair_ok, ~updated, refresh & ~updated_a)
-  return KBFGSLayerState(a=work.a, h_a=h_a, h_g=h_g, s=s_bar,
-                         y=y_bar), flags
+  new = KBFGSLayerState(
+      a=jnp.where(take, _new_a(cfg, ls, work, first, refresh), ls.a),
+      h_a=jnp.where(take, h_a, ls.h_a),  # the first step's inverse
+      h_g=h_g, s=s_bar, y=y_bar)
+  flags = (powell & pair_ok, lm & pair_ok, take & ~updated,
+           refresh & ~updated_a)
+  return new, flags
 
 
 def _counts(flags: dict, num: int) -> tuple:
@@ -664,34 +691,34 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
                      f"factors but the state was built for "
                      f"{len(state.layers)}; re-run init.")
   # 1. Tapped pass at theta; A and H_a refreshed every input_factor_interval.
-  refresh = cfg.refresh(state.count)
+  refresh, first = cfg.refresh(state.count), state.count == 0
   taps = _tap(cfg, value_fn, params, specs, second_moment=refresh)
   tapped = _tapped_layers(specs, taps)
   rows = [r for r, spec in enumerate(specs) if spec in tapped]
-  preconditioned = _preconditioned(treedef, len(leaves), tapped)
-  finite = _nonfinite.tree_all_finite((grad_leaves, taps.layers, taps.loss))
+  finite = (_nonfinite.tree_all_finite(grad_leaves)
+            & _statistics_finite(taps))
   # 2-3. Momentum, and the trial step: preconditioned, or -lr M elsewhere.
   lr = cfg.lr(state.count)
   new_mom = _momentum(cfg, grad_leaves, leaves,
                       jax.tree_util.tree_leaves(state.momentum))
   trial = [(-lr * m).astype(m.dtype) for m in new_mom]
-  work, limits = {}, {}
+  work, limits, step_sq = {}, {}, []
   for r in rows:
     spec, ls = specs[r], state.layers[r]
-    work[r] = _input_factor(cfg, spec, ls, _layer_tap(taps, spec),
-                            state.count == 0, refresh)
-    step, limits[r] = _trial_step(cfg, spec, ls, work[r], new_mom, leaves, lr)
+    work[r] = _input_factor(cfg, spec, ls, _layer_tap(taps, spec), first)
+    step, limits[r], sq = _trial_step(cfg, spec, ls, work[r], new_mom,
+                                      leaves, lr)
     _set_matrix(trial, spec, step)
+    step_sq.append(sq)
   out = [d.astype(p.dtype) for d, p in zip(trial, leaves)]
-  # A step not finite in the params' dtypes skips the step.
-  finite = finite & _nonfinite.tree_all_finite(out)
   # 4. The pair (zero for a zero step, which has none in exact arithmetic:
   # the recomputed pass may differ by round-off, and BFGS would take it).
   measure = cfg.measure(state.count)
   pairs, grad_change = _measure_pair(
       cfg, value_fn, params, jax.tree_util.tree_unflatten(treedef, out),
       tapped, taps, measure)
-  zero_step = ~jnp.any(jnp.stack([jnp.any(u != 0) for u in out]))
+  zero_step = ~jnp.any(jnp.stack([jnp.max(jnp.abs(u), initial=0) > 0
+                                   for u in out]))
   pairs = {i: tuple(jnp.where(zero_step, jnp.zeros_like(v), v) for v in sy)
            for i, sy in pairs.items()}
   # 5. The per-layer step (ours): t_l times the trial step.
@@ -704,40 +731,82 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
     for r in rows:
       for i in _layer_indices(specs[r]):
         _set_part(out, i, specs[r], scales[0][r] * _part(trial, i, specs[r]))
-    finite = finite & _nonfinite.tree_all_finite(out)
-
-  # 6-7. Damping and the factor updates; a non-finite step skips it all
-  # (lax.cond rather than jnp.where: the big factors are not copied).
-  def take_step(_):
-    new_layers, flags = list(state.layers), {}
-    for r in rows:
-      new_layers[r], flags[r] = _update_factors(
-          cfg, state.layers[r], work[r], _layer_tap(taps, specs[r]),
-          pairs[_key(specs[r])], refresh)
-    powell, lm, skipped, skipped_a = _counts(flags, len(specs))
-    step_sizes, decreases, curvatures, measured = scales
-    fallbacks = jnp.asarray([r in work for r in range(len(specs))],
-                            bool) & measure & ~measured
-    return state._replace(
-        count=state.count + 1,
-        momentum=jax.tree_util.tree_unflatten(treedef, new_mom),
-        layers=tuple(new_layers), preconditioned=preconditioned,
-        num_powell=state.num_powell + powell, num_lm=state.num_lm + lm,
-        num_skipped_h_g=state.num_skipped_h_g + skipped,
-        num_skipped_h_a=state.num_skipped_h_a + skipped_a,
-        step_sizes=step_sizes, decreases=decreases, curvatures=curvatures,
-        num_accepted=state.num_accepted + measured.astype(jnp.int32),
-        num_fallbacks=state.num_fallbacks + (
-            fallbacks.astype(jnp.int32) if cfg.layerwise else 0))
-
-  def skip_step(_):
-    return state._replace(preconditioned=preconditioned,
-                          num_skipped=state.num_skipped + 1)
-
-  new_state = jax.lax.cond(finite, take_step, skip_step, None)
+  finite = finite & _step_finite(out, leaves, rows, specs, step_sq,
+                                 scales[0])
+  # 6-7. Damping and the factor updates; a non-finite step skips it all.
+  new_layers, flags = list(state.layers), {}
+  for r in rows:
+    new_layers[r], flags[r] = _update_factors(
+        cfg, state.layers[r], work[r], _layer_tap(taps, specs[r]),
+        pairs[_key(specs[r])], first, refresh, finite)
+  new_state = _next_state(
+      cfg, state, finite, new_mom=new_mom, treedef=treedef,
+      layers=tuple(new_layers), flags=_counts(flags, len(specs)),
+      scales=scales, measure=measure, rows=rows,
+      preconditioned=_preconditioned(treedef, len(leaves), tapped))
   new_updates = jax.tree_util.tree_unflatten(
       treedef, [jnp.where(finite, u, jnp.zeros_like(u)) for u in out])
   return new_updates, new_state
+
+
+def _statistics_finite(taps: _taps.TapResult) -> jax.Array:
+  """The loss and the tapped statistics are finite. A second moment is
+  checked on its diagonal: by Cauchy-Schwarz an entry of ``mean a a^T`` is
+  bounded by its row's and column's diagonal entries, and a NaN input makes
+  its diagonal entry NaN (``O(d)`` instead of a pass over ``(d, d)``)."""
+  parts = [taps.loss]
+  for tap in taps.layers.values():
+    parts += [tap.input_mean, tap.output_mean, tap.output_grad]
+    if tap.input_second_moment is not None:
+      parts.append(jnp.diagonal(tap.input_second_moment, axis1=-2, axis2=-1))
+  return _nonfinite.tree_all_finite(parts)
+
+
+def _step_finite(out, leaves, rows, specs, step_sq, step_sizes) -> jax.Array:
+  """The step is finite in the params' dtypes. A preconditioned layer is
+  checked on its trial step's squared norm (computed for the bound anyway)
+  and its ``t_l``; the other leaves, and any leaf whose dtype is narrower
+  than float32's range (float16), on their entries."""
+  covered = {i for r in rows for i in _layer_indices(specs[r])}
+  narrow = lambda p: jnp.finfo(p.dtype).max < jnp.finfo(jnp.float32).max
+  finite = _nonfinite.tree_all_finite(
+      [u for i, (u, p) in enumerate(zip(out, leaves))
+       if i not in covered or narrow(p)])
+  if rows:
+    finite = finite & _nonfinite.tree_all_finite(
+        (jnp.stack(step_sq), step_sizes[jnp.asarray(rows)]))
+  return finite
+
+
+def _next_state(cfg: _Config, state: KBFGSState, take, *, new_mom, treedef,
+                layers, flags, scales, measure, rows, preconditioned):
+  """The state after a step: the new one when ``take``, else the old one
+  with ``num_skipped`` incremented (the factors are selected inside their
+  updates, :func:`_update_factors`)."""
+  keep = lambda new, old: jax.tree_util.tree_map(
+      lambda a, b: jnp.where(take, a, b), new, old)
+  powell, lm, skipped, skipped_a = flags
+  step_sizes, decreases, curvatures, measured = scales
+  measured = measured & take
+  has_work = jnp.asarray([r in rows for r in range(state.step_sizes.shape[0])],
+                         bool)
+  fallbacks = has_work & measure & ~measured & take
+  return state._replace(
+      count=state.count + take.astype(state.count.dtype),
+      momentum=keep(jax.tree_util.tree_unflatten(treedef, new_mom),
+                    state.momentum),
+      layers=layers, preconditioned=preconditioned,
+      num_powell=state.num_powell + powell,
+      num_lm=state.num_lm + lm,
+      num_skipped_h_g=state.num_skipped_h_g + skipped,
+      num_skipped_h_a=state.num_skipped_h_a + skipped_a,
+      num_skipped=state.num_skipped + (~take).astype(jnp.int32),
+      step_sizes=keep(step_sizes, state.step_sizes),
+      decreases=keep(decreases, state.decreases),
+      curvatures=keep(curvatures, state.curvatures),
+      num_accepted=state.num_accepted + measured.astype(jnp.int32),
+      num_fallbacks=state.num_fallbacks + (
+          fallbacks.astype(jnp.int32) if cfg.layerwise else 0))
 
 
 def kbfgs(
