@@ -33,13 +33,22 @@ __all__ = [
     "POWELL_MU1", "SKIP_TOL", "bfgs_inverse_update", "double_damping",
     "hessian_action_pair", "LBFGSMemory", "lbfgs_init", "lbfgs_append",
     "lbfgs_apply", "H_FLOOR", "below_floor", "floor_or_reset", "SCALED",
-    "lbfgs_gamma",
+    "lbfgs_gamma", "product",
 ]
 
 #: Powell damping threshold ``mu1`` of the authors' code.
 POWELL_MU1 = 0.2
 #: Skip a BFGS update when ``s^T y <= SKIP_TOL * s^T s * ||g||``.
 SKIP_TOL = 1e-4
+
+
+def product(x: jax.Array, y: jax.Array, dtype=None) -> jax.Array:
+  """``x @ y`` with the inputs cast to ``dtype`` (``None``: as they are),
+  accumulated and returned in ``x``'s dtype."""
+  if dtype is None or jnp.dtype(dtype) == x.dtype:
+    return x @ y
+  return jnp.matmul(x.astype(dtype), y.astype(dtype),
+                    preferred_element_type=x.dtype)
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -295,7 +304,7 @@ def lbfgs_append(
 
 
 def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
-                gamma: float = 1.0) -> jax.Array:
+                gamma: float = 1.0, dtype=None) -> jax.Array:
   r"""Applies the L-BFGS inverse-Hessian operator ``H`` to ``v``.
 
   ``v`` is a vector ``(d,)`` or a matrix ``(c, d)`` whose *rows* are the
@@ -318,6 +327,8 @@ def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
     memory: the pairs.
     v: ``(d,)`` or ``(c, d)``.
     gamma: the initial matrix ``gamma I``.
+    dtype: the inputs' dtype of the four ``(c, d)``-sized products
+      (:func:`product`); the ``p x p`` work stays in ``memory``'s dtype.
 
   Returns:
     ``H v`` (rows ``v_i H``), shaped like ``v``.
@@ -325,10 +336,10 @@ def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
   s, y, r_inv = memory.s, memory.y, memory.r_inv
   c = r_inv.T @ (jnp.diag(memory.sy) + gamma * memory.yy) @ r_inv
   rows = v[None] if v.ndim == 1 else v
-  vs = rows @ s.T
-  vy = rows @ y.T
-  out = (gamma * rows + (vs @ c - gamma * (vy @ r_inv)) @ s
-         - gamma * ((vs @ r_inv.T) @ y))
+  vs = product(rows, s.T, dtype)
+  vy = product(rows, y.T, dtype)
+  out = (gamma * rows + product(vs @ c - gamma * (vy @ r_inv), s, dtype)
+         - gamma * product(vs @ r_inv.T, y, dtype))
   return out[0] if v.ndim == 1 else out
 
 
@@ -389,9 +400,10 @@ class DenseInverse:
   def init(self, dim: int, dtype) -> jax.Array:
     return jnp.eye(dim, dtype=dtype)
 
-  def apply(self, h: jax.Array, v: jax.Array) -> jax.Array:
-    """``H v`` for a vector, ``v H`` for the rows of a matrix."""
-    return v @ h
+  def apply(self, h: jax.Array, v: jax.Array, dtype=None) -> jax.Array:
+    """``H v`` for a vector, ``v H`` for the rows of a matrix (inputs in
+    ``dtype``, :func:`product`)."""
+    return product(v, h, dtype)
 
   def update(self, h: jax.Array, s: jax.Array, y: jax.Array, **skip_rule):
     new_h, updated = bfgs_inverse_update(h, s, y, **skip_rule)
@@ -434,8 +446,8 @@ class LimitedMemory:
   def init(self, dim: int, dtype) -> LBFGSMemory:
     return lbfgs_init(self.memory_size, dim, dtype)
 
-  def apply(self, h: LBFGSMemory, v: jax.Array) -> jax.Array:
-    return lbfgs_apply(h, v, lbfgs_gamma(h, self.gamma))
+  def apply(self, h: LBFGSMemory, v: jax.Array, dtype=None) -> jax.Array:
+    return lbfgs_apply(h, v, lbfgs_gamma(h, self.gamma), dtype)
 
   def update(self, h: LBFGSMemory, s: jax.Array, y: jax.Array, **skip_rule):
     new, appended = lbfgs_append(h, s, y, **skip_rule)

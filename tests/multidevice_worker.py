@@ -168,7 +168,9 @@ def make_transforms(axis_name) -> Dict[str, optax.GradientTransformation]:
       "cblr": olw.cblr(0.5, max_lr=10.0, axis_name=axis_name),
       "mclr": olw.mclr(0.5, max_lr=10.0, axis_name=axis_name),
       "kbfgs": olw.kbfgs(0.1, axis_name=axis_name),
-      "kbfgs_l3": olw.kbfgs(0.1, memory_size=3, axis_name=axis_name),
+      # step_size_interval: the weight-gradient products under lax.cond.
+      "kbfgs_l3": olw.kbfgs(0.1, memory_size=3, step_size_interval=2,
+                            axis_name=axis_name),
       "layerwise_sgd_exact_fd": olw.layerwise_sgd(
           estimator="exact", hvp="gradient_difference", axis_name=axis_name),
       "kbfgs_tangent": olw.kbfgs(0.1, pair="tangent", axis_name=axis_name),

@@ -290,3 +290,30 @@ def test_double_damping_bounds_lbfgs_operator(x64):
       lo = 1 / (1 / lo + (yj @ yj) / sy)
     assert lam[0] > 0
     assert lo * (1 - 1e-6) <= lam[0] and lam[-1] <= hi * (1 + 1e-6)
+
+
+def test_bfloat16_products_are_exact_products_of_the_rounded_inputs():
+  # K-BFGS's step products (_bfgs.product with dtype=bfloat16): the inputs
+  # are rounded to bfloat16, the products accumulated in float32. Reference:
+  # float64 products of the rounded inputs; the only error left is float32
+  # accumulation, bounded by k * 2^-24 * (|x| @ |y|) entrywise.
+  rng = _rng()
+  k, d = 160, 96
+  x = rng.normal(size=(k, k)).astype(np.float32)
+  y = rng.normal(size=(k, d)).astype(np.float32)
+  rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+  got = np.asarray(_bfgs.product(jnp.asarray(x), jnp.asarray(y),
+                                 jnp.bfloat16))
+  assert got.dtype == np.float32
+  ref = rounded(x) @ rounded(y)
+  bound = k * 2.0**-24 * (np.abs(rounded(x)) @ np.abs(rounded(y)))
+  assert np.all(np.abs(got - ref) <= bound)
+  # ... and they were rounded: far from the float32 product, by about
+  # bfloat16's unit roundoff (2^-9) relative.
+  exact = x.astype(np.float64) @ y.astype(np.float64)
+  rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+  assert 2.0**-13 < rel < 2.0**-6, rel
+  # None and the inputs' own dtype are the plain product.
+  np.testing.assert_array_equal(
+      _bfgs.product(jnp.asarray(x), jnp.asarray(y), None),
+      jnp.asarray(x) @ jnp.asarray(y))

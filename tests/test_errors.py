@@ -165,6 +165,14 @@ def test_negative_damping(make, match):
     make()
 
 
+@pytest.mark.parametrize("bad", [jnp.int32, "not a dtype"])
+def test_kbfgs_precondition_dtype_not_floating(bad):
+  with pytest.raises(ValueError, match=(
+      r"kbfgs: precondition_dtype must be a floating dtype \(jnp.bfloat16, "
+      r"jnp.float32, ...\) or None \(automatic\), got")):
+    olw.kbfgs(precondition_dtype=bad)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: olw.kbfgs(-0.1),
      r"kbfgs: learning_rate must be >= 0, got -0\.1\. .*pass a positive "

@@ -716,3 +716,34 @@ def test_defaults_stay_finite_on_the_curves_autoencoder(memory):
     assert np.all(np.isfinite(losses)), (init, losses)
     assert int(state.num_skipped) == 0, init
     assert losses[-10:].mean() < 0.5 * losses[0], init
+
+
+def test_default_precondition_dtype_rounds_only_wide_layers():
+  # precondition_dtype=None: bfloat16 products for float32 factors at least
+  # 128 wide on both sides, exact ones otherwise. One step, the paper's fixed
+  # step and no bound, so the update is the preconditioned momentum itself.
+  key = jax.random.split(jax.random.PRNGKey(np.random.SeedSequence().entropy
+                                            % 2**31), 4)
+  x = jax.random.normal(key[0], (256, 150))
+  params = {"wide": {"kernel": jax.random.normal(key[1], (150, 140)) / 12,
+                     "bias": jnp.zeros(140)},
+            "narrow": {"kernel": jax.random.normal(key[2], (140, 3)) / 12}}
+
+  def loss(p):
+    h = jnp.tanh(olw.dense(x, p["wide"]["kernel"], p["wide"]["bias"]))
+    return jnp.mean(olw.dense(h, p["narrow"]["kernel"]) ** 2)
+
+  def update(dtype):
+    tx = olw.kbfgs(0.1, step_rule="fixed", max_relative_change=None,
+                   precondition_dtype=dtype)
+    return jax.jit(lambda p: tx.update(jax.grad(loss)(p), tx.init(p), p,
+                                       value_fn=loss)[0])(params)
+
+  auto, exact = update(None), update(jnp.float32)
+  np.testing.assert_array_equal(auto["narrow"]["kernel"],
+                                exact["narrow"]["kernel"])
+  wide, ref = auto["wide"]["kernel"], exact["wide"]["kernel"]
+  rel = float(jnp.linalg.norm(wide - ref) / jnp.linalg.norm(ref))
+  # Rounded (more than float32 round-off), by about bfloat16's 2^-9 on
+  # Gaussian data, with room for two chained products.
+  assert 2.0**-14 < rel < 2.0**-5, rel
