@@ -271,20 +271,23 @@ def _init(cfg: _Config, params) -> ScaleByCurvatureLRState:
   # Bad params fail here, at the first call (masked, integer, complex).
   _layers.check_params(params, transform=_NAME)
   num_layers = _layers.group_layers(params, cfg.layers).num_layers
-  zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
-  counts = jnp.zeros((num_layers,), jnp.int32)
-  prev = (_layers.to_stats(jax.tree_util.tree_map(jnp.zeros_like, params))
-          if cfg.is_secant else None)
+  # Functions, not arrays: every state leaf its own buffer, so that a
+  # jitted step may donate the state.
+  dtype = _layers.tree_stats_dtype(params)
+  zeros = lambda: jnp.zeros((num_layers,), dtype)
+  counts = lambda: jnp.zeros((num_layers,), jnp.int32)
+  prev = lambda: (_layers.to_stats(jax.tree_util.tree_map(
+      jnp.zeros_like, params)) if cfg.is_secant else None)
   return ScaleByCurvatureLRState(
       count=jnp.zeros([], jnp.int32),
-      lrs=zeros + cfg.initial_lr,
-      curvatures=zeros,
-      num_accepted=counts,
-      num_fallbacks=counts,
+      lrs=zeros() + cfg.initial_lr,
+      curvatures=zeros(),
+      num_accepted=counts(),
+      num_fallbacks=counts(),
       num_skipped=jnp.zeros([], jnp.int32),
-      joint_scale=jnp.ones([], zeros.dtype),
-      prev_params=prev,
-      prev_grads=prev)
+      joint_scale=jnp.ones([], dtype),
+      prev_params=prev(),
+      prev_grads=prev())
 
 
 def _norm(partition: _layers.Layers, tree: PyTree) -> jax.Array:

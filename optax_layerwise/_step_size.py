@@ -182,16 +182,19 @@ def _init(cfg: _Config, params) -> ScaleByLayerwiseStepSizeState:
   # Bad params fail here, at the first call (masked, integer, complex).
   _layers.check_params(params, transform=_NAME)
   num_layers = _layers.group_layers(params, cfg.layers).num_layers
-  zeros = jnp.zeros((num_layers,), _layers.tree_stats_dtype(params))
-  counts = jnp.zeros((num_layers,), jnp.int32)
+  # Functions, not arrays: every state leaf its own buffer, so that a
+  # jitted step may donate the state.
+  dtype = _layers.tree_stats_dtype(params)
+  zeros = lambda: jnp.zeros((num_layers,), dtype)
+  counts = lambda: jnp.zeros((num_layers,), jnp.int32)
   return ScaleByLayerwiseStepSizeState(
       count=jnp.zeros([], jnp.int32),
       direction_state=cfg.direction.init(_layers.to_stats(params)),
-      step_sizes=zeros + cfg.initial_step,
-      decreases=zeros,
-      curvatures=zeros,
-      num_accepted=counts,
-      num_fallbacks=counts,
+      step_sizes=zeros() + cfg.initial_step,
+      decreases=zeros(),
+      curvatures=zeros(),
+      num_accepted=counts(),
+      num_fallbacks=counts(),
       num_skipped=jnp.zeros([], jnp.int32))
 
 

@@ -210,6 +210,30 @@ def test_optimization_state_stability_and_no_recompilation(name, group):
         err_msg=f"{name} did not solve {key} (max error {err:.3g})")
 
 
+@pytest.mark.parametrize("name", NAMES + ("cblr_secant",))
+def test_state_can_be_donated(name):
+  # Flax's and Optax's examples jit the step with the state donated
+  # (donate_argnums); XLA refuses a state holding one buffer twice ("donate
+  # the same buffer twice"), as init once returned for the zero counters.
+  case = (CASES[name] if name in CASES
+          else cp.Case(olw.cblr, {"curvature": "secant"}))
+  tx = case.make()
+  params, _, objective = cp.parabola(jnp.float32, case.dense)
+  state = tx.init(params)
+  leaves = jax.tree_util.tree_leaves(state)
+  assert len({id(x) for x in leaves}) == len(leaves), name
+
+  @functools.partial(jit, donate_argnums=(0, 1))
+  def step(params, state):
+    updates, state = tx.update(jax.grad(objective)(params), state, params,
+                               value_fn=objective)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(2):  # the second call donates what the first returned
+    params, state = step(params, state)
+  _assert_finite((params, state), name)
+
+
 # Regression: K-BFGS(L) once accepted pairs of s ~ 1e-20, y ~ 1e-17 at the
 # minimum (s^T s underflowed, so the skip rule passed them), r_inv reached
 # 3e35 and every later step overflowed and was skipped; pairs whose s^T y is
