@@ -513,6 +513,20 @@ def _zoom_limits(curves: List[np.ndarray]) -> Optional[tuple]:
   return lo - pad, hi + pad
 
 
+def _side_by_side_ms(results: Dict[str, Any],
+                     kfac: Optional[Dict[str, Any]]) -> Dict[str, float]:
+  """Median ms per step of each method timed side by side in this process;
+  kfac-jax's (timed against Adam in its own process) as its ratio to Adam
+  times Adam's here. Empty without a side-by-side timing."""
+  timing = (results.get("fashion_mnist") or {}).get("side_by_side") or {}
+  ms = {name: t["median_ms"] for name, t in timing.items()
+        if t.get("median_ms")}
+  theirs = (kfac or {}).get("side_by_side") or {}
+  if "adam" in ms and theirs.get("kfac-jax", {}).get("ratio_median"):
+    ms["kfac-jax"] = ms["adam"] * theirs["kfac-jax"]["ratio_median"]
+  return ms
+
+
 def write_plots(results: Dict[str, Any], out: pathlib.Path,
                 kfac: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
   """``loss_vs_epoch.png`` and ``loss_vs_time.png``, each a full-range log
@@ -527,14 +541,19 @@ def write_plots(results: Dict[str, Any], out: pathlib.Path,
   paths = dict(plots_lib.plot_results(results, out))  # step sizes etc.
   target = (results.get("target") or {}).get("train_loss")
   exp = results["experiment"]
-  series = plots_lib.loss_curves(results)
-  ep, t, l = plots_lib.loss_points((kfac or {}).get("history") or {})
+  step_ms = _side_by_side_ms(results, kfac)
+  series = plots_lib.loss_curves(results, step_ms=step_ms)
+  history = (kfac or {}).get("history") or {}
+  ep, t, l = plots_lib.loss_points(history)
   if len(l) >= 2:
+    if "kfac-jax" in step_ms:
+      t = plots_lib.steps_time(history, step_ms["kfac-jax"])
     series.append(("kfac-jax K-FAC, adaptive (own process)", "tab:green",
                    "-.", ep, t, l))
+  time_label = ("steps x side-by-side step time (s)" if step_ms else
+                "training wall time (s, excl. compile and eval)")
   for kind, xi, xlabel in (("loss_vs_epoch", 3, "epoch"),
-                           ("loss_vs_time", 4,
-                            "training wall time (s, excl. compile and eval)")):
+                           ("loss_vs_time", 4, time_label)):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, zoom in zip(axes, (False, True)):
       plots_lib.plot_loss_curves(ax, series, xi == 4, xlabel, target,
