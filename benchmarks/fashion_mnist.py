@@ -546,8 +546,9 @@ def write_plots(results: Dict[str, Any], out: pathlib.Path,
   history = (kfac or {}).get("history") or {}
   ep, t, l = plots_lib.loss_points(history)
   if len(l) >= 2:
-    if "kfac-jax" in step_ms:
-      t = plots_lib.steps_time(history, step_ms["kfac-jax"])
+    steps = plots_lib.steps_time(history, step_ms.get("kfac-jax", 0.0))
+    if "kfac-jax" in step_ms and len(steps) == len(l):
+      t = steps
     series.append(("kfac-jax K-FAC, adaptive (own process)", "tab:green",
                    "-.", ep, t, l))
   time_label = ("steps x side-by-side step time (s)" if step_ms else

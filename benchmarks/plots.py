@@ -90,7 +90,8 @@ def loss_curves(results: Dict[str, Any], min_points: int = 1,
       continue
     ep, t, l = loss_points(run["history"])
     if step_ms and name in step_ms:
-      t = steps_time(run["history"], step_ms[name])
+      steps = steps_time(run["history"], step_ms[name])
+      t = steps if len(steps) == len(l) else t
     if len(l) < max(min_points, 1):
       continue
     color, ls = _STYLE.get(name, (None, "-"))

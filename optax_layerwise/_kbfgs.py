@@ -36,7 +36,9 @@ kernel layout). Per step, on the mini-batch of ``value_fn``:
    ``||mean gh||``, as in the authors' code).
 
 A whole step is skipped (zero update, state unchanged but for
-``num_skipped``; ``count`` does not advance) when the gradient, the tapped
+``num_skipped`` and ``preconditioned``, which reports the leaves the step
+would have preconditioned; ``count`` does not advance) when the gradient, the
+tapped
 statistics (a NaN loss from ``value_fn``) or the step itself are not finite;
 a non-finite pair from the second pass skips that layer's ``s, y, H_g``
 update and is counted in ``num_skipped_h_g``.
@@ -466,21 +468,19 @@ def _precondition_dtype(given, spec: Spec, factor_dtype):
 
 def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
                 mom_leaves, leaves, lr):
-  """``delta_l = -lr H_a M_l H_g``, bounded; the cap on ``t_l``; and the
-  unbounded step's squared norm (finite iff the step is: the finiteness
-  check, at no extra pass)."""
+  """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
   dtype = _precondition_dtype(cfg.precondition_dtype, spec, ls.h_a.dtype)
   step = -lr * cfg.h_g.apply(
       ls.h_g, _bfgs.product(work.h_a, _matrix(mom_leaves, spec), dtype),
       dtype=dtype)
-  step_sq = jnp.sum(jnp.square(step))
   if cfg.max_relative_change is None:
-    return step, jnp.asarray(jnp.inf, step.dtype), step_sq
+    return step, jnp.asarray(jnp.inf, step.dtype)
   theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)
-  ratio = _layers.trust_ratio(theta_sq, step_sq, cfg.max_relative_change)
+  ratio = _layers.trust_ratio(theta_sq, jnp.sum(jnp.square(step)),
+                              cfg.max_relative_change)
   # The per-layer multiple t_l may not push the move past the bound: the
   # shortened step sits on it (ratio 1), a shorter one has room.
-  return step * jnp.minimum(1.0, ratio), jnp.maximum(ratio, 1.0), step_sq
+  return step * jnp.minimum(1.0, ratio), jnp.maximum(ratio, 1.0)
 
 
 # --- Phase 4: the pair, at theta + delta or along delta ---------------------
@@ -738,14 +738,13 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   new_mom = _momentum(cfg, grad_leaves, leaves,
                       jax.tree_util.tree_leaves(state.momentum))
   trial = [(-lr * m).astype(m.dtype) for m in new_mom]
-  work, limits, step_sq = {}, {}, []
+  work, limits = {}, {}
   for r in rows:
     spec, ls = specs[r], state.layers[r]
     work[r] = _input_factor(cfg, spec, ls, _layer_tap(taps, spec), first)
-    step, limits[r], sq = _trial_step(cfg, spec, ls, work[r], new_mom,
-                                      leaves, lr)
+    step, limits[r] = _trial_step(cfg, spec, ls, work[r], new_mom, leaves,
+                                  lr)
     _set_matrix(trial, spec, step)
-    step_sq.append(sq)
   out = [d.astype(p.dtype) for d, p in zip(trial, leaves)]
   # 4. The pair (zero for a zero step, which has none in exact arithmetic:
   # the recomputed pass may differ by round-off, and BFGS would take it).
@@ -767,8 +766,9 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
     for r in rows:
       for i in _layer_indices(specs[r]):
         _set_part(out, i, specs[r], scales[0][r] * _part(trial, i, specs[r]))
-  finite = finite & _step_finite(out, leaves, rows, specs, step_sq,
-                                 scales[0])
+  # The step in the params' dtypes, after the per-layer scaling (t_l * inf
+  # and 0 * inf are not finite either).
+  finite = finite & _nonfinite.tree_all_finite(out)
   # 6-7. Damping and the factor updates; a non-finite step skips it all.
   new_layers, flags = list(state.layers), {}
   for r in rows:
@@ -796,22 +796,6 @@ def _statistics_finite(taps: _taps.TapResult) -> jax.Array:
     if tap.input_second_moment is not None:
       parts.append(jnp.diagonal(tap.input_second_moment, axis1=-2, axis2=-1))
   return _nonfinite.tree_all_finite(parts)
-
-
-def _step_finite(out, leaves, rows, specs, step_sq, step_sizes) -> jax.Array:
-  """The step is finite in the params' dtypes. A preconditioned layer is
-  checked on its trial step's squared norm (computed for the bound anyway)
-  and its ``t_l``; the other leaves, and any leaf whose dtype is narrower
-  than float32's range (float16), on their entries."""
-  covered = {i for r in rows for i in _layer_indices(specs[r])}
-  narrow = lambda p: jnp.finfo(p.dtype).max < jnp.finfo(jnp.float32).max
-  finite = _nonfinite.tree_all_finite(
-      [u for i, (u, p) in enumerate(zip(out, leaves))
-       if i not in covered or narrow(p)])
-  if rows:
-    finite = finite & _nonfinite.tree_all_finite(
-        (jnp.stack(step_sq), step_sizes[jnp.asarray(rows)]))
-  return finite
 
 
 def _next_state(cfg: _Config, state: KBFGSState, take, *, new_mom, treedef,
@@ -959,19 +943,20 @@ def kbfgs(
       when the step direction turns fast: K-BFGS(L) diverged on one-layer
       Rosenbrock with 2, and K-BFGS on two-layer Rosenbrock with 4
       (docs/kbfgs.md, "Per-layer step").
-    precondition_dtype: the dtype of the inputs of the products
-      ``H_a M`` and ``(H_a M) H_g`` that form the step, accumulated in the
+    precondition_dtype: the dtype the inputs of the products ``H_a M`` and
+      ``(H_a M) H_g`` that form the step are cast to, accumulated in the
       factors' dtype (ours). ``None`` (default): bfloat16 for float32
       factors when both are at least ``BF16_MIN_WIDTH`` (128) wide, else
-      the factors' own dtype (float64 under ``jax_enable_x64``). The
-      statistics and factors stay float32; only the step is rounded: on
-      the MNIST autoencoder its layers' steps moved by 0.4-7 % (relative
-      norm of the difference) and the loss after two epochs by 0.02 %,
-      while the products, a third of K-BFGS's extra work, ran ~3x faster
-      (step 3.19x -> 2.84x Adam's on a CPU with bfloat16 matrix units,
-      docs/kbfgs.md "Cost"; GPUs and TPUs have them too, and on TPU JAX's
-      default precision for float32 products is one bfloat16 pass).
-      ``jnp.float32``: exact products.
+      the factors' own dtype (float64 factors, for float64 params under
+      ``jax_enable_x64``, are never rounded by default). The statistics and
+      factors stay in their dtype; only the step is rounded: on the MNIST
+      autoencoder its layers' steps moved by 0.4-7 % (relative norm of the
+      difference) and the loss after two epochs by 0.02 %, while the
+      products, a third of K-BFGS's extra work, ran ~3x faster (step 3.19x
+      -> 2.84x Adam's on a CPU with bfloat16 matrix units, docs/kbfgs.md
+      "Cost"; GPUs and TPUs have them too, and on TPU JAX's default precision
+      for float32 products is one bfloat16 pass). ``jnp.float32``: exact
+      products for float32 factors.
     dense_layers: which kernels get Kronecker factors: a predicate ``(path,
       leaf) -> bool | int`` on key paths; an ``int`` (not ``bool``) gives the
       number of contracted leading kernel axes, overriding the guess.

@@ -24,8 +24,12 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
 
   Computed as ``isfinite(sum(x - x))``: ``x - x`` is 0 for a finite entry
   and NaN for an infinite or NaN one, and a sum of zeros cannot overflow, so
-  the test is exact; it is one fused reduction per leaf, about twice as fast
-  as ``all(isfinite(x))`` on XLA:CPU (which materialises the boolean array).
+  the test is exact under XLA's default flags (not with
+  ``--xla_cpu_enable_fast_math=true``, which may fold ``x - x`` to 0); it is
+  one fused reduction per leaf, about twice as fast as ``all(isfinite(x))``
+  on XLA:CPU (which materialises the boolean array). (With
+  ``all(isfinite(x))`` in K-BFGS's skip test, the 4-device CPU test of
+  ``tests/test_multidevice.py`` deadlocked in XLA's in-process all-reduce.)
   """
   leaves = [x for x in jax.tree_util.tree_leaves(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]

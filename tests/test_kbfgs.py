@@ -747,3 +747,30 @@ def test_default_precondition_dtype_rounds_only_wide_layers():
   # Rounded (more than float32 round-off), by about bfloat16's 2^-9 on
   # Gaussian data, with room for two chained products.
   assert 2.0**-14 < rel < 2.0**-5, rel
+
+
+def test_huge_finite_trial_step_is_bounded_not_skipped():
+  # A learning rate of 1e21 makes the trial step's squared norm overflow
+  # float32 while every entry is finite: the step must be taken within the
+  # displacement bound, not skipped as non-finite (a review of a finiteness
+  # test by squared norms found it skipped). (The bound's ratio then reads
+  # the overflowed norm as infinite and shortens the step to zero.)
+  key = jax.random.split(jax.random.PRNGKey(np.random.SeedSequence().entropy
+                                            % 2**31), 3)
+  x = jax.random.normal(key[0], (32, 4))
+  params = {"l1": {"kernel": jax.random.normal(key[1], (4, 8)) / 2,
+                   "bias": jnp.zeros(8)},
+            "l2": {"kernel": jax.random.normal(key[2], (8, 1)) / 3}}
+
+  def loss(p):
+    h = jnp.tanh(olw.dense(x, p["l1"]["kernel"], p["l1"]["bias"]))
+    return jnp.mean((olw.dense(h, p["l2"]["kernel"]) - 1.0) ** 2)
+
+  tx = olw.kbfgs(1e21, step_rule="fixed")
+  updates, state = jax.jit(lambda p: tx.update(
+      jax.grad(loss)(p), tx.init(p), p, value_fn=loss))(params)
+  assert int(state.num_skipped) == 0
+  for name in params:
+    u = jnp.sqrt(sum(jnp.sum(v ** 2) for v in updates[name].values()))
+    p = jnp.sqrt(sum(jnp.sum(v ** 2) for v in params[name].values()))
+    assert float(u) <= 0.1 * float(p) * (1 + 1e-5), (name, u, p)
