@@ -38,8 +38,8 @@ kernel layout). Per step, on the mini-batch of ``value_fn``:
 A whole step is skipped (zero update, state unchanged but for
 ``num_skipped`` and ``preconditioned``, which reports the leaves the step
 would have preconditioned; ``count`` does not advance) when the gradient, the
-tapped
-statistics (a NaN loss from ``value_fn``) or the step itself are not finite;
+tapped statistics (a NaN loss from ``value_fn``) or the step itself are not
+finite;
 a non-finite pair from the second pass skips that layer's ``s, y, H_g``
 update and is counted in ``num_skipped_h_g``.
 """
@@ -808,8 +808,8 @@ def _next_state(cfg: _Config, state: KBFGSState, take, *, new_mom, treedef,
   powell, lm, skipped, skipped_a = flags
   step_sizes, decreases, curvatures, measured = scales
   measured = measured & take
-  has_work = jnp.asarray([r in rows for r in range(state.step_sizes.shape[0])],
-                         bool)
+  num = state.step_sizes.shape[0]
+  has_work = jnp.asarray([r in rows for r in range(num)], bool)
   fallbacks = has_work & measure & ~measured & take
   return state._replace(
       count=state.count + take.astype(state.count.dtype),
