@@ -952,8 +952,8 @@ def kbfgs(
       factors stay in their dtype; only the step is rounded: on the MNIST
       autoencoder its layers' steps moved by 0.4-7 % (relative norm of the
       difference) and the loss after two epochs by 0.02 %, while the
-      products, a third of K-BFGS's extra work, ran ~3x faster (step 3.19x
-      -> 2.84x Adam's on a CPU with bfloat16 matrix units, docs/kbfgs.md
+      products, a third of K-BFGS's extra work, ran ~3x faster (step 2.95x
+      -> 2.70x Adam's on a CPU with bfloat16 matrix units, docs/kbfgs.md
       "Cost"; GPUs and TPUs have them too, and on TPU JAX's default precision
       for float32 products is one bfloat16 pass). ``jnp.float32``: exact
       products for float32 factors.
