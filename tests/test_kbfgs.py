@@ -718,31 +718,43 @@ def test_defaults_stay_finite_on_the_curves_autoencoder(memory):
     assert losses[-10:].mean() < 0.5 * losses[0], init
 
 
+def _tanh_net(rows, d_in, d_hidden, d_out, scale):
+  """Fresh draws of a tanh layer with bias and a linear one without, and
+  their squared-error loss on random inputs (targets 1): ``(params,
+  one_step)``, ``one_step(tx)`` being the jitted first update and state."""
+  key = jax.random.split(jax.random.PRNGKey(np.random.SeedSequence().entropy
+                                            % 2**31), 3)
+  x = jax.random.normal(key[0], (rows, d_in))
+  params = {"l1": {"kernel": jax.random.normal(key[1], (d_in, d_hidden))
+                   * scale, "bias": jnp.zeros(d_hidden)},
+            "l2": {"kernel": jax.random.normal(key[2], (d_hidden, d_out))
+                   * scale}}
+
+  def loss(p):
+    h = jnp.tanh(olw.dense(x, p["l1"]["kernel"], p["l1"]["bias"]))
+    return jnp.mean((olw.dense(h, p["l2"]["kernel"]) - 1.0) ** 2)
+
+  def one_step(tx):
+    return jax.jit(lambda p: tx.update(jax.grad(loss)(p), tx.init(p), p,
+                                       value_fn=loss))(params)
+
+  return params, one_step
+
+
 def test_default_precondition_dtype_rounds_only_wide_layers():
   # precondition_dtype=None: bfloat16 products for float32 factors at least
   # 128 wide on both sides, exact ones otherwise. One step, the paper's fixed
   # step and no bound, so the update is the preconditioned momentum itself.
-  key = jax.random.split(jax.random.PRNGKey(np.random.SeedSequence().entropy
-                                            % 2**31), 4)
-  x = jax.random.normal(key[0], (256, 150))
-  params = {"wide": {"kernel": jax.random.normal(key[1], (150, 140)) / 12,
-                     "bias": jnp.zeros(140)},
-            "narrow": {"kernel": jax.random.normal(key[2], (140, 3)) / 12}}
-
-  def loss(p):
-    h = jnp.tanh(olw.dense(x, p["wide"]["kernel"], p["wide"]["bias"]))
-    return jnp.mean(olw.dense(h, p["narrow"]["kernel"]) ** 2)
+  _, one_step = _tanh_net(256, 150, 140, 3, 1 / 12)
 
   def update(dtype):
-    tx = olw.kbfgs(0.1, step_rule="fixed", max_relative_change=None,
-                   precondition_dtype=dtype)
-    return jax.jit(lambda p: tx.update(jax.grad(loss)(p), tx.init(p), p,
-                                       value_fn=loss)[0])(params)
+    return one_step(olw.kbfgs(0.1, step_rule="fixed",
+                              max_relative_change=None,
+                              precondition_dtype=dtype))[0]
 
   auto, exact = update(None), update(jnp.float32)
-  np.testing.assert_array_equal(auto["narrow"]["kernel"],
-                                exact["narrow"]["kernel"])
-  wide, ref = auto["wide"]["kernel"], exact["wide"]["kernel"]
+  np.testing.assert_array_equal(auto["l2"]["kernel"], exact["l2"]["kernel"])
+  wide, ref = auto["l1"]["kernel"], exact["l1"]["kernel"]
   rel = float(jnp.linalg.norm(wide - ref) / jnp.linalg.norm(ref))
   # Rounded (more than float32 round-off), by about bfloat16's 2^-9 on
   # Gaussian data, with room for two chained products.
@@ -755,20 +767,8 @@ def test_huge_finite_trial_step_is_bounded_not_skipped():
   # displacement bound, not skipped as non-finite (a review of a finiteness
   # test by squared norms found it skipped). (The bound's ratio then reads
   # the overflowed norm as infinite and shortens the step to zero.)
-  key = jax.random.split(jax.random.PRNGKey(np.random.SeedSequence().entropy
-                                            % 2**31), 3)
-  x = jax.random.normal(key[0], (32, 4))
-  params = {"l1": {"kernel": jax.random.normal(key[1], (4, 8)) / 2,
-                   "bias": jnp.zeros(8)},
-            "l2": {"kernel": jax.random.normal(key[2], (8, 1)) / 3}}
-
-  def loss(p):
-    h = jnp.tanh(olw.dense(x, p["l1"]["kernel"], p["l1"]["bias"]))
-    return jnp.mean((olw.dense(h, p["l2"]["kernel"]) - 1.0) ** 2)
-
-  tx = olw.kbfgs(1e21, step_rule="fixed")
-  updates, state = jax.jit(lambda p: tx.update(
-      jax.grad(loss)(p), tx.init(p), p, value_fn=loss))(params)
+  params, one_step = _tanh_net(32, 4, 8, 1, 0.4)
+  updates, state = one_step(olw.kbfgs(1e21, step_rule="fixed"))
   assert int(state.num_skipped) == 0
   for name in params:
     u = jnp.sqrt(sum(jnp.sum(v ** 2) for v in updates[name].values()))
