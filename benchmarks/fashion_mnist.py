@@ -544,11 +544,8 @@ def write_plots(results: Dict[str, Any], out: pathlib.Path,
   step_ms = _side_by_side_ms(results, kfac)
   series = plots_lib.loss_curves(results, step_ms=step_ms)
   history = (kfac or {}).get("history") or {}
-  ep, t, l = plots_lib.loss_points(history)
+  ep, t, l = plots_lib.loss_points(history, step_ms.get("kfac-jax"))
   if len(l) >= 2:
-    steps = plots_lib.steps_time(history, step_ms.get("kfac-jax", 0.0))
-    if "kfac-jax" in step_ms and len(steps) == len(l):
-      t = steps
     series.append(("kfac-jax K-FAC, adaptive (own process)", "tab:green",
                    "-.", ep, t, l))
   time_label = ("steps x side-by-side step time (s)" if step_ms else

@@ -50,12 +50,19 @@ def _xy(run, xkey, ykey):
   return np.asarray(x, float), np.asarray(y, float)
 
 
-def loss_points(history: Dict[str, Any]
+def loss_points(history: Dict[str, Any], step_ms: Optional[float] = None
                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``(epochs, times_s, train_losses)`` of a run's ``history`` at the points
-  where the training loss was recorded (float arrays, empty without any)."""
-  pts = [(ep, t, l) for ep, t, l in zip(history.get("epoch", []),
-                                        history.get("time_s", []),
+  where the training loss was recorded (float arrays, empty without any).
+  With ``step_ms`` the times are the steps taken times ``step_ms`` instead
+  of the run's measured clock (which a run trained in another process,
+  under another load, does not share), when the history counts its
+  steps."""
+  clock = history.get("time_s", [])
+  steps = history.get("step", [])
+  if step_ms is not None and len(steps) == len(clock):
+    clock = [k * step_ms / 1e3 for k in steps]
+  pts = [(ep, t, l) for ep, t, l in zip(history.get("epoch", []), clock,
                                         history.get("train_loss", []))
          if l is not None]
   if not pts:
@@ -67,31 +74,19 @@ def loss_points(history: Dict[str, Any]
 Curve = Tuple[str, Optional[str], str, np.ndarray, np.ndarray, np.ndarray]
 
 
-def steps_time(history: Dict[str, Any], step_ms: float) -> np.ndarray:
-  """Seconds at ``step_ms`` per step, at the points of :func:`loss_points`."""
-  pts = [k for k, l in zip(history.get("step", []),
-                           history.get("train_loss", [])) if l is not None]
-  return np.asarray(pts, float) * step_ms / 1e3
-
-
 def loss_curves(results: Dict[str, Any], min_points: int = 1,
                 step_ms: Optional[Dict[str, float]] = None) -> List[Curve]:
   """Per method with an ``ok`` run, the training-loss curve of its first one:
   ``(label, color, linestyle, epochs, times_s, losses)`` (the label with the
   learning rate, ``", lr 0.01"``; the method's colour and line style);
   methods with fewer than ``min_points`` recorded losses are left out.
-  With ``step_ms`` (method -> ms per step) the times are the steps taken
-  times that step time instead of the run's measured clock, which a run
-  trained in another process, under another load, does not share."""
+  ``step_ms``: method -> ms per step, for :func:`loss_points`."""
   curves = []
   for name, e in results["methods"].items():
     run = next((r for r in e["runs"] if r["status"] == "ok"), None)
     if run is None:
       continue
-    ep, t, l = loss_points(run["history"])
-    if step_ms and name in step_ms:
-      steps = steps_time(run["history"], step_ms[name])
-      t = steps if len(steps) == len(l) else t
+    ep, t, l = loss_points(run["history"], (step_ms or {}).get(name))
     if len(l) < max(min_points, 1):
       continue
     color, ls = _STYLE.get(name, (None, "-"))

@@ -430,23 +430,21 @@ def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
   return _Work(abar, a_batch, h_a)
 
 
-def _new_a(cfg: _Config, ls: KBFGSLayerState, work: _Work, first, refresh):
-  """``A``: ``A_batch`` on the first step, else ``beta A + (1 - beta)
-  A_batch`` when ``refresh``, else unchanged (one elementwise pass)."""
-  average = cfg.beta * ls.a + (1.0 - cfg.beta) * work.a_batch
-  return jnp.where(first, work.a_batch, jnp.where(refresh, average, ls.a))
+def _a_rule(cfg: _Config, old, batch, first, refresh):
+  """This step's ``A`` from the last one and ``A_batch``: ``A_batch`` on
+  the first step, else ``beta A + (1 - beta) A_batch`` when ``refresh``,
+  else unchanged. Linear, so it also gives ``A v`` from ``(A v, A_batch
+  v)``."""
+  average = cfg.beta * old + (1.0 - cfg.beta) * batch
+  return jnp.where(first, batch, jnp.where(refresh, average, old))
 
 
 def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
                      refresh):
-  """``v -> (A + sqrt(lambda) I) v`` with this step's ``A`` (of
-  :func:`_new_a`), by matrix-vector products: the matrix is not formed."""
-  def action(v):
-    old, batch = ls.a @ v, work.a_batch @ v
-    av = jnp.where(first, batch, jnp.where(
-        refresh, cfg.beta * old + (1.0 - cfg.beta) * batch, old))
-    return av + cfg.sqrt_damping * v
-  return action
+  """``v -> (A + sqrt(lambda) I) v`` with this step's ``A``, by
+  matrix-vector products: the matrix is not formed."""
+  return lambda v: (_a_rule(cfg, ls.a @ v, work.a_batch @ v, first, refresh)
+                    + cfg.sqrt_damping * v)
 
 
 #: Automatic ``precondition_dtype``: layers whose factors are both at least
@@ -579,8 +577,10 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       work.h_a, s_a, y_a, grad_norm=jnp.linalg.norm(work.abar),
       skip_tol=cfg.skip_tol, valid=refresh)
   new = KBFGSLayerState(
-      a=jnp.where(take, _new_a(cfg, ls, work, first, refresh), ls.a),
-      h_a=jnp.where(take, h_a, ls.h_a),  # the first step's inverse
+      a=jnp.where(take, _a_rule(cfg, ls.a, work.a_batch, first, refresh),
+                  ls.a),
+      # On a skipped first step work.h_a is the new inverse, not ls.h_a.
+      h_a=jnp.where(take, h_a, ls.h_a),
       h_g=h_g, s=s_bar, y=y_bar)
   flags = (powell & pair_ok, lm & pair_ok, take & ~updated,
            refresh & ~updated_a)
