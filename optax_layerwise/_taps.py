@@ -47,7 +47,7 @@ import dataclasses
 import functools
 import math
 import threading
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,7 @@ from optax_layerwise import _kind_lstm  # pylint: disable=unused-import
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layers
 from optax_layerwise import _parallel
+from optax_layerwise import _row_samples
 from optax_layerwise import _shadows
 
 PyTree = Any
@@ -94,7 +95,7 @@ _PATCH_LOCK = threading.RLock()
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["input_mean", "input_second_moment", "output_mean",
-                 "output_grad"],
+                 "output_grad", "sampled_grad", "second_moment_mean"],
     meta_fields=["name", "num_rows", "kernel_index", "bias_index", "kind"])
 @dataclasses.dataclass(frozen=True)
 class DenseTap:
@@ -117,6 +118,16 @@ class DenseTap:
     kernel_index: flatten index of the kernel leaf in the params.
     bias_index: flatten index of the bias leaf, or ``None``.
     kind: the layer kind that tapped the calls (``"dense"``, ``"conv"``).
+    sampled_grad: with ``sampled_grads=s``, the gradients of ``W`` (as a
+      ``(d_in, d_out)`` matrix) and of ``b`` (``(d_out,)``, whether or not
+      the layer has one) estimated from every ``s``-th row of each call
+      (:mod:`optax_layerwise._row_samples`); else, and for calls inside
+      ``nn.scan`` / ``nn.RNN``, ``None``.
+    second_moment_mean: ``(d_in,)`` the mean of the rows
+      ``input_second_moment`` was formed from (every
+      ``second_moment_stride``-th row; ``input_mean`` itself for all rows),
+      or ``None`` (not requested, or calls inside ``nn.scan`` / ``nn.RNN``,
+      which form it from all rows).
   """
   input_mean: jax.Array
   input_second_moment: Optional[jax.Array]
@@ -127,6 +138,8 @@ class DenseTap:
   kernel_index: int
   bias_index: Optional[int]
   kind: str = "dense"
+  sampled_grad: Optional[tuple] = None
+  second_moment_mean: Optional[jax.Array] = None
 
 
 @functools.partial(
@@ -161,6 +174,7 @@ class _Record:
   sum_x: Any = None
   sum_xx: Any = None
   sum_y: Any = None
+  sum_xs: Any = None  # the sum of the rows sum_xx is formed from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +232,11 @@ class _Context:
   """One active tap: kernel identities, perturbations, and the records."""
 
   def __init__(self, leaves, perts, want_second_moment, stats_dtype,
-               paths=(), nested=None):
-    """``nested``: the first pass's finds, given to the shadow pass."""
+               paths=(), nested=None, slots=None, samplings=None):
+    """``nested``: the first pass's finds, given to the shadow pass;
+    ``slots``: the sampled gradients' zero inputs (``{index: (d_in + 1,
+    d_out)}``); ``samplings``: the second moment's and the sampled
+    gradients' rows (:class:`_row_samples.Sampling`)."""
     self.kernel_pos = {id(leaves[index]): index for index in perts}
     self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
     self.paths = list(paths)
@@ -232,10 +249,20 @@ class _Context:
     self.perts = perts
     self.want_second_moment = want_second_moment
     self.stats_dtype = stats_dtype
+    self.slots = slots or {}
+    self.gram_rows, self.grad_rows = samplings or (
+        (_row_samples.Sampling(),) * 2)
     self.records: dict = {}
     self.untapped = 0
     self.untapped_kernels: set = set()
+    self.hooked: set = set()
+    self.unhooked: set = set()
     self.unsupported: dict = {}
+
+  @property
+  def sampled(self) -> set:
+    """The layers whose every call gave its sampled gradient."""
+    return self.hooked - self.unhooked
 
   @functools.cached_property
   def path_index(self) -> dict:
@@ -279,10 +306,25 @@ class _Context:
           "A layer was called several times with different biases "
           f"(leaf {index}); give each call its own layer.")
     self._accumulate(rec, call.rows, y.reshape(-1, pert.shape[0]))
+    y = self._sample_gradient(index, call.rows, y)
     if y.dtype == pert.dtype:
       return y + pert.reshape(out_shape)
     # Add in the statistics dtype so the summed cotangent stays accurate.
     return (y.astype(pert.dtype) + pert.reshape(out_shape)).astype(y.dtype)
+
+  def _sample_gradient(self, index: int, rows, y):
+    """``y`` hooked so that the backward pass gives the layer's sampled
+    gradient to its slot (if one was asked for and fits the rows)."""
+    slot = self.slots.get(index)
+    stride = self.grad_rows.stride_for(rows)
+    if slot is None or slot[0].shape[0] != rows.shape[1]:
+      self.unhooked.add(index)
+      return y
+    self.hooked.add(index)
+    flat = _row_samples.gradient_hook(
+        stride, y.reshape(-1, slot[1].shape[0]),
+        rows.astype(self.stats_dtype), slot)
+    return flat.reshape(y.shape)
 
   def _out_shape(self, index: int, call: _layer_kinds.LayerCall,
                  stacked: int = 0) -> tuple:
@@ -330,7 +372,7 @@ class _Context:
     self.emitted.add(index)
     want = self.want_second_moment
     spec = _shadows.Emit(
-        info.layout, self.stats_dtype, _second_moment,
+        info.layout, self.stats_dtype, _all_rows_gram,
         static_want=want if isinstance(want, bool) else None,
         in_backward=call.rows.shape[0] <= info.layout.d_in)
     return _shadows.emit(spec, shadow, call.rows, call.outputs,
@@ -358,13 +400,19 @@ class _Context:
     rows, out = rows.astype(self.stats_dtype), out.astype(self.stats_dtype)
     sum_x = jnp.sum(rows, axis=0)
     sum_y = jnp.sum(out, axis=0)
-    sum_xx = _second_moment(rows, self.want_second_moment)
+    # A kernel also called in a nested transform: all rows, like those.
+    sampling = _row_samples.Sampling() if rec.kernel_index in self.nested else (
+        self.gram_rows)
+    sum_xx, sum_xs = _second_moment(rows, self.want_second_moment,
+                                    sampling) or (None, None)
     if rec.num_rows:
+      if sum_xx is not None:
+        sum_xs = _add_sampled_sums(rec, sum_x, sum_xs)
+        sum_xx = rec.sum_xx + sum_xx
       sum_x = rec.sum_x + sum_x
       sum_y = rec.sum_y + sum_y
-      sum_xx = None if sum_xx is None else rec.sum_xx + sum_xx
     rec.num_rows += rows.shape[0]
-    rec.sum_x, rec.sum_y, rec.sum_xx = sum_x, sum_y, sum_xx
+    rec.sum_x, rec.sum_y, rec.sum_xx, rec.sum_xs = sum_x, sum_y, sum_xx, sum_xs
 
 
 def gram(rows: jax.Array, block: int = 192) -> jax.Array:
@@ -381,12 +429,7 @@ def gram(rows: jax.Array, block: int = 192) -> jax.Array:
   replicated ``(d, d)`` matrix (XLA all-reduces the per-shard products).
   """
   d = rows.shape[1]
-  sharding = getattr(jax.typeof(rows), "sharding", None)
-  out_sharding = None
-  if any(axes is not None for axes in getattr(sharding, "spec", ())):
-    out_sharding = jax.sharding.NamedSharding(sharding.mesh,
-                                              jax.sharding.PartitionSpec())
-  matmul = functools.partial(jnp.matmul, out_sharding=out_sharding)
+  matmul = _row_samples.rows_matmul(rows)
   edges = list(range(0, d, block)) + [d]
   if len(edges) > 2 and edges[-1] - edges[-2] < block // 2:
     edges.pop(-2)  # merge a small last block into its neighbour
@@ -402,14 +445,37 @@ def gram(rows: jax.Array, block: int = 192) -> jax.Array:
   return jnp.block(grid)
 
 
-def _second_moment(rows: jax.Array, want) -> Optional[jax.Array]:
-  """``rows^T rows`` if ``want`` (a bool, or a traced bool computed under
-  ``lax.cond`` so that skipped steps cost nothing), else ``None``."""
+def _add_sampled_sums(rec: _Record, call_sum, sum_xs):
+  """The sum of the rows behind the second moment, over the calls so far
+  (``None`` while every call used all its rows, whose sum is ``sum_x``)."""
+  if rec.sum_xs is None and sum_xs is None:
+    return None
+  before = rec.sum_x if rec.sum_xs is None else rec.sum_xs
+  return before + (call_sum if sum_xs is None else sum_xs)
+
+
+def _second_moment(rows: jax.Array, want,
+                   sampling=_row_samples.Sampling()) -> Optional[tuple]:
+  """``(rows^T rows, sum of rows)`` from ``sampling``'s rows, scaled
+  (:func:`_row_samples.second_moment`), if ``want`` (a bool, or a traced
+  bool computed under ``lax.cond`` so that skipped steps cost nothing), else
+  ``None``."""
+  sampled = functools.partial(_row_samples.second_moment, gram,
+                              sampling=sampling)
   if isinstance(want, bool):
-    return gram(rows) if want else None
+    return sampled(rows) if want else None
   d = rows.shape[1]
-  return jax.lax.cond(want, gram,
-                      lambda r: jnp.zeros((d, d), r.dtype), rows)
+  zero_sum = None if sampling.stride_for(rows) == 1 else (
+      jnp.zeros((d,), rows.dtype))
+  return jax.lax.cond(want, sampled, lambda r: (
+      jnp.zeros((d, d), r.dtype), zero_sum), rows)
+
+
+def _all_rows_gram(rows: jax.Array, want) -> Optional[jax.Array]:
+  """``rows^T rows`` of all rows if ``want`` (the calls inside nested
+  transforms: their shadows carry no sampled rows' mean)."""
+  out = _second_moment(rows, want)
+  return None if out is None else out[0]
 
 
 def dense(x: jax.Array, kernel: jax.Array,
@@ -569,6 +635,8 @@ def tap_dense_layers(
     with_grads: bool = True,
     axis_name: Optional[_parallel.AxisName] = None,
     local_grads: bool = False,
+    second_moment_stride: Union[int, tuple] = 1,
+    sampled_grads: Union[None, int, tuple] = None,
 ) -> TapResult:
   """Runs ``value_fn(params)`` once with every dense layer tapped.
 
@@ -591,8 +659,14 @@ def tap_dense_layers(
       when ``False``).
     with_grads: also return the params gradient.
     local_grads: with ``axis_name``, return this device's params gradient
-      without averaging it (for callers that average only the few numbers
-      they derive from it, linearly).
+      (and sampled gradients) without averaging it (for callers that
+      average only the few numbers they derive from it, linearly).
+    second_moment_stride: form ``mean_i a_i a_i^T`` from every this-many-th
+      row of each call (:mod:`optax_layerwise._row_samples`; 1: all rows),
+      or from a ``(stride, min_rows)`` pair: calls with fewer rows use all.
+    sampled_grads: a row stride ``s`` (or ``(s, min_rows)``): also return
+      each directly called layer's gradient estimated from every ``s``-th
+      row (``DenseTap.sampled_grad``; ``None``: not).
     axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
       axis: ``value_fn`` is this device's loss (a mean over its shard, or
       that mean's ``pmean``) and the loss, gradient and every statistic
@@ -629,12 +703,18 @@ def tap_dense_layers(
   sizes = kernels if isinstance(kernels, dict) else {
       i: leaves[i].shape[-1] for i in kernels}
   perts = {i: jnp.zeros((d_out,), dtype) for i, d_out in sizes.items()}
+  slots = {} if sampled_grads is None else {
+      i: (jnp.zeros((leaves[i].size // d_out, d_out), dtype),
+          jnp.zeros((d_out,), dtype)) for i, d_out in sizes.items()}
   paths = [tuple(_layer_kinds.key_name(k)
                  for k in _layers.strip_variable_keys(path))
            for path, _ in with_path]
-  run = functools.partial(_vjp_pass, checked, perts=perts, paths=paths,
-                          second_moment=second_moment, dtype=dtype,
-                          axis_name=axis_name)
+  run = functools.partial(_vjp_pass, checked, perts=(perts, slots),
+                          paths=paths, second_moment=second_moment,
+                          dtype=dtype, axis_name=axis_name,
+                          samplings=(_row_samples.Sampling.of(
+                              second_moment_stride), _row_samples.Sampling.of(
+                                  sampled_grads or 1)))
   out = run(params)
   found = out.ctx.nested
   injected = _shadows.insert(params, {
@@ -643,23 +723,26 @@ def tap_dense_layers(
   cts = {}
   if injected is not None:  # again, with the nested calls' statistics
     out, cts = _shadow_pass(run, injected, out)  # leaving (the first pass:
-  loss, grads, pert_grads, aux, ctx = out        # dead code then)
+  loss, grads, (pert_grads, sampled), aux, ctx = out  # (dead code then)
   cts = {i: cts[i] for i in ctx.emitted}
+  sampled = {i: sampled[i] for i in ctx.sampled}
   if axis_name is not None:  # one all-reduce for everything that is used
-    local = grads if with_grads and local_grads else None
+    local = (grads if with_grads else None, sampled) if local_grads else None
     grads = grads if with_grads and not local_grads else None
-    loss, grads, aux, pert_grads, cts = _parallel.global_mean(
-        (loss, grads, aux, {i: pert_grads[i] for i in aux}, cts), axis_name)
-    grads = local if local is not None else grads
+    loss, grads, aux, pert_grads, cts, sampled = _parallel.global_mean(
+        (loss, grads, aux, {i: pert_grads[i] for i in aux}, cts,
+         {} if local_grads else sampled), axis_name)
+    if local is not None:
+      grads, sampled = local
   return _result(loss, grads if with_grads else None, ctx, aux, pert_grads,
-                 cts, with_path)
+                 cts, with_path, sampled)
 
 
 def _result(loss, grads, ctx: _Context, aux, pert_grads, cts,
-            with_path) -> TapResult:
+            with_path, sampled) -> TapResult:
   """The :class:`TapResult` of the last pass."""
   layers = {index: _layer_tap(rec, aux[index], pert_grads[index],
-                              with_path[index][0])
+                              with_path[index][0], sampled.get(index))
             for index, rec in ctx.records.items()}
   for index, ct in cts.items():
     layers[index] = _nested_tap(ctx.nested[index], ct, layers.get(index),
@@ -698,19 +781,22 @@ class _Pass(NamedTuple):
 
 
 def _vjp_pass(checked, params, *, perts, paths, second_moment, dtype,
-              axis_name, nested=None) -> _Pass:
+              axis_name, samplings, nested=None) -> _Pass:
   """One tapped forward pass and its ``jax.vjp`` at the loss; with
-  ``nested`` (the first pass's finds), the params carry shadows."""
+  ``nested`` (the first pass's finds), the params carry shadows. ``perts``:
+  the outputs' perturbations and the sampled gradients' slots."""
   box = {}  # the context, filled while jax.vjp traces `tapped`
 
   def tapped(p, e):
     clean = _shadows.remove(p)[0] if nested else p
-    ctx = _Context(jax.tree_util.tree_leaves(clean), e, second_moment, dtype,
-                   paths, nested=nested)
+    ctx = _Context(jax.tree_util.tree_leaves(clean), e[0], second_moment,
+                   dtype, paths, nested=nested, slots=e[1],
+                   samplings=samplings)
     with _tapping(ctx):
       loss = checked(p)
     box["ctx"] = ctx
-    aux = {i: (r.sum_x, r.sum_xx, r.sum_y) for i, r in ctx.records.items()}
+    aux = {i: (r.sum_x, r.sum_xx, r.sum_y, r.sum_xs)
+           for i, r in ctx.records.items()}
     return _parallel.per_device_loss(loss, axis_name), (loss, aux)
 
   scaled, vjp_fn, (loss, aux) = jax.vjp(
@@ -720,9 +806,10 @@ def _vjp_pass(checked, params, *, perts, paths, second_moment, dtype,
   return _Pass(loss, grads, pert_grads, aux, box["ctx"])
 
 
-def _layer_tap(rec: _Record, sums, output_grad, path) -> DenseTap:
+def _layer_tap(rec: _Record, sums, output_grad, path,
+               sampled_grad=None) -> DenseTap:
   """The tap of a layer called in ``value_fn``'s own trace."""
-  sum_x, sum_xx, sum_y = sums
+  sum_x, sum_xx, sum_y, sum_xs = sums
   n = rec.num_rows
   return DenseTap(
       input_mean=sum_x / n,
@@ -730,7 +817,8 @@ def _layer_tap(rec: _Record, sums, output_grad, path) -> DenseTap:
       output_mean=sum_y / n, output_grad=output_grad,
       name=jax.tree_util.keystr(path), num_rows=n,
       kernel_index=rec.kernel_index, bias_index=rec.bias_index,
-      kind=rec.kind)
+      kind=rec.kind, sampled_grad=sampled_grad,
+      second_moment_mean=None if sum_xs is None else sum_xs / n)
 
 
 def _nested_tap(info: _Nested, shadow_ct, direct: Optional[DenseTap],

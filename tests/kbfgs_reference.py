@@ -9,7 +9,9 @@ rows it multiplies, the pre-activation rows and the pre-activation gradients,
 and does the rest: A from the rows with the bias coordinate, H_a by Hessian
 action, the pairs from the row means of h and g_h, double damping, BFGS /
 two-loop L-BFGS of H_g with the library's floor, momentum, the per-layer step
-t_l = -b_l / q_l, the displacement bound, the factor and step-size intervals.
+t_l = -b_l / q_l, the displacement bound, the factor and step-size intervals,
+and the row-sampled estimates (A and the q_l's gradients from every s-th row,
+scaled by n / k).
 It shares no code with the library (L-BFGS is the two-loop recursion here,
 the compact representation there; BFGS the textbook product form here).
 """
@@ -63,7 +65,7 @@ class KBFGSReference:
   def __init__(self, net, w, b, *, lr, damping, momentum, weight_decay, decay,
                memory, mu1=0.2, skip_tol=1e-4, max_relative_change=None,
                step_rule="layerwise", max_step_scale=10.0, factor_interval=1,
-               step_size_interval=1):
+               step_size_interval=1, a_stride=1, q_stride=1):
     self.net = net
     self.w = [np.array(x, np.float64) for x in w]
     self.b = [None if x is None else np.array(x, np.float64) for x in b]
@@ -74,6 +76,7 @@ class KBFGSReference:
     self.step_rule, self.max_t = step_rule, max_step_scale
     self.interval = factor_interval  # A and H_a refreshed every k steps
     self.ss_interval = step_size_interval  # t_l measured every k steps
+    self.a_stride, self.q_stride = a_stride, q_stride  # sampled rows
     num = self.num = len(self.w)
     self.k = [x.shape[0] + (bb is not None) for x, bb in zip(self.w, self.b)]
     d_out = [x.shape[1] for x in self.w]
@@ -100,6 +103,13 @@ class KBFGSReference:
       return two_loop(self.pairs[l], v, 1.0)
     return np.stack([two_loop(self.pairs[l], c, 1.0) for c in v.T], 1)
 
+  def _sampled_grad(self, l, rows, dh):
+    """(n / k) sum over every q_stride-th row of [a_i; 1] dL/dh_i."""
+    a, g = rows[l][::self.q_stride], dh[l][::self.q_stride]
+    scale = rows[l].shape[0] / len(a)
+    grad_b = None if self.b[l] is None else scale * g.sum(0)
+    return self._stack(scale * a.T @ g, grad_b).ravel()
+
   def _stack(self, w, b):
     return w if b is None else np.concatenate([w, b[None]], 0)
 
@@ -114,7 +124,8 @@ class KBFGSReference:
       at = rows[l]
       if self.b[l] is not None:
         at = np.concatenate([at, np.ones((n, 1))], 1)
-      a_batch = np.einsum("ri,rj->ij", at, at) / n
+      sub = at[::self.a_stride]  # every s-th row, with its bias coordinate
+      a_batch = sub.T @ sub / len(sub)
       if refresh:
         self.A[l] = a_batch if self.count == 0 else (
             self.beta * self.A[l] + (1 - self.beta) * a_batch)
@@ -152,7 +163,7 @@ class KBFGSReference:
     new_w = [w + d for w, (d, _) in zip(self.w, moved)]
     new_b = [None if b is None else b + d for b, (_, d) in zip(self.b, moved)]
     # 4. Second pass, same batch, at theta + delta.
-    _, pre2, dh2, gw2, gb2 = self.net(new_w, new_b, x, t)
+    rows2, pre2, dh2, gw2, gb2 = self.net(new_w, new_b, x, t)
     if self.step_rule == "layerwise":
       # The per-layer step (ours): t_l = -b_l / q_l, safeguarded.
       for l in range(self.num):
@@ -160,6 +171,9 @@ class KBFGSReference:
         g1 = self._stack(gw2[l], gb2[l]).ravel()
         delta = trial[l].ravel()
         b_l, q_l = g0 @ delta, delta @ (g1 - g0)
+        if self.q_stride > 1:  # q_l from both gradients of every s-th row
+          q_l = delta @ (self._sampled_grad(l, rows2, dh2)
+                         - self._sampled_grad(l, rows, dh))
         if self.count % self.ss_interval:
           pass                     # not measured: reuse the last t_l
         elif q_l > 0 and b_l < 0:

@@ -209,15 +209,20 @@ def _ref_lr(count):
 # Each framework is checked against the reference, hence against the others
 # ("the same model in linen, NNX and plain JAX gives the same trajectory");
 # both K-BFGS and K-BFGS(L) run in plain JAX. (Four compilations keep it fast.)
-@pytest.mark.parametrize("framework,memory,bounded,rule,interval,ss", [
-    ("plain", None, False, "fixed", 1, 1), ("plain", 2, False, "fixed", 1, 1),
-    ("linen", 2, False, "fixed", 1, 1), ("nnx", None, False, "fixed", 1, 1),
-    ("plain", None, True, "fixed", 1, 1),
-    ("plain", None, False, "layerwise", 1, 1),
-    ("plain", None, True, "layerwise", 2, 3),
-    ("linen", 2, True, "layerwise", 3, 2)])
+# `strides`: A's and q_l's row strides (12 rows a batch: 5 keeps rows 0, 5,
+# 10, standing for 4 each).
+@pytest.mark.parametrize("framework,memory,bounded,rule,interval,ss,strides", [
+    ("plain", None, False, "fixed", 1, 1, (1, 1)),
+    ("plain", 2, False, "fixed", 1, 1, (1, 1)),
+    ("linen", 2, False, "fixed", 1, 1, (1, 1)),
+    ("nnx", None, False, "fixed", 1, 1, (1, 1)),
+    ("plain", None, True, "fixed", 1, 1, (3, 1)),
+    ("plain", None, False, "layerwise", 1, 1, (1, 1)),
+    ("plain", None, True, "layerwise", 2, 3, (2, 5)),
+    ("linen", 2, True, "layerwise", 3, 2, (1, 3))])
 def test_matches_numpy_reference_step_by_step(x64, framework, memory,
-                                              bounded, rule, interval, ss):
+                                              bounded, rule, interval, ss,
+                                              strides):
   # damping = 0.81 makes mu2 = sqrt(0.81) = 0.9; momentum and stat_decay
   # differ, so swapping the two decays would show.
   hyper = dict(damping=0.81, momentum=0.8, weight_decay=1e-2)
@@ -244,7 +249,8 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
     max_t = float(np.median(probe.raw_t)) if rule == "layerwise" else 10.0
     return dict(lr=_ref_lr, decay=0.95, memory=memory,
                 max_relative_change=rho, step_rule=rule, max_step_scale=max_t,
-                factor_interval=interval, step_size_interval=ss, **hyper)
+                factor_interval=interval, step_size_interval=ss,
+                a_stride=strides[0], q_stride=strides[1], **hyper)
 
   def run_reference(w, b, batches, **kwargs):
     ref = _Reference(w, b, **kwargs)
@@ -268,7 +274,8 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
     w, b, batches = draw()
     probe = run_reference(w, b, batches, lr=_ref_lr, decay=0.95,
                           memory=memory, step_rule=rule,
-                          step_size_interval=ss, **hyper)
+                          step_size_interval=ss, a_stride=strides[0],
+                          q_stride=strides[1], **hyper)
     kwargs = config(probe)
     check = run_reference(w, b, batches, **kwargs)
     if informative(check):
@@ -280,7 +287,8 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
                  max_relative_change=rho, step_rule=rule,
                  max_step_scale=kwargs["max_step_scale"],
                  input_factor_interval=interval, step_size_interval=ss,
-                 **hyper)
+                 input_factor_row_stride=strides[0],
+                 step_size_row_stride=strides[1], **hyper)
   history = _run(framework, tx, w, b, batches)
   assert olw.kbfgs_layer_names(_plain_params(w, b)) == ("['l1']", "['l2']",
                                                         "['l3']")
@@ -606,6 +614,38 @@ def test_errors():
     olw.kbfgs(pair="exact")
   with pytest.raises(ValueError, match="mu2"):
     olw.kbfgs(damping=2.0)
+  for name in ("input_factor_row_stride", "step_size_row_stride"):
+    for bad in (0, 2.0, True):
+      with pytest.raises(ValueError, match=f"{name} must be a Python int"):
+        olw.kbfgs(**{name: bad})
+
+
+def test_default_row_strides_sample_only_calls_of_256_rows_or_more():
+  """The automatic strides (None) sample calls of >= AUTO_MIN_ROWS rows
+  as the explicit strides 2 and 7 do, and leave smaller calls whole."""
+  w, b = _init(np.random.SeedSequence().entropy % 2**31)
+  params = _plain_params(w, b)
+  rows = lambda a, q: dict(max_relative_change=None,
+                           input_factor_row_stride=a, step_size_row_stride=q)
+  auto, sampled, exact = (olw.kbfgs(**rows(None, None)), olw.kbfgs(
+      **rows(2, 7)), olw.kbfgs(**rows(1, 1)))
+  big = olw._kbfgs.AUTO_MIN_ROWS
+  for n, twin, other in ((big, sampled, exact), (big - 1, exact, sampled)):
+    (x, t), = _batches(np.random.SeedSequence().entropy % 2**31, 1, n=n)
+    loss = lambda p, x=x, t=t: _plain_loss(p, x, t)
+    got, same, differs = (
+        jax.jit(lambda p, tx=tx, loss=loss: tx.update(
+            jax.grad(loss)(p), tx.init(p), p, value_fn=loss)[1])(params)
+        for tx in (auto, twin, other))
+    # Equal up to float32 round-off (q_l = <delta, g' - g> cancels: 1e-4
+    # relative between programs that fuse differently, or take the gradient
+    # by the hook instead of jax.grad); sampled and exact differ by 1e-2 or
+    # more.
+    close = lambda a, c: np.max(np.abs(a - c)) <= 1e-3 * np.max(np.abs(c))
+    for mine, equal, unequal in zip(got.layers, same.layers, differs.layers):
+      assert close(mine.a, equal.a) and not close(mine.a, unequal.a)
+    assert close(got.curvatures, same.curvatures)
+    assert not close(got.curvatures, differs.curvatures)
 
 
 # ---------------------------------------------------------------------------
@@ -613,12 +653,16 @@ def test_errors():
 # ---------------------------------------------------------------------------
 
 
-def test_layer_step_is_minus_b_over_q_from_jax_grad(x64):
+@pytest.mark.parametrize("stride", [1, 5])
+def test_layer_step_is_minus_b_over_q_from_jax_grad(x64, stride):
   """b_l and q_l from two independent jax.grad calls, at theta and at theta
-  plus the trial step, give the applied multiple t_l = -b_l / q_l."""
+  plus the trial step, give the applied multiple t_l = -b_l / q_l. With
+  step_size_row_stride=s, q_l's gradients are those of the loss (a mean over
+  rows) on every s-th example: (n / k) sum_S a_i dL/dh_i is their mean."""
   w, b = _init(np.random.SeedSequence().entropy % 2**31)
   batches = _batches(np.random.SeedSequence().entropy % 2**31, 4)
-  hyper = dict(max_relative_change=None, max_step_scale=1e6)
+  hyper = dict(max_relative_change=None, max_step_scale=1e6,
+               step_size_row_stride=stride)
   tx = olw.kbfgs(0.1, **hyper)
   fixed = olw.kbfgs(0.1, step_rule="fixed", **hyper)
   params = _plain_params(w, b)
@@ -632,16 +676,17 @@ def test_layer_step_is_minus_b_over_q_from_jax_grad(x64):
     # The same state: the fixed rule returns the trial step delta itself.
     trial, _ = fixed.update(grads, state, params, value_fn=loss)
     updates, state = tx.update(grads, state, params, value_fn=loss)
-    g1 = jax.grad(loss)(optax.apply_updates(params, trial))
-    return grads, trial, updates, state, g1
+    sampled = jax.grad(lambda p: _plain_loss(p, x[::stride], t[::stride]))
+    g1, g0 = sampled(optax.apply_updates(params, trial)), sampled(params)
+    return grads, trial, updates, state, g1, g0
 
   for x, t in batches:
-    grads, trial, updates, state, g1 = step(params, state, x, t)
+    grads, trial, updates, state, g1, g0 = step(params, state, x, t)
     for l, name in enumerate(NAMES):
       dot = lambda a, c: sum(float(jnp.vdot(a[name][k], c[name][k]))
                              for k in a[name])
       b_l = dot(grads, trial)
-      q_l = dot(jax.tree_util.tree_map(jnp.subtract, g1, grads), trial)
+      q_l = dot(jax.tree_util.tree_map(jnp.subtract, g1, g0), trial)
       # float64 throughout; the two sides sum in a different order.
       np.testing.assert_allclose(state.decreases[l], b_l, rtol=1e-10)
       np.testing.assert_allclose(state.curvatures[l], q_l, rtol=1e-8)

@@ -411,20 +411,23 @@ RTOL = 1e-9
 # 0.1, the default) or not. Six compilations keep the module under 40 s on 2
 # loaded cores (a K-BFGS(L) scan run, 6 s more, did not fit;
 # tests/test_nested_taps.py runs the scanned stack with memory 2 against the
-# unrolled one).
-@pytest.mark.parametrize("kind,memory,rule,rho", [
-    ("conv", None, "layerwise", None),
-    ("conv", 2, "fixed", 0.1),
-    ("seq", 2, "layerwise", 0.1),
-    ("shared", None, "layerwise", 0.1),
-    ("shared", 3, "layerwise", None),
-    ("scan", None, "layerwise", 0.1),
+# unrolled one). `strides`: A's and q_l's row strides, on the cases with one
+# call per layer (the library samples each call's rows, the reference the
+# pooled rows: the same rows only for one call); the others take all rows.
+@pytest.mark.parametrize("kind,memory,rule,rho,strides", [
+    ("conv", None, "layerwise", None, (3, 5)),
+    ("conv", 2, "fixed", 0.1, (2, 1)),
+    ("seq", 2, "layerwise", 0.1, (2, 3)),
+    ("shared", None, "layerwise", 0.1, (1, 1)),
+    ("shared", 3, "layerwise", None, (1, 1)),
+    ("scan", None, "layerwise", 0.1, (1, 1)),
 ])
 def test_kind_matches_numpy_reference_step_by_step(x64, kind, memory, rule,
-                                                   rho):
+                                                   rho, strides):
   case = CASES[kind]
   config = dict(lr=0.3, decay=0.95, memory=memory, max_relative_change=rho,
-                step_rule=rule, **HYPER)
+                step_rule=rule, a_stride=strides[0], q_stride=strides[1],
+                **HYPER)
   # Fresh draws until the (cheap, NumPy) reference sees Powell damping fire;
   # it did on 20 of 20 seeds per configuration, so 10 attempts all failing
   # means a change in the algorithm, not bad luck.
@@ -447,7 +450,9 @@ def test_kind_matches_numpy_reference_step_by_step(x64, kind, memory, rule,
   assert names == tuple(sorted(expected)), names
   order = [names.index(name) for name in expected]
   tx = olw.kbfgs(0.3, memory_size=memory, stat_decay=0.95,
-                 max_relative_change=rho, step_rule=rule, **HYPER)
+                 max_relative_change=rho, step_rule=rule,
+                 input_factor_row_stride=strides[0],
+                 step_size_row_stride=strides[1], **HYPER)
   history = _run_library(case, tx, w, b, batches)
   ref = KBFGSReference(case.numpy_net, w, b, **config)
   for step, (x, t) in enumerate(batches):
