@@ -83,7 +83,9 @@ def _adapter(module, args, kwargs, y):
     return "batch axes in the kernel (one kernel per batch entry)"
   kernel, bias = kernel_and_bias(module)
   axes, out_axes = _axes(module)
-  rows = rows_over(_inputs(args, kwargs), axes)
+  x = _inputs(args, kwargs)
+  # Flax sorts the contracted axes before it shapes the kernel.
+  rows = rows_over(x, tuple(sorted(a % x.ndim for a in axes)))
   return _layer_kinds.LayerCall(rows, y, out_axes, kernel, bias)
 
 

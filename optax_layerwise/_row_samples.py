@@ -5,15 +5,16 @@ positions): the input second moment ``sum_i a_i a_i^T`` (``O(n d_in^2)``),
 and, for the per-layer step's curvature ``q_l``, the weight-gradient products
 ``sum_i [a_i; 1] g_i^T`` of both passes (``O(n d_in d_out)`` each). Both are
 estimated as ``n / k`` times their sum over the ``k = ceil(n / s)`` rows
-``0, s, 2s, ...`` of each call. Exact for ``s = 1``. The estimates are sums
+``0, s, 2s, ...`` of each call, ``s`` raised to the next stride coprime with
+the rows per example (the positions of a sequence or an image), so that the
+sample takes every position, each from other examples (a stride dividing
+them would take only some columns of every image). Exact for ``s = 1``. The estimates are sums
 over rows, so the shards of a data-parallel batch add up to the whole
 batch's (when each shard's rows are a multiple of ``s``). K-BFGS's ``A`` of a
 layer with a bias, ``[[A, abar], [abar^T, 1]]``, takes the sampled rows' mean
 for ``abar`` too (:func:`second_moment`): the Gram matrix of the sampled
 ``[a_i; 1]``, positive semi-definite, which the exact mean beside a sampled
-``A`` need not be. The sample spans the whole batch, and an odd ``s`` walks
-through all positions of a sequence or image of even length over the
-batch's examples.
+``A`` need not be.
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ class Sampling:
       return value
     return cls(*value) if isinstance(value, tuple) else cls(value)
 
-  def stride_for(self, rows: jax.Array) -> int:
-    """The stride for this call's ``rows``: 1 (all rows) below
-    ``min_rows``, or for rows sharded over an explicit mesh
-    (``jax.make_mesh``'s default) unless each shard's rows are a multiple of
-    the stride (then the sample, :func:`take`, stays on its shards)."""
+  def stride_for(self, rows: jax.Array, positions: int = 1) -> int:
+    """The stride for this call's ``rows`` (``positions`` per example): the
+    next one coprime with ``positions``; 1 (all rows) below ``min_rows``, or
+    for rows sharded over an explicit mesh (``jax.make_mesh``'s default)
+    unless each shard's rows are a multiple of the stride (then the sample,
+    :func:`take`, stays on its shards)."""
     stride = self.stride if rows.shape[0] >= self.min_rows else 1
+    while stride > 1 and math.gcd(stride, positions) > 1:
+      stride += 1
     sharding = getattr(jax.typeof(rows), "sharding", None)
     spec = tuple(getattr(sharding, "spec", ()))
     axes = spec[0] if spec else None
@@ -84,11 +88,12 @@ def take(rows: jax.Array, stride: int) -> jax.Array:
   return rows.reshape((n // stride, stride) + rows.shape[1:])[:, 0]
 
 
-def second_moment(gram_fn, rows: jax.Array, sampling: Sampling) -> tuple:
+def second_moment(gram_fn, rows: jax.Array, sampling: Sampling,
+                  positions: int = 1) -> tuple:
   """``(rows^T rows, sum of the rows)`` estimated from ``sampling``'s rows
-  (``gram_fn`` forms their Gram matrix); ``None`` for the sum when all rows
-  are used."""
-  stride = sampling.stride_for(rows)
+  (``gram_fn`` forms their Gram matrix; ``positions`` rows per example);
+  ``None`` for the sum when all rows are used."""
+  stride = sampling.stride_for(rows, positions)
   if stride == 1:
     return gram_fn(rows), None
   sampled = take(rows, stride)

@@ -261,8 +261,9 @@ class _Context:
 
   @property
   def sampled(self) -> set:
-    """The layers whose every call gave its sampled gradient."""
-    return self.hooked - self.unhooked
+    """The layers whose every call gave its sampled gradient (not those
+    also called in a nested transform, which has no hook)."""
+    return self.hooked - self.unhooked - set(self.nested)
 
   @functools.cached_property
   def path_index(self) -> dict:
@@ -292,6 +293,7 @@ class _Context:
         return out
       if index is not None:
         self.untapped_kernels.add(index)
+        self.unhooked.add(index)  # its sampled gradient would miss this call
       self.untapped += 1
       return y
     bias_index = None if call.bias is None else self.leaf_index.get(
@@ -305,22 +307,23 @@ class _Context:
       raise ValueError(
           "A layer was called several times with different biases "
           f"(leaf {index}); give each call its own layer.")
-    self._accumulate(rec, call.rows, y.reshape(-1, pert.shape[0]))
-    y = self._sample_gradient(index, call.rows, y)
+    positions = math.prod(y.shape[1:y.ndim - call.out_axes])
+    self._accumulate(rec, call.rows, y.reshape(-1, pert.shape[0]), positions)
+    y = self._sample_gradient(index, call.rows, y, positions)
     if y.dtype == pert.dtype:
       return y + pert.reshape(out_shape)
     # Add in the statistics dtype so the summed cotangent stays accurate.
     return (y.astype(pert.dtype) + pert.reshape(out_shape)).astype(y.dtype)
 
-  def _sample_gradient(self, index: int, rows, y):
+  def _sample_gradient(self, index: int, rows, y, positions: int):
     """``y`` hooked so that the backward pass gives the layer's sampled
     gradient to its slot (if one was asked for and fits the rows)."""
     slot = self.slots.get(index)
-    stride = self.grad_rows.stride_for(rows)
     if slot is None or slot[0].shape[0] != rows.shape[1]:
       self.unhooked.add(index)
       return y
     self.hooked.add(index)
+    stride = self.grad_rows.stride_for(rows, positions)
     flat = _row_samples.gradient_hook(
         stride, y.reshape(-1, slot[1].shape[0]),
         rows.astype(self.stats_dtype), slot)
@@ -396,7 +399,7 @@ class _Context:
       self.nested[index] = _Nested(self.paths[index], stack, layout, kind,
                                    bias)
 
-  def _accumulate(self, rec: _Record, rows, out) -> None:
+  def _accumulate(self, rec: _Record, rows, out, positions: int) -> None:
     rows, out = rows.astype(self.stats_dtype), out.astype(self.stats_dtype)
     sum_x = jnp.sum(rows, axis=0)
     sum_y = jnp.sum(out, axis=0)
@@ -404,7 +407,7 @@ class _Context:
     sampling = _row_samples.Sampling() if rec.kernel_index in self.nested else (
         self.gram_rows)
     sum_xx, sum_xs = _second_moment(rows, self.want_second_moment,
-                                    sampling) or (None, None)
+                                    sampling, positions) or (None, None)
     if rec.num_rows:
       if sum_xx is not None:
         sum_xs = _add_sampled_sums(rec, sum_x, sum_xs)
@@ -454,18 +457,18 @@ def _add_sampled_sums(rec: _Record, call_sum, sum_xs):
   return before + (call_sum if sum_xs is None else sum_xs)
 
 
-def _second_moment(rows: jax.Array, want,
-                   sampling=_row_samples.Sampling()) -> Optional[tuple]:
+def _second_moment(rows: jax.Array, want, sampling=_row_samples.Sampling(),
+                   positions: int = 1) -> Optional[tuple]:
   """``(rows^T rows, sum of rows)`` from ``sampling``'s rows, scaled
-  (:func:`_row_samples.second_moment`), if ``want`` (a bool, or a traced
-  bool computed under ``lax.cond`` so that skipped steps cost nothing), else
-  ``None``."""
+  (:func:`_row_samples.second_moment`; ``positions`` rows per example), if
+  ``want`` (a bool, or a traced bool computed under ``lax.cond`` so that
+  skipped steps cost nothing), else ``None``."""
   sampled = functools.partial(_row_samples.second_moment, gram,
-                              sampling=sampling)
+                              sampling=sampling, positions=positions)
   if isinstance(want, bool):
     return sampled(rows) if want else None
   d = rows.shape[1]
-  zero_sum = None if sampling.stride_for(rows) == 1 else (
+  zero_sum = None if sampling.stride_for(rows, positions) == 1 else (
       jnp.zeros((d,), rows.dtype))
   return jax.lax.cond(want, sampled, lambda r: (
       jnp.zeros((d, d), r.dtype), zero_sum), rows)

@@ -103,9 +103,17 @@ class KBFGSReference:
       return two_loop(self.pairs[l], v, 1.0)
     return np.stack([two_loop(self.pairs[l], c, 1.0) for c in v.T], 1)
 
+  def _stride(self, stride, rows):
+    """The stride raised until it is coprime with the rows per example."""
+    positions = rows.shape[0] // self.batch
+    while stride > 1 and math.gcd(stride, positions) > 1:
+      stride += 1
+    return stride
+
   def _sampled_grad(self, l, rows, dh):
     """(n / k) sum over every q_stride-th row of [a_i; 1] dL/dh_i."""
-    a, g = rows[l][::self.q_stride], dh[l][::self.q_stride]
+    s = self._stride(self.q_stride, rows[l])
+    a, g = rows[l][::s], dh[l][::s]
     scale = rows[l].shape[0] / len(a)
     grad_b = None if self.b[l] is None else scale * g.sum(0)
     return self._stack(scale * a.T @ g, grad_b).ravel()
@@ -117,6 +125,7 @@ class KBFGSReference:
     lr = self.lr(self.count) if callable(self.lr) else self.lr
     refresh = self.count % self.interval == 0
     rows, pre, dh, gw, gb = self.net(self.w, self.b, x, t)
+    self.batch = x.shape[0]
     # 1. Statistics at theta, per layer over its own n_l rows.
     abar, gh_mean, h_mean = [], [], []
     for l in range(self.num):
@@ -124,7 +133,8 @@ class KBFGSReference:
       at = rows[l]
       if self.b[l] is not None:
         at = np.concatenate([at, np.ones((n, 1))], 1)
-      sub = at[::self.a_stride]  # every s-th row, with its bias coordinate
+      # Every s-th row, with its bias coordinate.
+      sub = at[::self._stride(self.a_stride, at)]
       a_batch = sub.T @ sub / len(sub)
       if refresh:
         self.A[l] = a_batch if self.count == 0 else (

@@ -381,3 +381,24 @@ def test_coverage_names_each_leafs_kind_or_reason_and_matches_kbfgs():
   for path, flag in flags:
     path = jax.tree_util.keystr(path)
     assert bool(flag) == (by_path[path].kind is not None), path
+
+
+@pytest.mark.parametrize("axis", [(-1, -2), (-2, -1)])
+def test_dense_general_rows_follow_the_kernel_whatever_the_axis_order(axis):
+  """Flax sorts DenseGeneral's contracted axes before it shapes the kernel:
+  the tapped rows must too, or A and the sampled gradient pair the wrong
+  inputs with the kernel's entries. Checked against jax.grad: the sampled
+  gradient from every row equals the kernel's gradient."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 2))
+  model = nn.DenseGeneral(5, axis=axis)
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+  kernel = jax.tree_util.tree_leaves(params)[1]  # leaves: bias, kernel
+  tap = olw.tap_dense_layers(loss, params, kernels={1: 5},
+                             sampled_grads=1).layers[1]
+  rows = np.asarray(x).reshape(4, 6)  # axes (1, 2) in order: kernel order
+  np.testing.assert_allclose(tap.input_second_moment, rows.T @ rows / 4,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      tap.sampled_grad[0].reshape(kernel.shape),
+      jax.grad(loss)(params)["kernel"], rtol=1e-5, atol=1e-6)

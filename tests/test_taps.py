@@ -258,3 +258,21 @@ def test_blockwise_gram_matches_the_full_product():
   # float32 sums of 50 O(1) products.
   np.testing.assert_allclose(g, rows.T @ rows, rtol=1e-4, atol=1e-3)
   np.testing.assert_array_equal(g[:128, 128:], g[128:, :128].T)
+
+
+def test_no_sampled_gradient_for_a_kernel_with_an_untapped_call():
+  """A kernel called directly and inside jax.checkpoint (untapped there):
+  a sampled gradient of the direct call alone would miss the other call's
+  share, so the layer has none (K-BFGS then takes its params gradient)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  params = {"w": jax.random.normal(jax.random.PRNGKey(1), (3, 3))}
+
+  def loss(p):  # the checkpointed call closes over the params leaf
+    inner = jax.checkpoint(lambda h: olw.dense(h, p["w"]))
+    return jnp.sum(jnp.tanh(inner(olw.dense(x, p["w"]))) ** 2)
+
+  direct = lambda p: jnp.sum(jnp.tanh(olw.dense(x, p["w"])) ** 2)
+  assert olw.tap_dense_layers(direct, params, sampled_grads=1).layers[
+      0].sampled_grad is not None
+  tap = olw.tap_dense_layers(loss, params, sampled_grads=1).layers[0]
+  assert tap.sampled_grad is None
