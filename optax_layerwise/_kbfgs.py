@@ -330,7 +330,6 @@ class _Config:
       return True
     return count % self.input_factor_interval == 0
 
-
   def sampled_grads(self):
     """The rows of the sampled gradients behind ``q_l`` (``None``: ``q_l``
     from the params gradients)."""
@@ -1035,10 +1034,12 @@ def kbfgs(
       calls of at least 256 rows, all rows on smaller ones; 1: both params
       gradients (exact). Either stride is raised on a call to the next one
       coprime with its rows per example (the positions of a sequence or
-      image), so that the sample takes every position. Layers called inside ``nn.scan`` / ``nn.RNN`` take
-      the params gradients. On the MNIST autoencoder (batch 1000) the two
-      defaults cut the step from 2.75x to 2.37x Adam's at the same loss per
-      epoch (docs/kbfgs.md, "Cost"). Under ``shard_map`` each device samples
+      image), so that the sample takes every position. Layers called inside
+      ``nn.scan`` / ``nn.RNN`` take the params gradients. On the MNIST
+      autoencoder (batch 1000) the two defaults cut the step from 2.75x to
+      2.37x Adam's (fastest round; 2.91x to 2.60x in the benchmark's median)
+      at the same loss per epoch within the spread of seeds (docs/kbfgs.md,
+      "Row-sampled statistics"). Under ``shard_map`` each device samples
       its own rows (one device's sample when each device's rows are a
       multiple of the stride); under ``jax.jit`` with the batch sharded over
       an explicit mesh, a call is sampled when each shard's rows are a

@@ -8,13 +8,13 @@ estimated as ``n / k`` times their sum over the ``k = ceil(n / s)`` rows
 ``0, s, 2s, ...`` of each call, ``s`` raised to the next stride coprime with
 the rows per example (the positions of a sequence or an image), so that the
 sample takes every position, each from other examples (a stride dividing
-them would take only some columns of every image). Exact for ``s = 1``. The estimates are sums
-over rows, so the shards of a data-parallel batch add up to the whole
-batch's (when each shard's rows are a multiple of ``s``). K-BFGS's ``A`` of a
-layer with a bias, ``[[A, abar], [abar^T, 1]]``, takes the sampled rows' mean
-for ``abar`` too (:func:`second_moment`): the Gram matrix of the sampled
-``[a_i; 1]``, positive semi-definite, which the exact mean beside a sampled
-``A`` need not be.
+them would take only some columns of every image). Exact for ``s = 1``.
+The estimates are sums over rows, so the shards of a data-parallel batch add
+up to the whole batch's (when each shard's rows are a multiple of ``s``).
+K-BFGS's ``A`` of a layer with a bias, ``[[A, abar], [abar^T, 1]]``, takes
+the sampled rows' mean for ``abar`` too (:func:`second_moment`): the Gram
+matrix of the sampled ``[a_i; 1]``, positive semi-definite, which the exact
+mean beside a sampled ``A`` need not be.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def rows_matmul(rows: jax.Array):
   products)."""
   sharding = getattr(jax.typeof(rows), "sharding", None)
   if any(axes is not None for axes in getattr(sharding, "spec", ())):
-    return functools.partial(jnp.matmul, out_sharding=jax.sharding.NamedSharding(
-        sharding.mesh, jax.sharding.PartitionSpec()))
+    replicated = jax.sharding.NamedSharding(sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+    return functools.partial(jnp.matmul, out_sharding=replicated)
   return jnp.matmul
 
 
