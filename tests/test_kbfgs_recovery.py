@@ -174,11 +174,13 @@ def _run(tx, steps, x0=(-1.2, 1.0)):
 
 
 def test_rosenbrock_two_layers_froze_without_the_floor(monkeypatch):
-  # The repro (float32, the defaults, Rosenbrock's usual start): without the
-  # rule H_g of layer b collapses and the loss stays at 4.087 for good.
+  # The repro (float32, the defaults of the time, Rosenbrock's usual start):
+  # without the rule H_g of layer b collapses and the loss stays at 4.087
+  # for good. (The bound was 0.1 then; with today's 0.05 H_g collapses
+  # too, and the loss stays at 4.113.)
   monkeypatch.setattr(_bfgs, "DenseInverse",
                       functools.partial(_bfgs.DenseInverse, floor=-np.inf))
-  losses, h_b = _run(olw.kbfgs(), 1500)
+  losses, h_b = _run(olw.kbfgs(max_relative_change=0.1), 1500)
   assert h_b[-1] < 1e-8
   np.testing.assert_allclose(losses[-500:], 4.087, rtol=1e-3)
 
