@@ -520,9 +520,10 @@ def _curvature(change: _GradChange, trial, spec: Spec, dtype) -> jax.Array:
   sampled = change.sampled.get(_key(spec))
   if sampled is None:
     return _layer_dot(change.full, trial, spec, dtype)
-  parts = zip((spec.kernel_index, spec.bias_index), sampled)
-  return sum(jnp.vdot(_part(trial, i, spec).astype(dtype), g.astype(dtype))
-             for i, g in parts if i is not None)
+  # A sampled layer is called directly (no stacked slice): its (W, b)
+  # gradients stand in for the leaves.
+  return _layer_dot(dict(zip((spec.kernel_index, spec.bias_index), sampled)),
+                    trial, spec, dtype)
 
 
 def _measure_pair(cfg: _Config, value_fn, params, updates, tapped, taps,

@@ -234,8 +234,8 @@ class _Context:
   def __init__(self, leaves, perts, want_second_moment, stats_dtype,
                paths=(), nested=None, slots=None, samplings=None):
     """``nested``: the first pass's finds, given to the shadow pass;
-    ``slots``: the sampled gradients' zero inputs (``{index: (d_in + 1,
-    d_out)}``); ``samplings``: the second moment's and the sampled
+    ``slots``: the sampled gradients' zero inputs (``{index: ((d_in,
+    d_out), (d_out,))}``); ``samplings``: the second moment's and the sampled
     gradients' rows (:class:`_row_samples.Sampling`)."""
     self.kernel_pos = {id(leaves[index]): index for index in perts}
     self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
