@@ -720,19 +720,21 @@ def _check_args(learning_rate, damping, mu1, mu2, momentum, stat_decay,
           f"static_args), got {value!r}.")
 
 
-#: Automatic row strides (``None``): ``A`` from every 2nd row, ``q_l``'s
-#: gradients from every 7th, on calls with at least ``AUTO_MIN_ROWS`` rows
-#: (raised to be coprime with the rows per example, _row_samples).
-AUTO_INPUT_FACTOR_ROW_STRIDE = 2
-AUTO_STEP_SIZE_ROW_STRIDE = 7
+#: Automatic row strides (``None``): ``A`` from every 4th row, ``q_l``'s
+#: gradients from every 14th, on calls with at least ``AUTO_MIN_ROWS`` rows,
+#: each stride lowered to keep ``AUTO_MIN_SAMPLE`` rows in the sample
+#: (and raised to be coprime with the rows per example, _row_samples).
+AUTO_INPUT_FACTOR_ROW_STRIDE = 4
+AUTO_STEP_SIZE_ROW_STRIDE = 14
 AUTO_MIN_ROWS = 256
+AUTO_MIN_SAMPLE = 64
 
 
 def _sampling(given: Optional[int], auto: int) -> _row_samples.Sampling:
   """A given stride applies to every call; the automatic one to calls of at
-  least ``AUTO_MIN_ROWS`` rows."""
+  least ``AUTO_MIN_ROWS`` rows, lowered to keep ``AUTO_MIN_SAMPLE`` rows."""
   if given is None:
-    return _row_samples.Sampling(auto, AUTO_MIN_ROWS)
+    return _row_samples.Sampling(auto, AUTO_MIN_ROWS, AUTO_MIN_SAMPLE)
   return _row_samples.Sampling(given)
 
 
@@ -952,12 +954,12 @@ def kbfgs(
 
   ``value_fn`` is re-run with its layers tapped (Flax linen ``nn.Dense``,
   ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv``; Flax NNX ``nnx.Linear``,
-  ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``; :func:`optax_layerwise.dense` in plain
-  JAX), once at ``theta`` and once at ``theta + delta``. Put the
-  gradient computation and ``tx.update`` in the same ``jax.jit``: XLA then
-  shares the forward and backward pass of the tap at ``theta`` with the
-  gradient's (so K-BFGS costs one extra forward-backward pass, the second
-  one, plus its matrix products).
+  ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``;
+  :func:`optax_layerwise.dense` in plain JAX), once at ``theta`` and once at
+  ``theta + delta``. Put the gradient computation and ``tx.update`` in the
+  same ``jax.jit``: XLA then shares the forward and backward pass of the tap
+  at ``theta`` with the gradient's (so K-BFGS costs one extra
+  forward-backward pass, the second one, plus its matrix products).
 
   Args:
     learning_rate: ``lr``, a scalar or an Optax schedule of the step count.
@@ -1025,28 +1027,31 @@ def kbfgs(
       this-many-th row of each layer call, scaled to all ``n`` rows (ours;
       :mod:`optax_layerwise._row_samples`); with a bias, ``A_batch``'s
       ``abar`` column is the sampled rows' mean, so it stays positive
-      semi-definite. ``None`` (default): 2 on calls of at least
-      ``AUTO_MIN_ROWS`` (256) rows, all rows on smaller ones; an int:
+      semi-definite. ``None`` (default): 4 on calls of at least
+      ``AUTO_MIN_ROWS`` (256) rows, lowered to keep at least
+      ``AUTO_MIN_SAMPLE`` (64) rows, all rows on smaller calls; an int:
       that stride on every call (1: all rows, the paper). Calls inside
       ``nn.scan`` / ``nn.RNN`` use all rows. A Python int (it sets shapes):
       under :func:`optax.inject_hyperparams` list it in ``static_args``.
     step_size_row_stride: with ``step_rule="layerwise"`` and the secant
       pair, estimate ``q_l``'s gradients at ``theta`` and ``theta + delta``
       from the same every this-many-th row of each call (ours): the second
-      pass then skips its weight-gradient products. ``None`` (default): 7 on
-      calls of at least 256 rows, all rows on smaller ones; 1: both params
-      gradients (exact). Either stride is raised on a call to the next one
-      coprime with its rows per example (the positions of a sequence or
+      pass then skips its weight-gradient products. ``None`` (default): 14
+      on calls of at least 256 rows, lowered to keep at least 64 rows (every
+      4th of 256), all rows on smaller calls; 1: both params gradients
+      (exact). Either stride is raised on a call to the next one coprime
+      with its rows per example (the positions of a sequence or
       image), so that the sample takes every position. Layers called inside
       ``nn.scan`` / ``nn.RNN`` take the params gradients. On the MNIST
-      autoencoder (batch 1000) the two defaults cut the step from 2.75x to
-      2.37x Adam's (fastest round; 2.91x to 2.60x in the benchmark's median)
-      at the same loss per epoch within the spread of seeds (docs/kbfgs.md,
-      "Row-sampled statistics"). Under ``shard_map`` each device samples
-      its own rows (one device's sample when each device's rows are a
-      multiple of the stride); under ``jax.jit`` with the batch sharded over
-      an explicit mesh, a call is sampled when each shard's rows are a
-      multiple of the stride, else all its rows are used. The 256 rows of
+      autoencoder (batch 1000) sampling cut the step from 2.75x to 2.37x
+      Adam's (strides 2 / 7, fastest round), and 4 / 14 from 2.61x to 2.46x
+      (median of 8 rounds), at the same loss per epoch within the spread of
+      seeds (docs/kbfgs.md, "Row-sampled statistics"). Under
+      ``shard_map`` each device samples its own rows (one device's sample
+      when each device's rows are a multiple of the stride); under
+      ``jax.jit`` with the batch sharded over an explicit mesh, a call is
+      sampled when each shard's rows are a multiple of the stride, else all
+      its rows are used. The 256 rows of
       the automatic strides count each device's rows under ``shard_map``.
     precondition_dtype: the dtype the inputs of the products ``H_a M`` and
       ``(H_a M) H_g`` that form the step are cast to, accumulated in the

@@ -50,24 +50,29 @@ def rows_matmul(rows: jax.Array):
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """Every ``stride``-th row of the calls with at least ``min_rows`` rows
-  (smaller calls, whose sums cost little, use all of theirs)."""
+  (smaller calls, whose sums cost little, use all of theirs), the stride
+  lowered where needed to keep at least ``min_sample`` rows in the sample."""
   stride: int = 1
   min_rows: int = 0
+  min_sample: int = 0
 
   @classmethod
   def of(cls, value: Union[int, tuple, "Sampling"]) -> "Sampling":
-    """From a stride or a ``(stride, min_rows)`` pair."""
+    """From a stride or a ``(stride, min_rows[, min_sample])`` tuple."""
     if isinstance(value, Sampling):
       return value
     return cls(*value) if isinstance(value, tuple) else cls(value)
 
   def stride_for(self, rows: jax.Array, positions: int = 1) -> int:
     """The stride for this call's ``rows`` (``positions`` per example): the
-    next one coprime with ``positions``; 1 (all rows) below ``min_rows``, or
-    for rows sharded over an explicit mesh (``jax.make_mesh``'s default)
-    unless each shard's rows are a multiple of the stride (then the sample,
-    :func:`take`, stays on its shards)."""
-    stride = self.stride if rows.shape[0] >= self.min_rows else 1
+    next one coprime with ``positions``; at most ``n // min_sample``; 1
+    (all rows) below ``min_rows``, or for rows sharded over an explicit mesh
+    (``jax.make_mesh``'s default) unless each shard's rows are a multiple of
+    the stride (then the sample, :func:`take`, stays on its shards)."""
+    n = rows.shape[0]
+    stride = self.stride if n >= self.min_rows else 1
+    if self.min_sample:
+      stride = max(1, min(stride, n // self.min_sample))
     while stride > 1 and math.gcd(stride, positions) > 1:
       stride += 1
     sharding = getattr(jax.typeof(rows), "sharding", None)

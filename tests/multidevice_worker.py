@@ -161,7 +161,7 @@ LOSSES = {"mlp": loss_fn, "linen": linen_loss_fn}
 
 # K-BFGS's sampled rows (A and q_l's gradients from every 2nd row): each
 # device samples its own 8 rows, which are the rows one device samples from
-# the 32 only for strides dividing 8 (the defaults, 2 and 7 on calls of 256
+# the 32 only for strides dividing 8 (the defaults, 4 and 14 on calls of 256
 # rows or more, take all of these small calls' rows). A q_l stride of 4 (2
 # sampled rows a device) crashed XLA's CPU runtime here in 2 of 3 runs (heap
 # corruption, in the shard_map run of all transforms in one program; not

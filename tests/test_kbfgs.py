@@ -621,15 +621,20 @@ def test_errors():
 
 
 def test_default_row_strides_sample_only_calls_of_256_rows_or_more():
-  """The automatic strides (None) sample calls of >= AUTO_MIN_ROWS rows
-  as the explicit strides 2 and 7 do, and leave smaller calls whole."""
+  """The automatic strides (None) sample calls of >= AUTO_MIN_ROWS rows as
+  the explicit strides do, each lowered to keep AUTO_MIN_SAMPLE rows (at
+  256 rows: 4 and 4, not 4 and 14), and leave smaller calls whole."""
   w, b = _init(np.random.SeedSequence().entropy % 2**31)
   params = _plain_params(w, b)
   rows = lambda a, q: dict(max_relative_change=None,
                            input_factor_row_stride=a, step_size_row_stride=q)
+  k = olw._kbfgs
+  big = k.AUTO_MIN_ROWS
+  capped = lambda stride: min(stride, big // k.AUTO_MIN_SAMPLE)
+  assert capped(k.AUTO_STEP_SIZE_ROW_STRIDE) < k.AUTO_STEP_SIZE_ROW_STRIDE
   auto, sampled, exact = (olw.kbfgs(**rows(None, None)), olw.kbfgs(
-      **rows(2, 7)), olw.kbfgs(**rows(1, 1)))
-  big = olw._kbfgs.AUTO_MIN_ROWS
+      **rows(capped(k.AUTO_INPUT_FACTOR_ROW_STRIDE),
+             capped(k.AUTO_STEP_SIZE_ROW_STRIDE))), olw.kbfgs(**rows(1, 1)))
   for n, twin, other in ((big, sampled, exact), (big - 1, exact, sampled)):
     (x, t), = _batches(np.random.SeedSequence().entropy % 2**31, 1, n=n)
     loss = lambda p, x=x, t=t: _plain_loss(p, x, t)
