@@ -109,10 +109,18 @@ REGISTRY: Dict[str, Method] = dict(
                          lambda lr: olw.kbfgs(memory_size=KBFGS_L_MEMORY))})
 
 
-def _kbfgs_defaults() -> Dict[str, str]:
-  return {k: repr(p.default)
-          for k, p in inspect.signature(olw.kbfgs).parameters.items()
-          if p.default is not inspect.Parameter.empty}
+def kbfgs_defaults() -> Dict[str, str]:
+  """``olw.kbfgs``'s keyword defaults and the module's numeric constants
+  behind them (the automatic row strides, the bfloat16 width): a change of
+  either is a change of what ``olw.kbfgs()`` runs."""
+  defaults = {k: repr(p.default)
+              for k, p in inspect.signature(olw.kbfgs).parameters.items()
+              if p.default is not inspect.Parameter.empty}
+  module = olw._kbfgs  # pylint: disable=protected-access
+  defaults.update({name: repr(getattr(module, name)) for name in dir(module)
+                   if name.isupper()
+                   and isinstance(getattr(module, name), (int, float))})
+  return defaults
 
 
 # --------------------------------------------------------------------------
@@ -159,7 +167,8 @@ def build_experiment(*, data_dir: Optional[str] = None,
 
 class _Cache:
   """Each method's finished entry as ``<dir>/<name>-<key>.json``, keyed by
-  the configuration (and the method's grid), plus a ``.partial.json`` of an
+  the configuration (and the method's grid; for K-BFGS also the library's
+  defaults, :func:`kbfgs_defaults`), plus a ``.partial.json`` of an
   unfinished run, saved after every evaluation."""
 
   def __init__(self, directory: pathlib.Path, base_cfg: Dict[str, Any],
@@ -170,6 +179,8 @@ class _Cache:
   def path(self, name: str, grid=None) -> pathlib.Path:
     grid = self.grids.get(name, ()) if grid is None else grid
     cfg = dict(self.base_cfg, grid=list(grid) or None, method=name)
+    if name.startswith("kbfgs"):  # runs at the library's defaults
+      cfg["kbfgs_defaults"] = kbfgs_defaults()
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()
                        ).hexdigest()[:12]
     return self.dir / f"{name}-{key}.json"
@@ -770,7 +781,7 @@ def _fm_section(s: argparse.Namespace, result: BenchmarkResult,
       side_by_side=side, timing_rounds=s.timing_rounds,
       timing_from=s.timing_from, timing_calls_per_round=s.timing_calls,
       time_only=s.time_only, reused=section["reused"],
-      kbfgs_signature_defaults=_kbfgs_defaults(),
+      kbfgs_signature_defaults=kbfgs_defaults(),
       kbfgs_l_memory_size=KBFGS_L_MEMORY, adam_grid=list(s.grids["adam"]),
       adamw_grid=list(s.grids["adamw"]), quick=bool(s.quick))
   section["table"] = fm_rows(result.to_json())

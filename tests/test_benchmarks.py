@@ -551,3 +551,51 @@ def test_kfac_jax_compare_without_kfac_jax(capsys):
   with pytest.raises(SystemExit) as e:
     kfac_jax_compare.main(["--quick"])
   assert "not a dependency" in str(e.value) and "venv" in str(e.value)
+
+
+def test_kbfgs_seeds_summary_and_script(tmp_path):
+  """The seeds benchmark's per-run summary against a hand computation (the
+  target crossed between the evaluations at epochs 1 and 2: 1 + (230 -
+  221.5) / (230 - 210); the early peak 150 / 100), a non-finite loss
+  counts as diverged; then the script end to end at toy size."""
+  from benchmarks import kbfgs_seeds, results as results_lib
+  run = results_lib.Run(method="kbfgs", lr=None, seed=3)
+  for ep, loss in enumerate((500.0, 230.0, 210.0)):
+    run.history.append(ep, 60 * ep, float(ep), loss)
+  run.batch_loss = {"step": [0, 1, 2], "loss": [100.0, 150.0, 90.0]}
+  row = kbfgs_seeds.run_summary(run, 221.5)
+  assert row["epochs_to_target"] == pytest.approx(1 + 8.5 / 20)
+  assert row["early_peak_ratio"] == pytest.approx(1.5)
+  assert not row["diverged"] and row["seed"] == 3
+  run.history.train_loss[-1] = float("nan")
+  assert kbfgs_seeds.run_summary(run, 221.5)["diverged"]
+  assert kbfgs_seeds.parse_seeds("0-2,7") == [0, 1, 2, 7]
+
+  _write_fake_mnist(tmp_path / "fm", n_train=40, n_test=8)
+  out = tmp_path / "seeds"
+  res = kbfgs_seeds.main([
+      "--data-dir", str(tmp_path / "fm"), "--n-train", "40", "--n-test", "8",
+      "--batch-size", "20", "--widths", "784,8,3,8,784", "--epochs", "1",
+      "--seeds", "0", "--inits", "lecun", "--out", str(out),
+      "--no-progress"])
+  saved = json.loads((out / "results.json").read_text())
+  assert [r["seed"] for r in saved["rows"]] == [0]
+  assert saved["summary"]["runs"] == 1 == len(res["rows"])
+  assert all(len(r["train_loss"]) == 2 for r in saved["rows"])
+  assert (out / "loss_vs_step.png").exists()
+
+
+def test_fashion_mnist_cache_key_follows_kbfgs_defaults(tmp_path,
+                                                        monkeypatch):
+  """A cached K-BFGS run is keyed by the library's defaults, module
+  constants included (a changed automatic row stride must not reuse a run
+  of the old one); Adam's key does not depend on them."""
+  from benchmarks import fashion_mnist
+  import optax_layerwise as olw
+  cache = fashion_mnist._Cache(tmp_path, dict(seed=0), {"adam": (1e-3,)})
+  before = {n: cache.path(n) for n in ("adam", "kbfgs", "kbfgs-l")}
+  monkeypatch.setattr(olw._kbfgs, "AUTO_STEP_SIZE_ROW_STRIDE",
+                      olw._kbfgs.AUTO_STEP_SIZE_ROW_STRIDE + 1)
+  assert cache.path("adam") == before["adam"]
+  for name in ("kbfgs", "kbfgs-l"):
+    assert cache.path(name) != before[name]
