@@ -110,16 +110,18 @@ REGISTRY: Dict[str, Method] = dict(
 
 
 def kbfgs_defaults() -> Dict[str, str]:
-  """``olw.kbfgs``'s keyword defaults and the module's numeric constants
-  behind them (the automatic row strides, the bfloat16 width): a change of
-  either is a change of what ``olw.kbfgs()`` runs."""
+  """``olw.kbfgs``'s keyword defaults and the numeric constants of its
+  modules (the automatic row strides, the bfloat16 width, the ``H_g``
+  floor): a change of either is a change of what ``olw.kbfgs()`` runs (a
+  change of code is not seen: clear the cache after one)."""
   defaults = {k: repr(p.default)
               for k, p in inspect.signature(olw.kbfgs).parameters.items()
               if p.default is not inspect.Parameter.empty}
-  module = olw._kbfgs  # pylint: disable=protected-access
-  defaults.update({name: repr(getattr(module, name)) for name in dir(module)
-                   if name.isupper()
-                   and isinstance(getattr(module, name), (int, float))})
+  # pylint: disable-next=protected-access
+  for module in (olw._kbfgs, olw._bfgs):
+    defaults.update({f"{module.__name__}.{name}": repr(getattr(module, name))
+                     for name in dir(module) if name.isupper()
+                     and isinstance(getattr(module, name), (int, float))})
   return defaults
 
 

@@ -44,18 +44,23 @@ def parse_seeds(text: str) -> List[int]:
 
 def run_summary(run: results_lib.Run, target: float) -> Dict[str, Any]:
   """Per-epoch losses, epochs to ``target``, the early peak of the batch
-  loss over its first value, and whether the run diverged."""
+  loss over its first value, and whether the run diverged: a loss not
+  finite, or a full-training-set loss above the initial one (a finite
+  blow-up, such as 543 -> 1954 after an epoch). A diverged run has no
+  epochs to ``target``."""
   h = run.history
+  losses = np.asarray([np.nan if v is None else v for v in h.train_loss],
+                      float)
+  diverged = bool(run.diverged or not np.all(np.isfinite(losses))
+                  or (len(losses) > 1 and np.max(losses[1:]) > losses[0]))
   epochs_to, _ = timing.time_to_target(h.epoch, h.time_s, h.train_loss,
                                        target)
   batch = np.asarray(run.batch_loss["loss"][:EARLY_STEPS], float)
   peak = (float(np.nanmax(batch) / batch[0])
           if len(batch) and np.isfinite(batch[0]) else None)
   return dict(seed=run.seed, train_loss=list(h.train_loss),
-              epochs_to_target=epochs_to, early_peak_ratio=peak,
-              diverged=bool(run.diverged or not np.all(np.isfinite(
-                  [np.nan if v is None else v for v in h.train_loss]))),
-              status=run.status)
+              epochs_to_target=None if diverged else epochs_to,
+              early_peak_ratio=peak, diverged=diverged, status=run.status)
 
 
 def train(init: str, seeds: Sequence[int], s: argparse.Namespace
@@ -152,11 +157,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   reached = [r["epochs_to_target"] for r in rows
              if r["epochs_to_target"] is not None]
   summary = dict(runs=len(rows), diverged=sum(r["diverged"] for r in rows),
+                 failed=sum(r["status"] != "ok" for r in rows),
                  reached=len(reached),
                  epochs_to_target_mean=float(np.mean(reached))
                  if reached else None,
                  epochs_to_target_max=max(reached, default=None))
-  print(f"\n{summary['diverged']} of {len(rows)} runs diverged; "
+  print(f"\n{summary['diverged']} of {len(rows)} runs diverged, "
+        f"{summary['failed']} failed; "
         f"{len(reached)} reached {s.target:g}"
         + (f" in {summary['epochs_to_target_mean']:.2f} epochs on average "
            f"(at most {summary['epochs_to_target_max']:.2f})"

@@ -6,9 +6,10 @@ this script runs in a separate virtual environment outside the repository::
 
     python3 -m venv /work/kfac-venv
     /work/kfac-venv/bin/pip install kfac-jax==0.0.8 flax tqdm
-    #   (0.0.8 resolves to jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8 here;
-    #    with an older kfac-jax pin the jax/jaxlib/flax/optax versions it
-    #    requires, e.g. `pip install kfac-jax==0.0.6 "jax<0.5" ...`)
+    /work/kfac-venv/bin/pip install jax==0.7.2 jaxlib==0.7.2 flax==0.11.2
+    #   (kfac-jax 0.0.8 alone resolves to jax 0.10.2, on which its layer
+    #    tagging fails: "too many values to unpack" in get_bind_params; the
+    #    second line pins the versions it ran with here, optax 0.2.8)
     cd /path/to/repo        # so that `benchmarks` (data + model) imports
     /work/kfac-venv/bin/python -m benchmarks.kfac_jax_compare [--quick]
 

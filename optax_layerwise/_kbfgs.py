@@ -365,7 +365,8 @@ def _second_tap(cfg: _Config, value_fn, params, specs, measure, full_grads):
   layers without sampled gradients, ``full_grads``) only when ``measure`` (a
   traced bool: under :func:`jax.lax.cond`, zeros otherwise, so skipped
   steps cost no weight-gradient products; the sampled gradients' products,
-  1/7 of them by default, are formed on every step)."""
+  1/14 of them by default on calls of 896 rows or more, are formed on every
+  step)."""
   if not (cfg.layerwise and full_grads):
     return _tap(cfg, value_fn, params, specs, second_moment=False,
                 with_grads=False)
@@ -1051,8 +1052,8 @@ def kbfgs(
       when each device's rows are a multiple of the stride); under
       ``jax.jit`` with the batch sharded over an explicit mesh, a call is
       sampled when each shard's rows are a multiple of the stride, else all
-      its rows are used. The 256 rows of
-      the automatic strides count each device's rows under ``shard_map``.
+      its rows are used. The automatic strides' 256-row threshold and
+      64-row floor count each device's rows under ``shard_map``.
     precondition_dtype: the dtype the inputs of the products ``H_a M`` and
       ``(H_a M) H_g`` that form the step are cast to, accumulated in the
       factors' dtype (ours). ``None`` (default): bfloat16 for float32

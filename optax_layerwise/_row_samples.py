@@ -65,16 +65,19 @@ class Sampling:
 
   def stride_for(self, rows: jax.Array, positions: int = 1) -> int:
     """The stride for this call's ``rows`` (``positions`` per example): the
-    next one coprime with ``positions``; at most ``n // min_sample``; 1
-    (all rows) below ``min_rows``, or for rows sharded over an explicit mesh
-    (``jax.make_mesh``'s default) unless each shard's rows are a multiple of
-    the stride (then the sample, :func:`take`, stays on its shards)."""
+    next one coprime with ``positions``, or, where that would leave fewer
+    than ``min_sample`` rows, the largest smaller one that is coprime and
+    leaves enough; 1 (all rows) below ``min_rows``, or for rows sharded over
+    an explicit mesh (``jax.make_mesh``'s default) unless each shard's rows
+    are a multiple of the stride (then the sample, :func:`take`, stays on
+    its shards)."""
     n = rows.shape[0]
     stride = self.stride if n >= self.min_rows else 1
-    if self.min_sample:
-      stride = max(1, min(stride, n // self.min_sample))
     while stride > 1 and math.gcd(stride, positions) > 1:
       stride += 1
+    while stride > 1 and (math.gcd(stride, positions) > 1
+                          or len(range(0, n, stride)) < self.min_sample):
+      stride -= 1
     sharding = getattr(jax.typeof(rows), "sharding", None)
     spec = tuple(getattr(sharding, "spec", ()))
     axes = spec[0] if spec else None

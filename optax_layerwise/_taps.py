@@ -666,8 +666,9 @@ def tap_dense_layers(
       average only the few numbers they derive from it, linearly).
     second_moment_stride: form ``mean_i a_i a_i^T`` from every this-many-th
       row of each call (:mod:`optax_layerwise._row_samples`; 1: all rows),
-      or from a ``(stride, min_rows)`` pair: calls with fewer rows use all.
-    sampled_grads: a row stride ``s`` (or ``(s, min_rows)``): also return
+      or from a ``(stride, min_rows[, min_sample])`` tuple: calls with fewer
+      rows use all, and the stride is lowered to keep ``min_sample`` rows.
+    sampled_grads: a row stride ``s`` (or such a tuple): also return
       each directly called layer's gradient estimated from every ``s``-th
       row (``DenseTap.sampled_grad``; ``None``: not).
     axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel

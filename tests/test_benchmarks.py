@@ -556,8 +556,9 @@ def test_kfac_jax_compare_without_kfac_jax(capsys):
 def test_kbfgs_seeds_summary_and_script(tmp_path):
   """The seeds benchmark's per-run summary against a hand computation (the
   target crossed between the evaluations at epochs 1 and 2: 1 + (230 -
-  221.5) / (230 - 210); the early peak 150 / 100), a non-finite loss
-  counts as diverged; then the script end to end at toy size."""
+  221.5) / (230 - 210); the early peak 150 / 100); a loss above the
+  initial one or not finite counts as diverged; then the script end to end
+  at toy size."""
   from benchmarks import kbfgs_seeds, results as results_lib
   run = results_lib.Run(method="kbfgs", lr=None, seed=3)
   for ep, loss in enumerate((500.0, 230.0, 210.0)):
@@ -567,6 +568,9 @@ def test_kbfgs_seeds_summary_and_script(tmp_path):
   assert row["epochs_to_target"] == pytest.approx(1 + 8.5 / 20)
   assert row["early_peak_ratio"] == pytest.approx(1.5)
   assert not row["diverged"] and row["seed"] == 3
+  run.history.train_loss[-1] = 600.0  # finite, above the initial 500
+  row = kbfgs_seeds.run_summary(run, 221.5)
+  assert row["diverged"] and row["epochs_to_target"] is None
   run.history.train_loss[-1] = float("nan")
   assert kbfgs_seeds.run_summary(run, 221.5)["diverged"]
   assert kbfgs_seeds.parse_seeds("0-2,7") == [0, 1, 2, 7]

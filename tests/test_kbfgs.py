@@ -653,6 +653,26 @@ def test_default_row_strides_sample_only_calls_of_256_rows_or_more():
     assert not close(got.curvatures, differs.curvatures)
 
 
+def test_automatic_stride_keeps_coprime_and_64_rows():
+  """Sampling.stride_for with the automatic rule: every stride is coprime
+  with the rows per example and leaves at least min_sample rows (the
+  coprime bump must not undo the cap: 16 positions at 256 rows once gave
+  stride 5, 52 rows); hand cases for the cap, the bump, and both."""
+  from optax_layerwise import _row_samples
+  sampling = _row_samples.Sampling(14, 256, 64)
+  stride = lambda n, p: sampling.stride_for(jnp.zeros((n, 1)), p)
+  assert stride(255, 1) == 1  # below min_rows: all rows
+  assert stride(1000, 1) == 14  # 72 rows
+  assert stride(256, 1) == 4  # capped: 64 rows
+  assert stride(1000, 28) == 15  # bumped past 14 (gcd 14)
+  assert stride(900, 28) == 13  # 15 would leave 60 rows, 14 shares 14
+  assert stride(256, 16) == 3  # 4 shares 4 with 16: down, not up to 5
+  for n in range(256, 1300, 37):
+    for p in (1, 2, 3, 4, 7, 16, 28, 49, 64, 196):
+      s = stride(n, p)
+      assert math.gcd(s, p) == 1 and (s == 1 or len(range(0, n, s)) >= 64)
+
+
 # ---------------------------------------------------------------------------
 # The per-layer step (ours): t_l = -b_l / q_l from the second pass.
 # ---------------------------------------------------------------------------
