@@ -365,7 +365,7 @@ def _second_tap(cfg: _Config, value_fn, params, specs, measure, full_grads):
   layers without sampled gradients, ``full_grads``) only when ``measure`` (a
   traced bool: under :func:`jax.lax.cond`, zeros otherwise, so skipped
   steps cost no weight-gradient products; the sampled gradients' products,
-  1/14 of them by default on calls of 896 rows or more, are formed on every
+  1/14 of them by default on calls of 883 rows or more, are formed on every
   step)."""
   if not (cfg.layerwise and full_grads):
     return _tap(cfg, value_fn, params, specs, second_moment=False,
