@@ -602,13 +602,28 @@ def _layer_steps(cfg: _Config, state: KBFGSState, rows: list, specs: tuple,
 # --- Phases 6-7: damping and the factor updates -----------------------------
 
 
+def _step_lost(updates, leaves, spec: Spec) -> jax.Array:
+  """Whether the layer's step is nonzero but leaves its params unchanged
+  (every entry below their float spacing): then the pair at ``theta +
+  delta`` is zero, BFGS skips it and ``q_l`` is rejected, so nothing would
+  ever change (a fixed point found on two-layer Rosenbrock in float32, with
+  ``H_g`` at 2e-6; ours)."""
+  nonzero, moved = [], []
+  for i in _layer_indices(spec):
+    u, p = _part(updates, i, spec), _part(leaves, i, spec)
+    nonzero.append(jnp.any(u != 0))
+    moved.append(jnp.any((p + u).astype(p.dtype) != p))
+  return jnp.any(jnp.stack(nonzero)) & ~jnp.any(jnp.stack(moved))
+
+
 def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
-                    pair, first, refresh, take):
+                    pair, first, refresh, take, lost):
   """Double damping, BFGS of ``H_g`` and the Hessian-action BFGS of
   ``H_a``; returns the layer's new state and its (powell, lm, skipped,
   skipped_a) flags. ``take`` false (a skipped step) returns ``ls`` and no
   flags: the selections sit inside the updates' own elementwise passes, so
-  a step costs no extra copy of the factors."""
+  a step costs no extra copy of the factors. ``lost`` (:func:`_step_lost`)
+  resets ``H_g`` to its initial value, counted as a skipped update."""
   s_new, y_new = (x.astype(ls.s.dtype) for x in pair)
   pair_ok = _nonfinite.tree_all_finite((s_new, y_new)) & take
   beta = cfg.beta
@@ -621,6 +636,9 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       ls.h_g, s_d, y_d,
       grad_norm=jnp.linalg.norm(tap.output_grad).astype(ls.s.dtype),
       skip_tol=cfg.skip_tol, valid=pair_ok)
+  lost = lost & take
+  h_g = jax.tree_util.tree_map(lambda fresh, h: jnp.where(lost, fresh, h),
+                               cfg.h_g.init(ls.s.shape[0], ls.s.dtype), h_g)
   s_a, y_a = _bfgs.hessian_action_pair(
       work.h_a, _damped_a_action(cfg, ls, work, first, refresh), work.abar)
   refresh = refresh & take
@@ -633,7 +651,7 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       # On a skipped first step work.h_a is the new inverse, not ls.h_a.
       h_a=jnp.where(take, h_a, ls.h_a),
       h_g=h_g, s=s_bar, y=y_bar)
-  flags = (powell & pair_ok, lm & pair_ok, take & ~updated,
+  flags = (powell & pair_ok, lm & pair_ok, take & (~updated | lost),
            refresh & ~updated_a)
   return new, flags
 
@@ -851,7 +869,8 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   for r in rows:
     new_layers[r], flags[r] = _update_factors(
         cfg, state.layers[r], work[r], _layer_tap(taps, specs[r]),
-        pairs[_key(specs[r])], first, refresh, finite)
+        pairs[_key(specs[r])], first, refresh, finite,
+        _step_lost(out, leaves, specs[r]))
   new_state = _next_state(
       cfg, state, finite, new_mom=new_mom, treedef=treedef,
       layers=tuple(new_layers), flags=_counts(flags, len(specs)),
