@@ -68,7 +68,8 @@ KBFGS_STATE_RTOL = 1e-3
 
 def _xla_flags(extra: str) -> str:
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if "xla_force_host_platform_device_count" not in f]
+          if "xla_force_host_platform_device_count" not in f
+          and f not in extra.split()]
   return " ".join(kept + ["--xla_force_host_platform_device_count=4",
                           extra]).strip()
 
