@@ -4,14 +4,7 @@ import os
 import subprocess
 import sys
 
-# XLA:CPU flags that halve the suite's time, mostly compilation (12:42 ->
-# 6:41 on 2 cores): LLVM without its expensive passes, no fusion emitters.
-# They change how XLA compiles, not what it computes (float32 results may
-# differ by round-off); tests/test_multidevice.py's worker has always run
-# with them. Set before JAX starts its CPU backend, if this XLA knows them.
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
+from tests.xla_flags import FAST_COMPILE
 
 
 def _with_fast_compile() -> str:
@@ -27,6 +20,9 @@ def _xla_accepts(flags: str) -> bool:
   return probe.returncode == 0
 
 
+# The fast-compile flags halve the suite's time, mostly compilation (12:42
+# -> 5:41 on 2 cores); tests/test_multidevice.py's worker has always run
+# with them. Set before JAX starts its CPU backend, if this XLA knows them.
 if ("xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
     and _xla_accepts(_with_fast_compile())):
   os.environ["XLA_FLAGS"] = _with_fast_compile()

@@ -34,15 +34,11 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Every run of the worker (single- and multi-device) uses the fast-compile
+# flags; if this XLA does not know them, the worker is re-run without them.
+from tests.xla_flags import FAST_COMPILE
 
-# XLA CPU flags that cut the compile time of the worker's programs about
-# fourfold (LLVM at -O0, no fusion emitters). They change no semantics, and
-# every run (single- and multi-device) uses them. If this XLA does not know
-# them, the worker is re-run without them.
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 MAIN = ("layerwise_sgd", "layerwise_adamw", "cblr", "mclr", "kbfgs",
         "kbfgs_l3")
