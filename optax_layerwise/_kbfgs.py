@@ -58,6 +58,7 @@ import optax
 
 from optax_layerwise import _bfgs
 from optax_layerwise import _checks
+from optax_layerwise import _hardware
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layers
 from optax_layerwise import _nonfinite
@@ -479,11 +480,13 @@ BF16_MIN_WIDTH = 128
 def _precondition_dtype(given, spec: Spec, factor_dtype):
   """The dtype of the preconditioning products' inputs: ``given``, or by
   default bfloat16 for float32 factors of a layer with both factors at
-  least ``BF16_MIN_WIDTH`` wide, else the factors' own dtype."""
+  least ``BF16_MIN_WIDTH`` wide on a backend that multiplies bfloat16
+  natively (:mod:`._hardware`), else the factors' own dtype."""
   if given is not None:
     return jnp.dtype(given)
   if (jnp.dtype(factor_dtype) == jnp.float32
-      and min(spec.k, spec.d_out) >= BF16_MIN_WIDTH):
+      and min(spec.k, spec.d_out) >= BF16_MIN_WIDTH
+      and _hardware.native_bfloat16(jax.default_backend())):
     return jnp.dtype(jnp.bfloat16)
   return jnp.dtype(factor_dtype)
 

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 import optax_layerwise as olw
+from optax_layerwise import _hardware
 from tests.kbfgs_reference import KBFGSReference
 # tests/test_kbfgs_recovery.py imports the two-loop recursion from here.
 from tests.kbfgs_reference import two_loop as _two_loop  # noqa: F401
@@ -811,10 +812,14 @@ def _tanh_net(rows, d_in, d_hidden, d_out, scale):
   return params, one_step
 
 
-def test_default_precondition_dtype_rounds_only_wide_layers():
+@pytest.mark.parametrize("native", [True, False])
+def test_default_precondition_dtype_rounds_only_wide_layers(monkeypatch,
+                                                            native):
   # precondition_dtype=None: bfloat16 products for float32 factors at least
-  # 128 wide on both sides, exact ones otherwise. One step, the paper's fixed
-  # step and no bound, so the update is the preconditioned momentum itself.
+  # 128 wide on both sides where the backend multiplies bfloat16 natively,
+  # exact ones otherwise. One step, the paper's fixed step and no bound, so
+  # the update is the preconditioned momentum itself.
+  monkeypatch.setattr(_hardware, "native_bfloat16", lambda backend: native)
   _, one_step = _tanh_net(256, 150, 140, 3, 1 / 12)
 
   def update(dtype):
@@ -825,10 +830,43 @@ def test_default_precondition_dtype_rounds_only_wide_layers():
   auto, exact = update(None), update(jnp.float32)
   np.testing.assert_array_equal(auto["l2"]["kernel"], exact["l2"]["kernel"])
   wide, ref = auto["l1"]["kernel"], exact["l1"]["kernel"]
+  if not native:
+    np.testing.assert_array_equal(wide, ref)
+    return
   rel = float(jnp.linalg.norm(wide - ref) / jnp.linalg.norm(ref))
   # Rounded (more than float32 round-off), by about bfloat16's 2^-9 on
   # Gaussian data, with room for two chained products.
   assert 2.0**-14 < rel < 2.0**-5, rel
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse2 avx avx2 fma{extra}
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+flags\t\t: fpu sse2 avx avx2 fma{extra}
+"""
+
+
+@pytest.mark.parametrize("extra, native", [
+    ("", False), (" avx512f avx512_bf16", True), (" amx_tile amx_bf16", True),
+    (" avx512f avx512_fp16", False)])
+def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, extra,
+                                             native):
+  info = tmp_path / "cpuinfo"
+  info.write_text(_CPUINFO.format(extra=extra))
+  monkeypatch.setattr(_hardware, "CPUINFO", info)
+  _hardware.native_bfloat16.cache_clear()
+  try:
+    assert _hardware.native_bfloat16("cpu") is native
+    assert _hardware.native_bfloat16("tpu") and _hardware.native_bfloat16(
+        "gpu")
+    monkeypatch.setattr(_hardware, "CPUINFO", tmp_path / "missing")
+    _hardware.native_bfloat16.cache_clear()
+    assert not _hardware.native_bfloat16("cpu")
+  finally:
+    _hardware.native_bfloat16.cache_clear()
 
 
 def test_huge_finite_trial_step_is_bounded_not_skipped():
