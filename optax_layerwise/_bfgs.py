@@ -410,6 +410,10 @@ class DenseInverse:
     new_h, updated, _ = floor_or_reset(new_h, s, y, updated, self.floor)
     return new_h, updated
 
+  def reset_where(self, h: jax.Array, where: jax.Array) -> jax.Array:
+    """``h``, or ``I`` (the initial matrix) where ``where``."""
+    return jnp.where(where, jnp.eye(h.shape[0], dtype=h.dtype), h)
+
 
 #: ``LimitedMemory(gamma=SCALED)``: ``H_0 = (s^T y / y^T y) I`` from the
 #: newest pair (Nocedal and Wright, eq. (7.20)).
@@ -452,7 +456,10 @@ class LimitedMemory:
   def update(self, h: LBFGSMemory, s: jax.Array, y: jax.Array, **skip_rule):
     new, appended = lbfgs_append(h, s, y, **skip_rule)
     reset = appended & below_floor(s, y, self.floor)
+    return self.reset_where(new, reset), appended & ~reset
+
+  def reset_where(self, h: LBFGSMemory, where: jax.Array) -> LBFGSMemory:
+    """``h``, or the empty memory where ``where``."""
     empty = lbfgs_init(self.memory_size, h.s.shape[1], h.s.dtype)
-    new = jax.tree_util.tree_map(lambda e, n: jnp.where(reset, e, n), empty,
-                                 new)
-    return new, appended & ~reset
+    return jax.tree_util.tree_map(lambda e, n: jnp.where(where, e, n), empty,
+                                  h)

@@ -640,8 +640,7 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       grad_norm=jnp.linalg.norm(tap.output_grad).astype(ls.s.dtype),
       skip_tol=cfg.skip_tol, valid=pair_ok)
   lost = lost & take
-  h_g = jax.tree_util.tree_map(lambda fresh, h: jnp.where(lost, fresh, h),
-                               cfg.h_g.init(ls.s.shape[0], ls.s.dtype), h_g)
+  h_g = cfg.h_g.reset_where(h_g, lost)
   s_a, y_a = _bfgs.hessian_action_pair(
       work.h_a, _damped_a_action(cfg, ls, work, first, refresh), work.abar)
   refresh = refresh & take
@@ -1079,17 +1078,19 @@ def kbfgs(
     precondition_dtype: the dtype the inputs of the products ``H_a M`` and
       ``(H_a M) H_g`` that form the step are cast to, accumulated in the
       factors' dtype (ours). ``None`` (default): bfloat16 for float32
-      factors when both are at least ``BF16_MIN_WIDTH`` (128) wide, else
-      the factors' own dtype (float64 factors, for float64 params under
-      ``jax_enable_x64``, are never rounded by default). The statistics and
-      factors stay in their dtype; only the step is rounded: on the MNIST
-      autoencoder its layers' steps moved by 0.4-7 % (relative norm of the
-      difference) and the loss after two epochs by 0.02 %, while the
-      products, a third of K-BFGS's extra work, ran ~3x faster (step 2.95x
-      -> 2.70x Adam's on a CPU with bfloat16 matrix units, docs/kbfgs.md
-      "Cost"; GPUs and TPUs have them too, and on TPU JAX's default precision
-      for float32 products is one bfloat16 pass). ``jnp.float32``: exact
-      products for float32 factors.
+      factors when both are at least ``BF16_MIN_WIDTH`` (128) wide and the
+      backend multiplies bfloat16 natively (GPUs, TPUs, CPUs listing
+      ``avx512_bf16`` or ``amx_bf16``), else the factors' own dtype
+      (float64 factors, for float64 params under ``jax_enable_x64``, are
+      never rounded by default). The statistics and factors stay in their
+      dtype; only the step is rounded: on the MNIST autoencoder its layers'
+      steps moved by 0.4-7 % (relative norm of the difference) and the loss
+      after two epochs by 0.02 %, while the products, a third of K-BFGS's
+      extra work, ran ~3x faster on a CPU with bfloat16 matrix units (step
+      2.95x -> 2.70x Adam's, docs/kbfgs.md "Cost"; on TPU JAX's default
+      precision for float32 products is one bfloat16 pass) and 1.3-1.7x
+      slower on an AVX2 CPU without them. ``jnp.float32``: exact products
+      for float32 factors.
     dense_layers: which kernels get Kronecker factors: a predicate ``(path,
       leaf) -> bool | int`` on key paths; an ``int`` (not ``bool``) gives the
       number of contracted leading kernel axes, overriding the guess.
