@@ -9,9 +9,10 @@ Hessian's condition number is ~1e6; target noise 0.3; random mini-batches of
   full-data loss lower at the end than at the start;
 * bounded norms: a numerical instability grows geometrically, so over 10,000
   steps it would pass any fixed factor. The largest norm of the params and of
-  the state over the second half must stay within 4x of that over the first
-  half, which leaves room for the slow drift of the ill-conditioned
-  directions (measured: up to 1.4x for the params) but not for growth;
+  the state (but its last measurements, ``MEASUREMENTS``) over the second
+  half must stay within 4x of that over the first half, which leaves room
+  for the slow drift of the ill-conditioned directions (measured: up to 1.4x
+  for the params) but not for growth;
 * K-BFGS: every one of the 20,000 ``H_g`` updates of each layer obeys the
   double-damping eigenvalue bounds (U), (D) (tests/bounds.py); K-BFGS(L):
   the operator of the stored pairs, sampled every 10 steps, lies within the
@@ -51,6 +52,20 @@ def _norm(tree):
                       for x in leaves))
 
 
+#: State fields that record the last measurement, not accumulated state: a
+#: secant curvature on a tiny step is legitimately huge (measured: CBLR's
+#: secant curvature spiked to 4.5e6, 57,000x its median, under XLA's
+#: fast-compile flags on an AVX2 CPU, with the rates it gives clipped), and
+#: nothing multiplies it forward, so it cannot grow geometrically.
+MEASUREMENTS = ("curvatures", "decreases")
+
+
+def _state_norm(state):
+  kept = [x for path, x in jax.tree_util.tree_leaves_with_path(state)
+          if getattr(path[-1], "name", None) not in MEASUREMENTS]
+  return _norm(kept)
+
+
 def _all_finite(tree):
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -81,7 +96,7 @@ def _long_run(name, params, xs, ts):
     u, s = tx.update(grads, s, p, value_fn=value_fn)
     p = optax.apply_updates(p, u)
     finite = _all_finite((p, s)) & jnp.isfinite(loss)
-    return (p, s), (finite, _norm(p), _norm(s), _record(name, s))
+    return (p, s), (finite, _norm(p), _state_norm(s), _record(name, s))
 
   state = tx.init(params)
   (p, s), out = jax.lax.scan(body, (params, state), jnp.arange(STEPS))
