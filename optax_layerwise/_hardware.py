@@ -5,7 +5,12 @@ Measured on the MNIST autoencoder's products (``H_a M`` at 1001 x 1001 x
 500, float32 accumulation): on a CPU with bfloat16 matrix units (AMX) the
 bfloat16 inputs ran ~3x faster than float32; on an AVX2 CPU without them,
 1.3-1.7x *slower* (62-88 against 97-121 GFLOP/s), since XLA converts them
-back. GPUs and TPUs have bfloat16 matrix units.
+back. TPUs and NVIDIA GPUs from Ampere (compute capability 8.0) on have
+bfloat16 matrix units; older GPUs do not.
+
+The answer is decided once per process, at trace time, for
+``jax.default_backend()``: pass ``precondition_dtype`` explicitly for the
+same rounding on every host or when compiling for another platform.
 """
 
 from __future__ import annotations
@@ -13,31 +18,54 @@ from __future__ import annotations
 import functools
 import pathlib
 
+import jax
+
 #: x86 CPU flags (Linux ``/proc/cpuinfo``) of bfloat16 dot-product or
-#: matrix units. Other CPUs (or no ``/proc/cpuinfo``) count as without.
+#: matrix units: AMX was measured; ``avx512_bf16`` is assumed from the fast
+#: bfloat16 products of a machine whose flags were not recorded. Other CPUs
+#: (ARM, macOS, Windows: no such ``flags`` lines) count as without.
 CPU_BFLOAT16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 CPUINFO = pathlib.Path("/proc/cpuinfo")
+#: The first CUDA compute capability with bfloat16 tensor cores (Ampere).
+CUDA_BFLOAT16_CAPABILITY = 8.0
 
 
 def cpu_flags(text: str) -> frozenset:
-  """The feature flags listed on ``/proc/cpuinfo``'s ``flags`` lines."""
-  flags = set()
+  """The feature flags that every processor of ``/proc/cpuinfo``'s text
+  lists on its ``flags`` line."""
+  per_cpu = []
   for line in text.splitlines():
     key, _, value = line.partition(":")
     if key.strip() == "flags":
-      flags.update(value.split())
-  return frozenset(flags)
+      per_cpu.append(frozenset(value.split()))
+  return frozenset.intersection(*per_cpu) if per_cpu else frozenset()
+
+
+def _cpu_native() -> bool:
+  try:
+    text = CPUINFO.read_text(errors="replace")
+  except OSError:
+    return False
+  return bool(cpu_flags(text) & CPU_BFLOAT16_FLAGS)
+
+
+def _gpu_native(backend: str) -> bool:
+  """Every device's CUDA compute capability is at least Ampere's (devices
+  without one, such as ROCm's, count as native)."""
+  for device in jax.devices(backend):
+    capability = getattr(device, "compute_capability", None)
+    if capability is not None and float(capability) < CUDA_BFLOAT16_CAPABILITY:
+      return False
+  return True
 
 
 @functools.lru_cache(maxsize=None)
 def native_bfloat16(backend: str) -> bool:
   """Whether ``backend`` (``jax.default_backend()``) has bfloat16 matrix
-  units: every accelerator; a CPU only with one of
-  :data:`CPU_BFLOAT16_FLAGS`."""
-  if backend != "cpu":
-    return True
-  try:
-    text = CPUINFO.read_text()
-  except OSError:
-    return False
-  return bool(cpu_flags(text) & CPU_BFLOAT16_FLAGS)
+  units: a TPU; a GPU from Ampere on; a CPU listing one of
+  :data:`CPU_BFLOAT16_FLAGS` on every processor."""
+  if backend == "cpu":
+    return _cpu_native()
+  if backend in ("gpu", "cuda"):
+    return _gpu_native(backend)
+  return True

@@ -841,30 +841,50 @@ def test_default_precondition_dtype_rounds_only_wide_layers(monkeypatch,
 
 _CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
-flags\t\t: fpu sse2 avx avx2 fma{extra}
+flags\t\t: fpu sse2 avx avx2 fma{extra0}
+vmx flags\t: amx_bf16
 bugs\t\t: sysret_ss_attrs
 
 processor\t: 1
-flags\t\t: fpu sse2 avx avx2 fma{extra}
+flags\t\t: fpu sse2 avx avx2 fma{extra1}
 """
 
 
-@pytest.mark.parametrize("extra, native", [
-    ("", False), (" avx512f avx512_bf16", True), (" amx_tile amx_bf16", True),
-    (" avx512f avx512_fp16", False)])
-def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, extra,
-                                             native):
+@pytest.mark.parametrize("extra0, extra1, native", [
+    ("", "", False), (" avx512f avx512_bf16", " avx512f avx512_bf16", True),
+    (" amx_tile amx_bf16", " amx_tile amx_bf16", True),
+    (" avx512f avx512_fp16", " avx512f avx512_fp16", False),
+    (" amx_bf16", "", False)])  # every processor must list it
+def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, extra0,
+                                             extra1, native):
   info = tmp_path / "cpuinfo"
-  info.write_text(_CPUINFO.format(extra=extra))
+  info.write_text(_CPUINFO.format(extra0=extra0, extra1=extra1))
   monkeypatch.setattr(_hardware, "CPUINFO", info)
   _hardware.native_bfloat16.cache_clear()
   try:
     assert _hardware.native_bfloat16("cpu") is native
-    assert _hardware.native_bfloat16("tpu") and _hardware.native_bfloat16(
-        "gpu")
+    assert _hardware.native_bfloat16("tpu")
     monkeypatch.setattr(_hardware, "CPUINFO", tmp_path / "missing")
     _hardware.native_bfloat16.cache_clear()
     assert not _hardware.native_bfloat16("cpu")
+  finally:
+    _hardware.native_bfloat16.cache_clear()
+
+
+@pytest.mark.parametrize("capabilities, native", [
+    (["9.0", "8.0"], True), (["8.6", "7.5"], False), ([None], True)])
+def test_native_bfloat16_on_gpus_needs_ampere(monkeypatch, capabilities,
+                                              native):
+  class Device:
+    def __init__(self, capability):
+      if capability is not None:
+        self.compute_capability = capability
+
+  monkeypatch.setattr(_hardware.jax, "devices",
+                      lambda backend: [Device(c) for c in capabilities])
+  _hardware.native_bfloat16.cache_clear()
+  try:
+    assert _hardware.native_bfloat16("gpu") is native
   finally:
     _hardware.native_bfloat16.cache_clear()
 
