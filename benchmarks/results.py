@@ -332,6 +332,10 @@ def environment() -> Dict[str, Any]:
       "python": platform.python_version(), "platform": platform.platform(),
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
+      "cpu": platform.processor() or platform.machine(),
+      # pylint: disable-next=protected-access
+      "native_bfloat16": olw._hardware.native_bfloat16(
+          jax.default_backend()),
       "cpu_count": os.cpu_count(), "load_average_at_start": load,
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
   }

@@ -460,6 +460,5 @@ class LimitedMemory:
 
   def reset_where(self, h: LBFGSMemory, where: jax.Array) -> LBFGSMemory:
     """``h``, or the empty memory where ``where``."""
-    empty = lbfgs_init(self.memory_size, h.s.shape[1], h.s.dtype)
-    return jax.tree_util.tree_map(lambda e, n: jnp.where(where, e, n), empty,
-                                  h)
+    return jax.tree_util.tree_map(lambda e, n: jnp.where(where, e, n),
+                                  self.init(h.s.shape[1], h.s.dtype), h)

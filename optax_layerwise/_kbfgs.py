@@ -1079,8 +1079,9 @@ def kbfgs(
       ``(H_a M) H_g`` that form the step are cast to, accumulated in the
       factors' dtype (ours). ``None`` (default): bfloat16 for float32
       factors when both are at least ``BF16_MIN_WIDTH`` (128) wide and the
-      backend multiplies bfloat16 natively (GPUs, TPUs, CPUs listing
-      ``avx512_bf16`` or ``amx_bf16``), else the factors' own dtype
+      backend multiplies bfloat16 natively (TPUs, GPUs from Ampere on,
+      Linux x86 CPUs listing ``avx512_bf16`` or ``amx_bf16``; decided per
+      process from ``jax.default_backend()``), else the factors' own dtype
       (float64 factors, for float64 params under ``jax_enable_x64``, are
       never rounded by default). The statistics and factors stay in their
       dtype; only the step is rounded: on the MNIST autoencoder its layers'
