@@ -113,8 +113,9 @@ def kbfgs_defaults() -> Dict[str, str]:
   """``olw.kbfgs``'s keyword defaults and the numeric constants of its
   modules (the automatic row strides, the bfloat16 width, the ``H_g``
   floor), and whether this backend multiplies bfloat16 natively (the
-  automatic ``precondition_dtype``): a change of any is a change of what ``olw.kbfgs()`` runs (a
-  change of code is not seen: clear the cache after one)."""
+  automatic ``precondition_dtype``): a change of any is a change of what
+  ``olw.kbfgs()`` runs (a change of code is not seen: clear the cache after
+  one)."""
   defaults = {k: repr(p.default)
               for k, p in inspect.signature(olw.kbfgs).parameters.items()
               if p.default is not inspect.Parameter.empty}
@@ -124,8 +125,9 @@ def kbfgs_defaults() -> Dict[str, str]:
                      for name in dir(module) if name.isupper()
                      and isinstance(getattr(module, name), (int, float))})
   # The automatic precondition_dtype depends on the hardware.
-  defaults["native_bfloat16"] = repr(
-      olw._hardware.native_bfloat16(jax.default_backend()))  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  defaults["native_bfloat16"] = repr(olw._hardware.native_bfloat16(
+      jax.default_backend()))
   return defaults
 
 
