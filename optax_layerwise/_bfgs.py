@@ -361,6 +361,11 @@ def below_floor(s: jax.Array, y: jax.Array, floor: float) -> jax.Array:
   return jnp.vdot(s, y) < floor * jnp.vdot(y, y)
 
 
+def identity_where(where: jax.Array, h: jax.Array) -> jax.Array:
+  """``h``, or ``I`` (a dense inverse's initial matrix) where ``where``."""
+  return jnp.where(where, jnp.eye(h.shape[0], dtype=h.dtype), h)
+
+
 def floor_or_reset(new_h: jax.Array, s: jax.Array, y: jax.Array,
                    updated: jax.Array, floor: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The floor rule for a dense inverse (ours; docs/kbfgs.md).
@@ -386,8 +391,7 @@ def floor_or_reset(new_h: jax.Array, s: jax.Array, y: jax.Array,
   """
   reset = updated & (below_floor(s, y, floor)
                      | (jnp.min(jnp.diagonal(new_h)) < floor))
-  eye = jnp.eye(new_h.shape[0], dtype=new_h.dtype)
-  return jnp.where(reset, eye, new_h), updated & ~reset, reset
+  return identity_where(reset, new_h), updated & ~reset, reset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,7 +416,7 @@ class DenseInverse:
 
   def reset_where(self, h: jax.Array, where: jax.Array) -> jax.Array:
     """``h``, or ``I`` (the initial matrix) where ``where``."""
-    return jnp.where(where, jnp.eye(h.shape[0], dtype=h.dtype), h)
+    return identity_where(where, h)
 
 
 #: ``LimitedMemory(gamma=SCALED)``: ``H_0 = (s^T y / y^T y) I`` from the
