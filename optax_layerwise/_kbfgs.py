@@ -74,6 +74,10 @@ __all__ = ["KBFGSLayerState", "KBFGSState", "kbfgs"]
 _NAME = "kbfgs"
 PAIRS = ("secant", "tangent")
 STEP_RULES = ("layerwise", "fixed")
+H_G_INITS = ("diagonal", "identity")
+#: ``h_g_init="diagonal"``: ``H_g``'s first value ``diag(1 / (D + delta))``,
+#: ``D`` the output gradients' second moment normalised to mean 1.
+H_G_INIT_DAMPING = 0.1
 UNSEEN = ("no tapped call: not called, called on a cast or copy of the "
            "params leaf, or inside a transform the tap cannot see through "
            "(jax.lax.scan, nnx.scan; docs/kbfgs.md 'Layer kinds')")
@@ -302,6 +306,7 @@ class _Config:
   skip_tol: Any
   max_relative_change: Any
   layerwise: bool
+  diagonal_h_g: bool
   max_step_scale: Any
   input_factor_interval: Any
   step_size_interval: Any
@@ -351,14 +356,18 @@ class _Work(NamedTuple):
 
 
 def _tap(cfg: _Config, value_fn, params, specs, *, second_moment,
-         with_grads=None):
+         with_grads=None, squares=False):
+  """The tapped pass; ``squares``: with the output gradients' second
+  moments for ``h_g_init="diagonal"`` (from the rows ``A``'s are)."""
   return _taps.tap_dense_layers(
       value_fn, params, kernels={s.kernel_index: s.d_out for s in specs},
       second_moment=second_moment,
       with_grads=cfg.layerwise if with_grads is None else with_grads,
       axis_name=cfg.axis_name, local_grads=True,
       second_moment_stride=cfg.input_factor_rows,
-      sampled_grads=cfg.sampled_grads())
+      sampled_grads=cfg.sampled_grads(),
+      output_second_moment=cfg.input_factor_rows if (
+          squares and cfg.diagonal_h_g) else None)
 
 
 def _second_tap(cfg: _Config, value_fn, params, specs, measure, full_grads):
@@ -462,6 +471,25 @@ def _a_rule(cfg: _Config, old, batch, first, refresh):
   v)``."""
   average = cfg.beta * old + (1.0 - cfg.beta) * batch
   return jnp.where(first, batch, jnp.where(refresh, average, old))
+
+
+def _first_h_g(ls: KBFGSLayerState, tap, first) -> KBFGSLayerState:
+  """``ls`` with ``H_g = diag(1 / (D + delta))`` on the first step (ours,
+  ``h_g_init="diagonal"``; docs/kbfgs.md "The first H_g"): ``D`` the
+  layer's ``mean_i gh_i * gh_i`` normalised to mean 1, ``delta =
+  H_G_INIT_DAMPING``; the diagonal of the Gauss-Newton (Fisher) factor
+  that ``H_g`` approximates the inverse of, up to a scale the per-layer
+  step absorbs. ``I`` if ``D`` is zero or not finite, or the layer has no
+  such statistic (calls inside ``nn.scan``)."""
+  second = tap.output_grad_second_moment
+  if second is None:
+    return ls
+  second = second.astype(ls.s.dtype)
+  mean = jnp.mean(second)
+  usable = (mean > 0) & _nonfinite.tree_all_finite(second)
+  diagonal = 1.0 / (second / jnp.where(usable, mean, 1.0) + H_G_INIT_DAMPING)
+  diagonal = jnp.where(usable, diagonal, 1.0)
+  return ls._replace(h_g=jnp.where(first, jnp.diag(diagonal), ls.h_g))
 
 
 def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
@@ -683,6 +711,20 @@ def _check_precondition_dtype(dtype) -> None:
         f"jnp.float32, ...) or None (automatic), got {dtype!r}.")
 
 
+def _h_g_init(h_g_init: Optional[str], memory_size) -> bool:
+  """Whether ``H_g`` starts from the diagonal (K-BFGS's default)."""
+  if h_g_init is None:
+    return memory_size is None
+  _checks.check_one_of(h_g_init, "h_g_init", H_G_INITS, transform=_NAME)
+  if h_g_init == "diagonal" and memory_size is not None:
+    raise ValueError(
+        f"{_NAME}: h_g_init='diagonal' needs the dense H_g of K-BFGS, but "
+        f"memory_size={memory_size} asks for K-BFGS(L), whose initial matrix "
+        "is lbfgs_gamma * I. Pass h_g_init='identity' (or None), or "
+        "memory_size=None.")
+  return h_g_init == "diagonal"
+
+
 def _check_args(learning_rate, damping, mu1, mu2, momentum, stat_decay,
                 weight_decay, max_relative_change, memory_size, pair,
                 step_rule, max_step_scale, input_factor_interval,
@@ -825,7 +867,8 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
                      f"{len(state.layers)}; re-run init.")
   # 1. Tapped pass at theta; A and H_a refreshed every input_factor_interval.
   refresh, first = cfg.refresh(state.count), state.count == 0
-  taps = _tap(cfg, value_fn, params, specs, second_moment=refresh)
+  taps = _tap(cfg, value_fn, params, specs, second_moment=refresh,
+              squares=True)
   tapped = _tapped_layers(specs, taps)
   rows = [r for r, spec in enumerate(specs) if spec in tapped]
   finite = (_nonfinite.tree_all_finite(grad_leaves)
@@ -835,10 +878,11 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   new_mom = _momentum(cfg, grad_leaves, leaves,
                       jax.tree_util.tree_leaves(state.momentum))
   trial = [(-lr * m).astype(m.dtype) for m in new_mom]
-  work, limits = {}, {}
+  work, limits, layers = {}, {}, list(state.layers)
   for r in rows:
-    spec, ls = specs[r], state.layers[r]
-    work[r] = _input_factor(cfg, spec, ls, _layer_tap(taps, spec), first)
+    spec, tap = specs[r], _layer_tap(taps, specs[r])
+    ls = layers[r] = _first_h_g(state.layers[r], tap, first)
+    work[r] = _input_factor(cfg, spec, ls, tap, first)
     step, limits[r] = _trial_step(cfg, spec, ls, work[r], new_mom, leaves,
                                   lr)
     _set_matrix(trial, spec, step)
@@ -870,9 +914,12 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   new_layers, flags = list(state.layers), {}
   for r in rows:
     new_layers[r], flags[r] = _update_factors(
-        cfg, state.layers[r], work[r], _layer_tap(taps, specs[r]),
+        cfg, layers[r], work[r], _layer_tap(taps, specs[r]),
         pairs[_key(specs[r])], first, refresh, finite,
         _step_lost(out, leaves, specs[r]))
+    if layers[r] is not state.layers[r]:  # a skipped first step keeps I
+      new_layers[r] = new_layers[r]._replace(h_g=jnp.where(
+          finite, new_layers[r].h_g, state.layers[r].h_g))
   new_state = _next_state(
       cfg, state, finite, new_mom=new_mom, treedef=treedef,
       layers=tuple(new_layers), flags=_counts(flags, len(specs)),
@@ -940,6 +987,7 @@ def kbfgs(
     mu2: Optional[float] = None,
     skip_tol: float = _bfgs.SKIP_TOL,
     lbfgs_gamma: Union[float, str] = 1.0,
+    h_g_init: Optional[str] = None,
     max_relative_change: Optional[float] = 0.05,
     step_rule: str = "layerwise",
     max_step_scale: float = 10.0,
@@ -1007,6 +1055,17 @@ def kbfgs(
     lbfgs_gamma: K-BFGS(L)'s initial matrix ``gamma I`` (1), or
       ``"scaled"`` for ``gamma = s^T y / y^T y`` of the newest pair (Nocedal
       and Wright, eq. (7.20); docs/kbfgs.md says when it helps).
+    h_g_init: ``H_g``'s first value. ``"diagonal"`` (ours; the default for
+      K-BFGS): ``diag(1 / (D + 0.1))`` with ``D`` the first mini-batch's
+      ``mean_i gh_i * gh_i`` per output unit (the diagonal of the
+      Gauss-Newton factor ``H_g`` approximates the inverse of), normalised
+      to mean 1 and taken from the rows ``A``'s second moment is; layers
+      called inside ``nn.scan`` start from ``I``. On Fashion-MNIST it cut
+      the epochs to tuned Adam's loss from 1.2-1.3 to 1.1-1.15 (three
+      seeds; docs/kbfgs.md, "The first H_g"). ``"identity"``: the paper's
+      ``I`` (the default for K-BFGS(L), whose initial matrix is
+      ``lbfgs_gamma * I``; ``"diagonal"`` with ``memory_size`` is an
+      error). Resets of ``H_g`` go to ``I`` either way.
     max_relative_change: bounds each dense layer's step (ours, not the
       paper's): ``delta_l`` is shortened to ``||delta_l|| <= rho ||[W; b]||``
       (default ``rho = 0.05``). While ``H_g`` still sits at its initial ``I``,
@@ -1160,6 +1219,7 @@ def kbfgs(
       mu2=_sqrt(damping) if mu2 is None else mu2, skip_tol=skip_tol,
       max_relative_change=max_relative_change,
       layerwise=step_rule == "layerwise", max_step_scale=max_step_scale,
+      diagonal_h_g=_h_g_init(h_g_init, memory_size),
       input_factor_interval=input_factor_interval,
       step_size_interval=step_size_interval,
       input_factor_rows=_sampling(input_factor_row_stride,

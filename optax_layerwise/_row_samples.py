@@ -137,3 +137,27 @@ def _hook_bwd(stride, sampled, g):
 
 
 gradient_hook.defvjp(_hook_fwd, _hook_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def square_hook(stride: int, y: jax.Array, slot: jax.Array) -> jax.Array:
+  """``y``, a layer's output (rows flattened: ``(n, d_out)``); its backward
+  pass gives ``slot`` (zeros ``(d_out,)``) the cotangent ``(n / k) sum_{i in
+  S} g_i * g_i``: the rows' sum of the squared output gradients, estimated
+  from the rows ``S`` (every ``stride``-th; ``g_i`` the cotangent of
+  ``y``)."""
+  del stride, slot
+  return y
+
+
+def _square_fwd(stride, y, slot):
+  return y, jnp.zeros((0,), slot.dtype)
+
+
+def _square_bwd(stride, like, g):
+  g_rows = take(g, stride).astype(like.dtype)
+  scale = jnp.asarray(_scale(g.shape[0], stride), like.dtype)
+  return g, jnp.sum(jnp.square(g_rows), 0) * scale
+
+
+square_hook.defvjp(_square_fwd, _square_bwd)

@@ -95,7 +95,8 @@ _PATCH_LOCK = threading.RLock()
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["input_mean", "input_second_moment", "output_mean",
-                 "output_grad", "sampled_grad", "second_moment_mean"],
+                 "output_grad", "sampled_grad", "second_moment_mean",
+                 "output_grad_second_moment"],
     meta_fields=["name", "num_rows", "kernel_index", "bias_index", "kind"])
 @dataclasses.dataclass(frozen=True)
 class DenseTap:
@@ -128,6 +129,9 @@ class DenseTap:
       ``second_moment_stride``-th row; ``input_mean`` itself for all rows),
       or ``None`` (not requested, or calls inside ``nn.scan`` / ``nn.RNN``,
       which form it from all rows).
+    output_grad_second_moment: with ``output_second_moment=s``, ``(d_out,)``
+      ``mean_i gh_i * gh_i``, estimated from every ``s``-th row of each
+      call; else, and for calls inside ``nn.scan`` / ``nn.RNN``, ``None``.
   """
   input_mean: jax.Array
   input_second_moment: Optional[jax.Array]
@@ -140,6 +144,7 @@ class DenseTap:
   kind: str = "dense"
   sampled_grad: Optional[tuple] = None
   second_moment_mean: Optional[jax.Array] = None
+  output_grad_second_moment: Optional[jax.Array] = None
 
 
 @functools.partial(
@@ -232,11 +237,14 @@ class _Context:
   """One active tap: kernel identities, perturbations, and the records."""
 
   def __init__(self, leaves, perts, want_second_moment, stats_dtype,
-               paths=(), nested=None, slots=None, samplings=None):
+               paths=(), nested=None, slots=None, samplings=None,
+               square_slots=None):
     """``nested``: the first pass's finds, given to the shadow pass;
     ``slots``: the sampled gradients' zero inputs (``{index: ((d_in,
-    d_out), (d_out,))}``); ``samplings``: the second moment's and the sampled
-    gradients' rows (:class:`_row_samples.Sampling`)."""
+    d_out), (d_out,))}``); ``square_slots``: the output gradients' second
+    moments' (``{index: (d_out,)}``); ``samplings``: the rows of the second
+    moment, the sampled gradients and the output gradients' second moment
+    (:class:`_row_samples.Sampling`)."""
     self.kernel_pos = {id(leaves[index]): index for index in perts}
     self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
     self.paths = list(paths)
@@ -250,13 +258,15 @@ class _Context:
     self.want_second_moment = want_second_moment
     self.stats_dtype = stats_dtype
     self.slots = slots or {}
-    self.gram_rows, self.grad_rows = samplings or (
-        (_row_samples.Sampling(),) * 2)
+    self.square_slots = square_slots or {}
+    self.gram_rows, self.grad_rows, self.square_rows = samplings or (
+        (_row_samples.Sampling(),) * 3)
     self.records: dict = {}
     self.untapped = 0
     self.untapped_kernels: set = set()
     self.hooked: set = set()
     self.unhooked: set = set()
+    self.square_hooked: set = set()
     self.unsupported: dict = {}
 
   @property
@@ -264,6 +274,11 @@ class _Context:
     """The layers whose every call gave its sampled gradient (not those
     also called in a nested transform, which has no hook)."""
     return self.hooked - self.unhooked - set(self.nested)
+
+  @property
+  def squared(self) -> set:
+    """The layers whose every call gave its output gradients' squares."""
+    return self.square_hooked - self.untapped_kernels - set(self.nested)
 
   @functools.cached_property
   def path_index(self) -> dict:
@@ -310,6 +325,7 @@ class _Context:
     positions = math.prod(y.shape[1:y.ndim - call.out_axes])
     self._accumulate(rec, call.rows, y.reshape(-1, pert.shape[0]), positions)
     y = self._sample_gradient(index, call.rows, y, positions)
+    y = self._square_gradient(index, y, positions)
     if y.dtype == pert.dtype:
       return y + pert.reshape(out_shape)
     # Add in the statistics dtype so the summed cotangent stays accurate.
@@ -328,6 +344,17 @@ class _Context:
         stride, y.reshape(-1, slot[1].shape[0]),
         rows.astype(self.stats_dtype), slot)
     return flat.reshape(y.shape)
+
+  def _square_gradient(self, index: int, y, positions: int):
+    """``y`` hooked so that the backward pass gives the sum of its rows'
+    squared cotangents to the layer's slot (if one was asked for)."""
+    slot = self.square_slots.get(index)
+    if slot is None:
+      return y
+    self.square_hooked.add(index)
+    flat = y.reshape(-1, slot.shape[0])
+    stride = self.square_rows.stride_for(flat, positions)
+    return _row_samples.square_hook(stride, flat, slot).reshape(y.shape)
 
   def _out_shape(self, index: int, call: _layer_kinds.LayerCall,
                  stacked: int = 0) -> tuple:
@@ -640,6 +667,7 @@ def tap_dense_layers(
     local_grads: bool = False,
     second_moment_stride: Union[int, tuple] = 1,
     sampled_grads: Union[None, int, tuple] = None,
+    output_second_moment: Union[None, int, tuple] = None,
 ) -> TapResult:
   """Runs ``value_fn(params)`` once with every dense layer tapped.
 
@@ -671,6 +699,10 @@ def tap_dense_layers(
     sampled_grads: a row stride ``s`` (or such a tuple): also return
       each directly called layer's gradient estimated from every ``s``-th
       row (``DenseTap.sampled_grad``; ``None``: not).
+    output_second_moment: a row stride ``s`` (or such a tuple): also return
+      each directly called layer's ``mean_i gh_i * gh_i`` estimated from
+      every ``s``-th row (``DenseTap.output_grad_second_moment``; ``None``:
+      not).
     axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
       axis: ``value_fn`` is this device's loss (a mean over its shard, or
       that mean's ``pmean``) and the loss, gradient and every statistic
@@ -710,15 +742,17 @@ def tap_dense_layers(
   slots = {} if sampled_grads is None else {
       i: (jnp.zeros((leaves[i].size // d_out, d_out), dtype),
           jnp.zeros((d_out,), dtype)) for i, d_out in sizes.items()}
+  squares = {} if output_second_moment is None else {
+      i: jnp.zeros((d_out,), dtype) for i, d_out in sizes.items()}
   paths = [tuple(_layer_kinds.key_name(k)
                  for k in _layers.strip_variable_keys(path))
            for path, _ in with_path]
-  run = functools.partial(_vjp_pass, checked, perts=(perts, slots),
+  run = functools.partial(_vjp_pass, checked, perts=(perts, slots, squares),
                           paths=paths, second_moment=second_moment,
                           dtype=dtype, axis_name=axis_name,
-                          samplings=(_row_samples.Sampling.of(
-                              second_moment_stride), _row_samples.Sampling.of(
-                                  sampled_grads or 1)))
+                          samplings=tuple(map(_row_samples.Sampling.of, (
+                              second_moment_stride, sampled_grads or 1,
+                              output_second_moment or 1))))
   out = run(params)
   found = out.ctx.nested
   injected = _shadows.insert(params, {
@@ -727,26 +761,31 @@ def tap_dense_layers(
   cts = {}
   if injected is not None:  # again, with the nested calls' statistics
     out, cts = _shadow_pass(run, injected, out)  # leaving (the first pass:
-  loss, grads, (pert_grads, sampled), aux, ctx = out  # (dead code then)
-  cts = {i: cts[i] for i in ctx.emitted}
+  loss, grads, (pert_grads, sampled, squares), aux, ctx = out  # (dead code
+  cts = {i: cts[i] for i in ctx.emitted}  # then)
   sampled = {i: sampled[i] for i in ctx.sampled}
+  squares = {i: squares[i] for i in ctx.squared}
   if axis_name is not None:  # one all-reduce for everything that is used
     local = (grads if with_grads else None, sampled) if local_grads else None
     grads = grads if with_grads and not local_grads else None
-    loss, grads, aux, pert_grads, cts, sampled = _parallel.global_mean(
-        (loss, grads, aux, {i: pert_grads[i] for i in aux}, cts,
-         {} if local_grads else sampled), axis_name)
+    loss, grads, aux, pert_grads, cts, sampled, squares = (
+        _parallel.global_mean((loss, grads, aux, {
+            i: pert_grads[i] for i in aux}, cts, {} if local_grads else
+                               sampled, squares), axis_name))
     if local is not None:
       grads, sampled = local
   return _result(loss, grads if with_grads else None, ctx, aux, pert_grads,
-                 cts, with_path, sampled)
+                 cts, with_path, (sampled, squares))
 
 
 def _result(loss, grads, ctx: _Context, aux, pert_grads, cts,
-            with_path, sampled) -> TapResult:
-  """The :class:`TapResult` of the last pass."""
+            with_path, hooked) -> TapResult:
+  """The :class:`TapResult` of the last pass (``hooked``: the sampled
+  gradients and the output gradients' squares, by layer)."""
+  sampled, squares = hooked
   layers = {index: _layer_tap(rec, aux[index], pert_grads[index],
-                              with_path[index][0], sampled.get(index))
+                              with_path[index][0], sampled.get(index),
+                              squares.get(index))
             for index, rec in ctx.records.items()}
   for index, ct in cts.items():
     layers[index] = _nested_tap(ctx.nested[index], ct, layers.get(index),
@@ -795,7 +834,7 @@ def _vjp_pass(checked, params, *, perts, paths, second_moment, dtype,
     clean = _shadows.remove(p)[0] if nested else p
     ctx = _Context(jax.tree_util.tree_leaves(clean), e[0], second_moment,
                    dtype, paths, nested=nested, slots=e[1],
-                   samplings=samplings)
+                   samplings=samplings, square_slots=e[2])
     with _tapping(ctx):
       loss = checked(p)
     box["ctx"] = ctx
@@ -811,8 +850,9 @@ def _vjp_pass(checked, params, *, perts, paths, second_moment, dtype,
 
 
 def _layer_tap(rec: _Record, sums, output_grad, path,
-               sampled_grad=None) -> DenseTap:
-  """The tap of a layer called in ``value_fn``'s own trace."""
+               sampled_grad=None, squares=None) -> DenseTap:
+  """The tap of a layer called in ``value_fn``'s own trace (``squares``:
+  ``sum_i g_i * g_i`` of the loss's ``g_i = dL/dh_i = gh_i / n``)."""
   sum_x, sum_xx, sum_y, sum_xs = sums
   n = rec.num_rows
   return DenseTap(
@@ -822,7 +862,8 @@ def _layer_tap(rec: _Record, sums, output_grad, path,
       name=jax.tree_util.keystr(path), num_rows=n,
       kernel_index=rec.kernel_index, bias_index=rec.bias_index,
       kind=rec.kind, sampled_grad=sampled_grad,
-      second_moment_mean=None if sum_xs is None else sum_xs / n)
+      second_moment_mean=None if sum_xs is None else sum_xs / n,
+      output_grad_second_moment=None if squares is None else squares * n)
 
 
 def _nested_tap(info: _Nested, shadow_ct, direct: Optional[DenseTap],

@@ -65,7 +65,8 @@ class KBFGSReference:
   def __init__(self, net, w, b, *, lr, damping, momentum, weight_decay, decay,
                memory, mu1=0.2, skip_tol=1e-4, max_relative_change=None,
                step_rule="layerwise", max_step_scale=10.0, factor_interval=1,
-               step_size_interval=1, a_stride=1, q_stride=1):
+               step_size_interval=1, a_stride=1, q_stride=1,
+               hg_init="identity"):
     self.net = net
     self.w = [np.array(x, np.float64) for x in w]
     self.b = [None if x is None else np.array(x, np.float64) for x in b]
@@ -77,6 +78,9 @@ class KBFGSReference:
     self.interval = factor_interval  # A and H_a refreshed every k steps
     self.ss_interval = step_size_interval  # t_l measured every k steps
     self.a_stride, self.q_stride = a_stride, q_stride  # sampled rows
+    # "diagonal": H_g = diag(1 / (D + 0.1)) first; or one per layer.
+    self.hg_init = ([hg_init] * len(w) if isinstance(hg_init, str)
+                    else list(hg_init))
     num = self.num = len(self.w)
     self.k = [x.shape[0] + (bb is not None) for x, bb in zip(self.w, self.b)]
     d_out = [x.shape[1] for x in self.w]
@@ -146,6 +150,12 @@ class KBFGSReference:
             for l in range(self.num)]
     if self.count == 0:
       self.Ha = [np.linalg.inv(m) for m in a_lm]
+      for l in range(self.num):  # ours: from A's rows' (n dL/dh)^2
+        if self.hg_init[l] == "diagonal":
+          n = rows[l].shape[0]
+          g = n * dh[l][::self._stride(self.a_stride, rows[l])]
+          d = (g * g).mean(0)
+          self.Hg[l] = np.diag(1.0 / (d / d.mean() + 0.1))
     # 2-3. Momentum of the regularised gradient; the trial step.
     trial, caps = [], []
     for l in range(self.num):

@@ -211,19 +211,21 @@ def _ref_lr(count):
 # ("the same model in linen, NNX and plain JAX gives the same trajectory");
 # both K-BFGS and K-BFGS(L) run in plain JAX. (Four compilations keep it fast.)
 # `strides`: A's and q_l's row strides (12 rows a batch: 5 keeps rows 0, 5,
-# 10, standing for 4 each).
-@pytest.mark.parametrize("framework,memory,bounded,rule,interval,ss,strides", [
-    ("plain", None, False, "fixed", 1, 1, (1, 1)),
-    ("plain", 2, False, "fixed", 1, 1, (1, 1)),
-    ("linen", 2, False, "fixed", 1, 1, (1, 1)),
-    ("nnx", None, False, "fixed", 1, 1, (1, 1)),
-    ("plain", None, True, "fixed", 1, 1, (3, 1)),
-    ("plain", None, False, "layerwise", 1, 1, (1, 1)),
-    ("plain", None, True, "layerwise", 2, 3, (2, 5)),
-    ("linen", 2, True, "layerwise", 3, 2, (1, 3))])
+# 10, standing for 4 each). `init`: H_g's first value (K-BFGS's default is
+# the diagonal; "identity" is the paper's).
+@pytest.mark.parametrize(
+    "framework,memory,bounded,rule,interval,ss,strides,init", [
+        ("plain", None, False, "fixed", 1, 1, (1, 1), "identity"),
+        ("plain", 2, False, "fixed", 1, 1, (1, 1), "identity"),
+        ("linen", 2, False, "fixed", 1, 1, (1, 1), "identity"),
+        ("nnx", None, False, "fixed", 1, 1, (1, 1), "diagonal"),
+        ("plain", None, True, "fixed", 1, 1, (3, 1), "diagonal"),
+        ("plain", None, False, "layerwise", 1, 1, (1, 1), "identity"),
+        ("plain", None, True, "layerwise", 2, 3, (2, 5), "diagonal"),
+        ("linen", 2, True, "layerwise", 3, 2, (1, 3), "identity")])
 def test_matches_numpy_reference_step_by_step(x64, framework, memory,
                                               bounded, rule, interval, ss,
-                                              strides):
+                                              strides, init):
   # damping = 0.81 makes mu2 = sqrt(0.81) = 0.9; momentum and stat_decay
   # differ, so swapping the two decays would show.
   hyper = dict(damping=0.81, momentum=0.8, weight_decay=1e-2)
@@ -251,7 +253,8 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
     return dict(lr=_ref_lr, decay=0.95, memory=memory,
                 max_relative_change=rho, step_rule=rule, max_step_scale=max_t,
                 factor_interval=interval, step_size_interval=ss,
-                a_stride=strides[0], q_stride=strides[1], **hyper)
+                a_stride=strides[0], q_stride=strides[1], hg_init=init,
+                **hyper)
 
   def run_reference(w, b, batches, **kwargs):
     ref = _Reference(w, b, **kwargs)
@@ -276,7 +279,7 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
     probe = run_reference(w, b, batches, lr=_ref_lr, decay=0.95,
                           memory=memory, step_rule=rule,
                           step_size_interval=ss, a_stride=strides[0],
-                          q_stride=strides[1], **hyper)
+                          q_stride=strides[1], hg_init=init, **hyper)
     kwargs = config(probe)
     check = run_reference(w, b, batches, **kwargs)
     if informative(check):
@@ -289,7 +292,7 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
                  max_step_scale=kwargs["max_step_scale"],
                  input_factor_interval=interval, step_size_interval=ss,
                  input_factor_row_stride=strides[0],
-                 step_size_row_stride=strides[1], **hyper)
+                 step_size_row_stride=strides[1], h_g_init=init, **hyper)
   history = _run(framework, tx, w, b, batches)
   assert olw.kbfgs_layer_names(_plain_params(w, b)) == ("['l1']", "['l2']",
                                                         "['l3']")
@@ -545,9 +548,11 @@ def test_nonfinite_pair_is_skipped_and_counted():
   assert float(optax.global_norm(updates)) > 0
   np.testing.assert_array_equal(state.num_skipped_h_g, [1, 1, 1])
   assert int(state.num_skipped) == 0
-  for layer in state.layers:  # the pair did not poison the state
-    np.testing.assert_array_equal(layer.s, 0.0)
-    np.testing.assert_array_equal(layer.h_g, np.eye(layer.h_g.shape[0]))
+  for layer in state.layers:  # the pair did not poison the state: H_g is
+    np.testing.assert_array_equal(layer.s, 0.0)  # still its diagonal start
+    diagonal = np.diagonal(layer.h_g)
+    np.testing.assert_array_equal(layer.h_g, np.diag(diagonal))
+    assert np.all(np.isfinite(diagonal)) and np.all(diagonal > 0)
     assert np.all(np.isfinite(layer.h_a)) and np.all(np.isfinite(layer.a))
 
 
@@ -615,6 +620,10 @@ def test_errors():
     olw.kbfgs(pair="exact")
   with pytest.raises(ValueError, match="mu2"):
     olw.kbfgs(damping=2.0)
+  with pytest.raises(ValueError, match="h_g_init must be one of"):
+    olw.kbfgs(h_g_init="diag")
+  with pytest.raises(ValueError, match="h_g_init='diagonal' needs the dense"):
+    olw.kbfgs(memory_size=5, h_g_init="diagonal")
   for name in ("input_factor_row_stride", "step_size_row_stride"):
     for bad in (0, 2.0, True):
       with pytest.raises(ValueError, match=f"{name} must be a Python int"):
