@@ -314,6 +314,20 @@ def _git() -> Dict[str, Any]:
   return git
 
 
+def _cpu_model() -> str:
+  """The CPU's model name from ``/proc/cpuinfo`` (Linux; ``platform``'s
+  guess elsewhere, often only the architecture)."""
+  import optax_layerwise as olw  # pylint: disable=import-outside-toplevel
+  try:
+    # pylint: disable-next=protected-access
+    text = olw._hardware.CPUINFO.read_text(errors="replace")
+  except OSError:
+    text = ""
+  # pylint: disable-next=protected-access
+  return (olw._hardware.cpu_model(text) or platform.processor()
+          or platform.machine())
+
+
 def environment() -> Dict[str, Any]:
   """Versions, git commit, machine and load: the ``environment`` section."""
   import flax  # pylint: disable=import-outside-toplevel
@@ -332,7 +346,7 @@ def environment() -> Dict[str, Any]:
       "python": platform.python_version(), "platform": platform.platform(),
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
-      "cpu": platform.processor() or platform.machine(),
+      "cpu": _cpu_model(),
       # pylint: disable-next=protected-access
       "native_bfloat16": olw._hardware.native_bfloat16(
           jax.default_backend()),

@@ -41,6 +41,16 @@ def cpu_flags(text: str) -> frozenset:
   return frozenset.intersection(*per_cpu) if per_cpu else frozenset()
 
 
+def cpu_model(text: str) -> str:
+  """The first ``model name`` of ``/proc/cpuinfo``'s text (``""`` if
+  none)."""
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() == "model name":
+      return value.strip()
+  return ""
+
+
 def _cpu_native() -> bool:
   try:
     text = CPUINFO.read_text(errors="replace")

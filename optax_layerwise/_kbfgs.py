@@ -18,8 +18,9 @@ kernel layout). Per step, on the mini-batch of ``value_fn``:
    homogeneous input ``abar``, ``A_batch = mean_i at_i at_i^T``, ``mean h`` and
    ``mean gh`` (``gh_i = n dL/dh_i``). ``A <- A_batch`` on the first step,
    else ``A <- beta A + (1 - beta) A_batch``; on the first step ``H_a <- (A +
-   sqrt(lambda) I)^-1`` (the only explicit inverse; ``H_g = I`` from
-   ``init``).
+   sqrt(lambda) I)^-1`` (the only explicit inverse) and, for K-BFGS by
+   default (ours), ``H_g <- diag(1 / (D + 0.1))`` from the output gradients'
+   second moment ``D`` (``I`` from ``init``, the paper's start).
 2. ``M <- mu M + (1 - mu) (g + tau theta)`` for every leaf.
 3. ``delta_l = -lr H_a M_l H_g`` for tapped layers; other leaves (norm scales,
    embeddings, ...) take the fallback ``-lr M``.

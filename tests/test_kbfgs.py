@@ -850,6 +850,7 @@ def test_default_precondition_dtype_rounds_only_wide_layers(monkeypatch,
 
 _CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
+model name\t: Test CPU @ 2.0GHz
 flags\t\t: fpu sse2 avx avx2 fma{extra0}
 vmx flags\t: amx_bf16
 bugs\t\t: sysret_ss_attrs
@@ -873,6 +874,8 @@ def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, extra0,
   try:
     assert _hardware.native_bfloat16("cpu") is native
     assert _hardware.native_bfloat16("tpu")
+    assert _hardware.cpu_model(info.read_text()) == "Test CPU @ 2.0GHz"
+    assert _hardware.cpu_model("processor\t: 0\n") == ""
     monkeypatch.setattr(_hardware, "CPUINFO", tmp_path / "missing")
     _hardware.native_bfloat16.cache_clear()
     assert not _hardware.native_bfloat16("cpu")

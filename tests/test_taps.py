@@ -276,3 +276,24 @@ def test_no_sampled_gradient_for_a_kernel_with_an_untapped_call():
       0].sampled_grad is not None
   tap = olw.tap_dense_layers(loss, params, sampled_grads=1).layers[0]
   assert tap.sampled_grad is None
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_output_gradient_second_moment_matches_per_example_gradients(stride):
+  """``output_second_moment=s``: ``mean_i gh_i * gh_i`` (``gh_i = n dL/dh_i``)
+  over every ``s``-th row of the (B, T) rows, against the per-example
+  ``dL/dh`` of :func:`_manual` (explicit perturbations, ``jax.grad``)."""
+  key = _key()
+  params = _mlp_params(key)
+  x = jax.random.normal(jax.random.fold_in(key, 7), (4, 5, 4))  # 20 rows
+  t = jax.random.normal(jax.random.fold_in(key, 8), (4, 5, 3))
+  res = jax.jit(lambda p: olw.tap_dense_layers(
+      _plain_loss(x, t), p, output_second_moment=stride))(params)
+  _, _, dh = _manual(params, x, t)
+  for index, l, d in ((1, 0, 5), (2, 1, 3)):
+    gh = 20 * np.asarray(dh[l]).reshape(20, d)[::stride]
+    # float32 means of 7-20 squares: 1e-5 relative is a few ulps of margin.
+    np.testing.assert_allclose(res.layers[index].output_grad_second_moment,
+                               (gh * gh).mean(0), rtol=1e-5, atol=1e-9)
+  assert olw.tap_dense_layers(_plain_loss(x, t), params).layers[
+      1].output_grad_second_moment is None
