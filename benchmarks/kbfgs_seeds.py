@@ -82,6 +82,10 @@ def train(init: str, seeds: Sequence[int], s: argparse.Namespace
   exp = fm.build_experiment(data_dir=s.data_dir, n_train=s.n_train,
                             n_test=s.n_test, batch_size=s.batch_size,
                             widths=s.widths, weight_init=init)
+  if exp.steps_per_epoch % s.evals_per_epoch:
+    raise SystemExit(f"--evals-per-epoch {s.evals_per_epoch} must divide the "
+                     f"{exp.steps_per_epoch} steps of an epoch (the table "
+                     "reads the loss at epoch ends).")
   registry = dict(fm.REGISTRY)
   if s.h_g_init:
     registry["kbfgs"] = dataclasses.replace(
@@ -114,7 +118,7 @@ def format_table(rows: List[Dict[str, Any]], epochs: int,
 
 
 def write_plot(runs: Dict[str, List[results_lib.Run]],
-               path: pathlib.Path) -> None:
+               path: pathlib.Path, title: str) -> None:
   """Mini-batch loss against steps, one line per run, coloured by init."""
   fig, ax = plots.plt.subplots(figsize=(7, 4.2))
   colors = {"lecun": "tab:red", "glorot": "tab:blue", "torch": "tab:green"}
@@ -129,7 +133,7 @@ def write_plot(runs: Dict[str, List[results_lib.Run]],
   ax.set_yscale("log")
   ax.set_xlabel("step (batch 1000; 60 steps = 1 epoch)")
   ax.set_ylabel("mini-batch loss")
-  ax.set_title("olw.kbfgs() defaults, Fashion-MNIST autoencoder")
+  ax.set_title(f"{title}, Fashion-MNIST autoencoder")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -160,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--quick", action="store_true",
                  help="smoke run: 5000 images, 1 epoch, seed 0 of each init")
   p.add_argument("--data-dir", default=None)
-  p.add_argument("--out", default="results/kbfgs_seeds")
+  p.add_argument("--out", default=None,
+                 help="default results/kbfgs_seeds, with _h_g_init_X for "
+                 "--h-g-init X")
   p.add_argument("--no-progress", action="store_true")
   return p
 
@@ -175,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     runs[init] = train(init, seeds, s)
     rows += [dict(init=init, **run_summary(r, s.target)) for r in runs[init]]
     print(format_table(rows, s.epochs, s.target), flush=True)
-  out = pathlib.Path(s.out)
+  out = pathlib.Path(s.out or "results/kbfgs_seeds" + (
+      f"_h_g_init_{s.h_g_init}" if s.h_g_init else ""))
   out.mkdir(parents=True, exist_ok=True)
   reached = [r["epochs_to_target"] for r in rows
              if r["epochs_to_target"] is not None]
@@ -196,7 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       environment=results_lib.environment(), summary=summary, rows=rows,
       batch_loss={f"{i}/{r.seed}": r.batch_loss for i, rs in runs.items()
                   for r in rs}))
-  write_plot(runs, out / "loss_vs_step.png")
+  write_plot(runs, out / "loss_vs_step.png",
+             f"olw.kbfgs(h_g_init={s.h_g_init!r})" if s.h_g_init
+             else "olw.kbfgs() defaults")
   print(f"wrote {out / 'results.json'} and {out / 'loss_vs_step.png'}")
   return dict(summary=summary, rows=rows)
 

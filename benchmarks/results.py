@@ -317,15 +317,10 @@ def _git() -> Dict[str, Any]:
 def _cpu_model() -> str:
   """The CPU's model name from ``/proc/cpuinfo`` (Linux; ``platform``'s
   guess elsewhere, often only the architecture)."""
-  import optax_layerwise as olw  # pylint: disable=import-outside-toplevel
-  try:
-    # pylint: disable-next=protected-access
-    text = olw._hardware.CPUINFO.read_text(errors="replace")
-  except OSError:
-    text = ""
-  # pylint: disable-next=protected-access
-  return (olw._hardware.cpu_model(text) or platform.processor()
-          or platform.machine())
+  # pylint: disable-next=import-outside-toplevel
+  from optax_layerwise import _hardware
+  return (_hardware.cpu_model(_hardware.read_cpuinfo())
+          or platform.processor() or platform.machine())
 
 
 def environment() -> Dict[str, Any]:

@@ -372,8 +372,8 @@ def floor_or_reset(new_h: jax.Array, s: jax.Array, y: jax.Array,
 
   An accepted update whose result has a Rayleigh quotient below ``floor``
   (along the pair's ``y``, see :func:`below_floor`, or along a coordinate
-  axis: a diagonal entry) is replaced by a reset to ``I``, the initial
-  matrix, and the pair is dropped. Both tests are ``O(d)`` and only prove
+  axis: a diagonal entry) is replaced by a reset to ``I`` (the paper's
+  initial matrix), and the pair is dropped. Both tests are ``O(d)`` and only prove
   ``lambda_min(H+) < floor`` (they never fire on a matrix above the floor);
   after double damping one pair lowers ``lambda_min`` by at most a factor
   ``1 + 1/mu1``, so the rule fires only on an ``H`` that has already drifted
@@ -415,7 +415,7 @@ class DenseInverse:
     return new_h, updated
 
   def reset_where(self, h: jax.Array, where: jax.Array) -> jax.Array:
-    """``h``, or ``I`` (the initial matrix) where ``where``."""
+    """``h``, or ``I`` (the paper's initial matrix) where ``where``."""
     return identity_where(where, h)
 
 

@@ -52,12 +52,16 @@ def cpu_model(text: str) -> str:
   return ""
 
 
-def _cpu_native() -> bool:
+def read_cpuinfo() -> str:
+  """``/proc/cpuinfo``'s text, ``""`` where it cannot be read."""
   try:
-    text = CPUINFO.read_text(errors="replace")
+    return CPUINFO.read_text(errors="replace")
   except OSError:
-    return False
-  return bool(cpu_flags(text) & CPU_BFLOAT16_FLAGS)
+    return ""
+
+
+def _cpu_native() -> bool:
+  return bool(cpu_flags(read_cpuinfo()) & CPU_BFLOAT16_FLAGS)
 
 
 def _gpu_native(backend: str) -> bool:

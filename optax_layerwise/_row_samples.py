@@ -128,10 +128,14 @@ def _hook_fwd(stride, y, rows, slot):
   return y, take(rows, stride)
 
 
+def _sampled_cotangent(g: jax.Array, stride: int, dtype) -> tuple:
+  """The sampled rows of ``g`` in ``dtype``, and the rows they stand for."""
+  return (take(g, stride).astype(dtype),
+          jnp.asarray(_scale(g.shape[0], stride), dtype))
+
+
 def _hook_bwd(stride, sampled, g):
-  n = g.shape[0]
-  g_rows = take(g, stride).astype(sampled.dtype)
-  scale = jnp.asarray(_scale(n, stride), sampled.dtype)
+  g_rows, scale = _sampled_cotangent(g, stride, sampled.dtype)
   weights = rows_matmul(sampled)(sampled.T, g_rows) * scale
   return g, None, (weights, jnp.sum(g_rows, 0) * scale)
 
@@ -155,8 +159,7 @@ def _square_fwd(stride, y, slot):
 
 
 def _square_bwd(stride, like, g):
-  g_rows = take(g, stride).astype(like.dtype)
-  scale = jnp.asarray(_scale(g.shape[0], stride), like.dtype)
+  g_rows, scale = _sampled_cotangent(g, stride, like.dtype)
   return g, jnp.sum(jnp.square(g_rows), 0) * scale
 
 

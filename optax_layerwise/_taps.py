@@ -131,7 +131,8 @@ class DenseTap:
       which form it from all rows).
     output_grad_second_moment: with ``output_second_moment=s``, ``(d_out,)``
       ``mean_i gh_i * gh_i``, estimated from every ``s``-th row of each
-      call; else, and for calls inside ``nn.scan`` / ``nn.RNN``, ``None``.
+      call; else, and for calls inside ``nn.scan`` / ``nn.RNN`` /
+      ``nn.remat``, ``None``.
   """
   input_mean: jax.Array
   input_second_moment: Optional[jax.Array]

@@ -581,11 +581,14 @@ def test_kbfgs_seeds_summary_and_script(tmp_path):
       "--data-dir", str(tmp_path / "fm"), "--n-train", "40", "--n-test", "8",
       "--batch-size", "20", "--widths", "784,8,3,8,784", "--epochs", "1",
       "--seeds", "0", "--inits", "lecun", "--out", str(out),
-      "--no-progress"])
+      "--evals-per-epoch", "2", "--h-g-init", "identity", "--no-progress"])
   saved = json.loads((out / "results.json").read_text())
   assert [r["seed"] for r in saved["rows"]] == [0]
   assert saved["summary"]["runs"] == 1 == len(res["rows"])
-  assert all(len(r["train_loss"]) == 2 for r in saved["rows"])
+  # 2 steps an epoch, evaluated after each: the table keeps the epoch ends.
+  assert all(r["evaluated"]["epoch"] == [0.0, 0.5, 1.0]
+             and len(r["train_loss"]) == 2 for r in saved["rows"])
+  assert saved["config"]["h_g_init"] == "identity"
   assert (out / "loss_vs_step.png").exists()
 
 
