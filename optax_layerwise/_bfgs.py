@@ -24,7 +24,7 @@ pure ``jnp`` code with static shapes, so it runs under ``jax.jit``,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,7 @@ def bfgs_inverse_update(
     grad_norm: jax.Array,
     skip_tol: float = SKIP_TOL,
     valid: jax.Array = True,
+    hy: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   r"""BFGS update of an inverse Hessian approximation, with the skip rule.
 
@@ -108,6 +109,7 @@ def bfgs_inverse_update(
     grad_norm: scalar of the skip rule.
     skip_tol: the skip rule's tolerance.
     valid: a boolean scalar; ``False`` skips the update as well.
+    hy: ``H y``, if the caller has it (``None``: computed).
 
   Returns:
     ``(H+, updated)``: the new matrix and a boolean scalar, ``False`` when the
@@ -115,7 +117,7 @@ def bfgs_inverse_update(
   """
   ok = _accept_pair(s, y, grad_norm, skip_tol) & valid
   rho = _safe_div(1.0, jnp.where(ok, jnp.vdot(s, y), 1.0))
-  hy = h @ y
+  hy = h @ y if hy is None else hy
   coef = rho * rho * jnp.vdot(y, hy) + rho
   new_h = (h + coef * jnp.outer(s, s)
            - rho * (jnp.outer(s, hy) + jnp.outer(hy, s)))
@@ -409,8 +411,11 @@ class DenseInverse:
     ``dtype``, :func:`product`)."""
     return product(v, h, dtype)
 
-  def update(self, h: jax.Array, s: jax.Array, y: jax.Array, **skip_rule):
-    new_h, updated = bfgs_inverse_update(h, s, y, **skip_rule)
+  def update(self, h: jax.Array, s: jax.Array, y: jax.Array, hy=None,
+             **skip_rule):
+    """BFGS with the skip rule, then the floor (``hy``: ``H y`` if
+    known)."""
+    new_h, updated = bfgs_inverse_update(h, s, y, hy=hy, **skip_rule)
     new_h, updated, _ = floor_or_reset(new_h, s, y, updated, self.floor)
     return new_h, updated
 
@@ -457,7 +462,10 @@ class LimitedMemory:
   def apply(self, h: LBFGSMemory, v: jax.Array, dtype=None) -> jax.Array:
     return lbfgs_apply(h, v, lbfgs_gamma(h, self.gamma), dtype)
 
-  def update(self, h: LBFGSMemory, s: jax.Array, y: jax.Array, **skip_rule):
+  def update(self, h: LBFGSMemory, s: jax.Array, y: jax.Array, hy=None,
+             **skip_rule):
+    """Appends the pair (``hy`` unused: the memory has no matrix)."""
+    del hy
     new, appended = lbfgs_append(h, s, y, **skip_rule)
     reset = appended & below_floor(s, y, self.floor)
     return self.reset_where(new, reset), appended & ~reset

@@ -346,11 +346,19 @@ class _Config:
     return None
 
 
+class _Start(NamedTuple):
+  """K-BFGS's diagonal start: ``H_g`` is ``diag(w)`` when ``first``."""
+  first: jax.Array
+  w: jax.Array
+
+
 class _Work(NamedTuple):
-  """One layer's input-side quantities, computed once per step."""
+  """One layer's input-side quantities, computed once per step, and the
+  diagonal start of ``H_g`` (``None`` without one)."""
   abar: jax.Array
   a_batch: jax.Array
   h_a: jax.Array
+  start: Optional[_Start] = None
 
 
 # --- Phase 1: the tapped pass at theta -------------------------------------
@@ -462,7 +470,9 @@ def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
   h_a = jax.lax.cond(
       first, lambda a: _spd_inverse(a + cfg.sqrt_damping * jnp.eye(
           spec.k, dtype=a.dtype)), lambda _, h=ls.h_a: h, a_batch)
-  return _Work(abar, a_batch, h_a)
+  start = _diagonal_start(tap, ls.s.dtype) if cfg.diagonal_h_g else None
+  return _Work(abar, a_batch, h_a,
+               None if start is None else _Start(first, start))
 
 
 def _a_rule(cfg: _Config, old, batch, first, refresh):
@@ -474,24 +484,34 @@ def _a_rule(cfg: _Config, old, batch, first, refresh):
   return jnp.where(first, batch, jnp.where(refresh, average, old))
 
 
-def _first_h_g(ls: KBFGSLayerState, tap, first) -> KBFGSLayerState:
-  """``ls`` with ``H_g = diag(1 / (D + delta))`` on the first step (ours,
+def _diagonal_start(tap, dtype) -> Optional[jax.Array]:
+  """``w = 1 / (D + delta)``, ``H_g``'s first value ``diag(w)`` (ours,
   ``h_g_init="diagonal"``; docs/kbfgs.md "The first H_g"): ``D`` the
   layer's ``mean_i gh_i * gh_i`` normalised to mean 1, ``delta =
   H_G_INIT_DAMPING``; the diagonal of the Gauss-Newton (Fisher) factor
   that ``H_g`` approximates the inverse of, up to a scale the per-layer
   step absorbs (with ``step_rule="fixed"`` only ``max_relative_change``
-  bounds it: units with ``D ~ 0`` get 10). ``I`` if ``D`` is zero or not
-  finite, or the layer has no such statistic (nested calls)."""
+  bounds it: units with ``D ~ 0`` get 10). Ones if ``D`` is zero or not
+  finite; ``None`` if the layer has no such statistic (nested calls)."""
   second = tap.output_grad_second_moment
   if second is None:
-    return ls
-  second = second.astype(ls.s.dtype)
+    return None
+  second = second.astype(dtype)
   mean = jnp.mean(second)
   usable = (mean > 0) & _nonfinite.tree_all_finite(second)
   diagonal = 1.0 / (second / jnp.where(usable, mean, 1.0) + H_G_INIT_DAMPING)
-  diagonal = jnp.where(usable, diagonal, 1.0)
-  return ls._replace(h_g=jnp.where(first, jnp.diag(diagonal), ls.h_g))
+  return jnp.where(usable, diagonal, 1.0)
+
+
+def _h_g_apply(cfg: _Config, ls: KBFGSLayerState, start: Optional[_Start],
+               v: jax.Array, dtype=None) -> jax.Array:
+  """``H_g v`` (rows: ``v H_g``), ``H_g`` being ``diag(w)`` on the step of
+  the diagonal start: selected on the product, so that the ``(d_out,
+  d_out)`` matrix is not rewritten on every step."""
+  out = cfg.h_g.apply(ls.h_g, v, dtype=dtype)
+  if start is None:
+    return out
+  return jnp.where(start.first, (v * start.w).astype(out.dtype), out)
 
 
 def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
@@ -525,9 +545,9 @@ def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
                 mom_leaves, leaves, lr):
   """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
   dtype = _precondition_dtype(cfg.precondition_dtype, spec, ls.h_a.dtype)
-  step = -lr * cfg.h_g.apply(
-      ls.h_g, _bfgs.product(work.h_a, _matrix(mom_leaves, spec), dtype),
-      dtype=dtype)
+  step = -lr * _h_g_apply(
+      cfg, ls, work.start,
+      _bfgs.product(work.h_a, _matrix(mom_leaves, spec), dtype), dtype)
   if cfg.max_relative_change is None:
     return step, jnp.asarray(jnp.inf, step.dtype)
   theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)
@@ -659,14 +679,19 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
   resets ``H_g`` to ``I``, counted as a skipped update."""
   s_new, y_new = (x.astype(ls.s.dtype) for x in pair)
   pair_ok = _nonfinite.tree_all_finite((s_new, y_new)) & take
+  # A skipped first step leaves H_g at I (the diagonal start is redone).
+  start = None if work.start is None else work.start._replace(
+      first=work.start.first & take)
   beta = cfg.beta
   s_bar = jnp.where(pair_ok, beta * ls.s + (1.0 - beta) * s_new, ls.s)
   y_bar = jnp.where(pair_ok, beta * ls.y + (1.0 - beta) * y_new, ls.y)
-  hy = cfg.h_g.apply(ls.h_g, y_bar)
+  hy = _h_g_apply(cfg, ls, start, y_bar)
   s_d, y_d, powell, lm = _bfgs.double_damping(s_bar, y_bar, hy, mu1=cfg.mu1,
                                               mu2=cfg.mu2)
+  h_g = ls.h_g if start is None else jnp.where(  # fused into the update's
+      start.first, jnp.diag(start.w), ls.h_g)    # elementwise pass
   h_g, updated = cfg.h_g.update(
-      ls.h_g, s_d, y_d,
+      h_g, s_d, y_d, hy=_h_g_apply(cfg, ls, start, y_d),
       grad_norm=jnp.linalg.norm(tap.output_grad).astype(ls.s.dtype),
       skip_tol=cfg.skip_tol, valid=pair_ok)
   lost = lost & take
@@ -880,11 +905,10 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   new_mom = _momentum(cfg, grad_leaves, leaves,
                       jax.tree_util.tree_leaves(state.momentum))
   trial = [(-lr * m).astype(m.dtype) for m in new_mom]
-  work, limits, layers = {}, {}, list(state.layers)
+  work, limits = {}, {}
   for r in rows:
-    spec, tap = specs[r], _layer_tap(taps, specs[r])
-    ls = layers[r] = _first_h_g(state.layers[r], tap, first)
-    work[r] = _input_factor(cfg, spec, ls, tap, first)
+    spec, ls = specs[r], state.layers[r]
+    work[r] = _input_factor(cfg, spec, ls, _layer_tap(taps, spec), first)
     step, limits[r] = _trial_step(cfg, spec, ls, work[r], new_mom, leaves,
                                   lr)
     _set_matrix(trial, spec, step)
@@ -916,12 +940,9 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
   new_layers, flags = list(state.layers), {}
   for r in rows:
     new_layers[r], flags[r] = _update_factors(
-        cfg, layers[r], work[r], _layer_tap(taps, specs[r]),
+        cfg, state.layers[r], work[r], _layer_tap(taps, specs[r]),
         pairs[_key(specs[r])], first, refresh, finite,
         _step_lost(out, leaves, specs[r]))
-    if layers[r] is not state.layers[r]:  # a skipped first step keeps I
-      new_layers[r] = new_layers[r]._replace(h_g=jnp.where(
-          finite, new_layers[r].h_g, state.layers[r].h_g))
   new_state = _next_state(
       cfg, state, finite, new_mom=new_mom, treedef=treedef,
       layers=tuple(new_layers), flags=_counts(flags, len(specs)),

@@ -515,9 +515,16 @@ def test_nonfinite_gradient_skips_the_step_and_counts():
   loss = lambda p: _plain_loss(p, x, t)
   state = tx.init(params)
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss))
-  _, state = update(jax.grad(loss)(params), state, params)
   grads = jax.grad(loss)(params)
   grads["l1"]["kernel"] = grads["l1"]["kernel"].at[0, 0].set(jnp.nan)
+  # Skipped on the first step too: H_g stays I (its diagonal start waits
+  # for an accepted step); only num_skipped and preconditioned change.
+  _, skipped = update(grads, state, params)
+  unchanged = lambda s: s._replace(num_skipped=0, preconditioned=None)
+  for a, b in zip(jax.tree_util.tree_leaves(unchanged(skipped)),
+                  jax.tree_util.tree_leaves(unchanged(state))):
+    np.testing.assert_array_equal(a, b)
+  _, state = update(jax.grad(loss)(params), state, params)
   updates, new_state = update(grads, state, params)
   assert all(not np.any(u) for u in jax.tree_util.tree_leaves(updates))
   assert int(new_state.num_skipped) == 1
