@@ -31,25 +31,28 @@ CPUINFO = pathlib.Path("/proc/cpuinfo")
 CUDA_BFLOAT16_CAPABILITY = 8.0
 
 
+def _values(text: str, field: str) -> list:
+  """The values of ``/proc/cpuinfo``'s ``field: value`` lines, in order
+  (one per processor)."""
+  values = []
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() == field:
+      values.append(value.strip())
+  return values
+
+
 def cpu_flags(text: str) -> frozenset:
   """The feature flags that every processor of ``/proc/cpuinfo``'s text
   lists on its ``flags`` line."""
-  per_cpu = []
-  for line in text.splitlines():
-    key, _, value = line.partition(":")
-    if key.strip() == "flags":
-      per_cpu.append(frozenset(value.split()))
+  per_cpu = [frozenset(v.split()) for v in _values(text, "flags")]
   return frozenset.intersection(*per_cpu) if per_cpu else frozenset()
 
 
 def cpu_model(text: str) -> str:
   """The first ``model name`` of ``/proc/cpuinfo``'s text (``""`` if
   none)."""
-  for line in text.splitlines():
-    key, _, value = line.partition(":")
-    if key.strip() == "model name":
-      return value.strip()
-  return ""
+  return next(iter(_values(text, "model name")), "")
 
 
 def read_cpuinfo() -> str:
