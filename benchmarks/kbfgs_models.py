@@ -211,7 +211,8 @@ def state_bytes_formula(dims: List[Dict[str, Any]], num_params: int,
 
   Per layer, with ``k = d_in + 1`` (``d_in`` without a bias): ``A`` and
   ``H_a``, ``2 k^2``; ``s`` and ``y``, ``2 d_out``; ``H_g``: ``d_out^2``
-  floats, or for K-BFGS(L) ``2 p d_out + 2 p^2 + p`` floats plus one int32;
+  floats, or for K-BFGS(L) ``2 p d_out + 2 p^2 + p + d_out`` floats plus one
+  int32;
   nine per-layer scalars (three floats, six int32 counters). Plus the
   momentum (``P`` floats), ``count`` and ``num_skipped`` (int32) and the
   ``preconditioned`` flags (one byte per params leaf).
@@ -222,7 +223,7 @@ def state_bytes_formula(dims: List[Dict[str, Any]], num_params: int,
     k, n = d["d_in"] + d["bias"], d["d_out"]
     if memory_size:
       p = memory_size
-      h_g, h_g_ints = 2 * p * n + 2 * p * p + p, 1
+      h_g, h_g_ints = 2 * p * n + 2 * p * p + p + n, 1
     else:
       h_g, h_g_ints = n * n, 0
     layer_floats = 2 * k * k + h_g + 2 * n + 3

@@ -42,13 +42,16 @@ POWELL_MU1 = 0.2
 SKIP_TOL = 1e-4
 
 
-def product(x: jax.Array, y: jax.Array, dtype=None) -> jax.Array:
+def product(x: jax.Array, y: jax.Array, dtype=None, out_dtype=None
+            ) -> jax.Array:
   """``x @ y`` with the inputs cast to ``dtype`` (``None``: as they are),
-  accumulated and returned in ``x``'s dtype."""
-  if dtype is None or jnp.dtype(dtype) == x.dtype:
+  returned in ``out_dtype`` (default ``x``'s dtype; the accumulation is at
+  least as wide)."""
+  out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
+  if dtype is None or jnp.dtype(dtype) == x.dtype == out_dtype:
     return x @ y
   return jnp.matmul(x.astype(dtype), y.astype(dtype),
-                    preferred_element_type=x.dtype)
+                    preferred_element_type=out_dtype)
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -208,9 +211,12 @@ class LBFGSMemory(NamedTuple):
     y: ``(p, d)`` gradient changes, same layout.
     r_inv: ``(p, p)`` inverse of ``R = triu(S Y^T)``, with a unit diagonal in
       the empty slots (upper triangular).
-    yy: ``(p, p)`` ``Y Y^T``.
+    yy: ``(p, p)`` ``Y W Y^T``.
     sy: ``(p,)`` ``diag(S Y^T)`` (0 in the empty slots).
     num_pairs: int32 scalar, the number of valid rows (``<= p``).
+    w: ``(d,)`` the diagonal of ``W`` in the initial matrix ``H_0 = gamma
+      W`` (ones: ``gamma I``; K-BFGS's diagonal start sets it on the first
+      step, while the memory is empty).
   """
   s: jax.Array
   y: jax.Array
@@ -218,6 +224,7 @@ class LBFGSMemory(NamedTuple):
   yy: jax.Array
   sy: jax.Array
   num_pairs: jax.Array
+  w: jax.Array
 
 
 def lbfgs_init(memory_size: int, dim: int, dtype=jnp.float32) -> LBFGSMemory:
@@ -225,7 +232,8 @@ def lbfgs_init(memory_size: int, dim: int, dtype=jnp.float32) -> LBFGSMemory:
   p = memory_size
   return LBFGSMemory(jnp.zeros((p, dim), dtype), jnp.zeros((p, dim), dtype),
                      jnp.eye(p, dtype=dtype), jnp.zeros((p, p), dtype),
-                     jnp.zeros((p,), dtype), jnp.zeros([], jnp.int32))
+                     jnp.zeros((p,), dtype), jnp.zeros([], jnp.int32),
+                     jnp.ones((dim,), dtype))
 
 
 def _shift(m: jax.Array, new_row: jax.Array, new_col: jax.Array,
@@ -292,14 +300,15 @@ def lbfgs_append(
   new_col = -(r_inv_old @ u) / d_safe
   r_inv = _shift(memory.r_inv, jnp.zeros((p - 1,), dtype), new_col,
                  1.0 / d_safe)
-  yy_col = old_y @ y
-  yy = _shift(memory.yy, yy_col, yy_col, jnp.vdot(y, y))
+  wy = memory.w * y
+  yy_col = old_y @ wy
+  yy = _shift(memory.yy, yy_col, yy_col, jnp.vdot(y, wy))
   new = LBFGSMemory(
       s=jnp.concatenate([old_s, s[None]]),
       y=jnp.concatenate([old_y, y[None]]),
       r_inv=r_inv, yy=yy,
       sy=jnp.concatenate([memory.sy[1:], d[None]]),
-      num_pairs=jnp.minimum(memory.num_pairs + 1, p))
+      num_pairs=jnp.minimum(memory.num_pairs + 1, p), w=memory.w)
   ok = ok & jnp.all(jnp.isfinite(new_col))
   return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new,
                                 memory), ok
@@ -311,15 +320,16 @@ def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
 
   ``v`` is a vector ``(d,)`` or a matrix ``(c, d)`` whose *rows* are the
   vectors (``H`` is symmetric, so this is also ``v @ H``). Compact form
-  (Byrd, Nocedal and Schnabel 1994, with ``H_0 = gamma I``), the
-  rows of ``S, Y`` being the pairs::
+  (Byrd, Nocedal and Schnabel 1994, eq. (2.17), with ``H_0 = gamma W``,
+  ``W = diag(memory.w)``), the rows of ``S, Y`` being the pairs::
 
-      H = gamma I + S^T C S - gamma S^T R^-T Y - gamma Y^T R^-1 S,
-      C = R^-T (D + gamma Y Y^T) R^-1,
+      H = gamma W + S^T C S - gamma S^T R^-T Y W - gamma W Y^T R^-1 S,
+      C = R^-T (D + gamma Y W Y^T) R^-1,
 
   ``R = triu(S Y^T)`` and ``D = diag(S Y^T)``; for rows ``V``::
 
-      V H = gamma V + (V S^T C - gamma V Y^T R^-1) S - gamma (V S^T R^-T) Y.
+      V H = gamma V W + (V S^T C - gamma V W Y^T R^-1) S
+            - gamma (V S^T R^-T) Y W.
 
   Empty slots (zero rows, unit diagonal in ``R``) drop out exactly. Cost
   ``O(p^3)`` for ``C`` plus ``4 p d c`` for ``c`` rows: the work of ``c``
@@ -328,7 +338,7 @@ def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
   Args:
     memory: the pairs.
     v: ``(d,)`` or ``(c, d)``.
-    gamma: the initial matrix ``gamma I``.
+    gamma: the scale of the initial matrix ``gamma W``.
     dtype: the inputs' dtype of the four ``(c, d)``-sized products
       (:func:`product`); the ``p x p`` work stays in ``memory``'s dtype.
 
@@ -338,10 +348,11 @@ def lbfgs_apply(memory: LBFGSMemory, v: jax.Array,
   s, y, r_inv = memory.s, memory.y, memory.r_inv
   c = r_inv.T @ (jnp.diag(memory.sy) + gamma * memory.yy) @ r_inv
   rows = v[None] if v.ndim == 1 else v
+  rows_w = rows * memory.w.astype(rows.dtype)
   vs = product(rows, s.T, dtype)
-  vy = product(rows, y.T, dtype)
-  out = (gamma * rows + product(vs @ c - gamma * (vy @ r_inv), s, dtype)
-         - gamma * product(vs @ r_inv.T, y, dtype))
+  vy = product(rows_w, y.T, dtype)
+  out = (gamma * rows_w + product(vs @ c - gamma * (vy @ r_inv), s, dtype)
+         - gamma * product(vs @ r_inv.T, y * memory.w, dtype))
   return out[0] if v.ndim == 1 else out
 
 
@@ -408,8 +419,25 @@ class DenseInverse:
 
   def apply(self, h: jax.Array, v: jax.Array, dtype=None) -> jax.Array:
     """``H v`` for a vector, ``v H`` for the rows of a matrix (inputs in
-    ``dtype``, :func:`product`)."""
-    return product(v, h, dtype)
+    ``dtype``, :func:`product`), in ``h``'s dtype (``v`` may already be in
+    ``dtype``)."""
+    return product(v, h, dtype, out_dtype=h.dtype)
+
+  def input_dtype(self, dtype):
+    """The dtype :meth:`apply` casts its input to: a product that feeds it
+    may return that dtype directly."""
+    return dtype
+
+  def start(self, h: jax.Array, first: jax.Array, w: jax.Array) -> jax.Array:
+    """``h``, or ``diag(w)`` where ``first`` (K-BFGS's diagonal start)."""
+    return jnp.where(first, jnp.diag(w).astype(h.dtype), h)
+
+  def apply_started(self, h: jax.Array, first: jax.Array, w: jax.Array,
+                    v: jax.Array, dtype=None) -> jax.Array:
+    """:meth:`apply` with :meth:`start`'s matrix, selected on the product
+    (``v * w`` where ``first``) so the ``(d, d)`` matrix is not rewritten."""
+    out = self.apply(h, v, dtype)
+    return jnp.where(first, (v * w).astype(out.dtype), out)
 
   def update(self, h: jax.Array, s: jax.Array, y: jax.Array, hy=None,
              **skip_rule):
@@ -430,9 +458,9 @@ SCALED = "scaled"
 
 
 def lbfgs_gamma(memory: LBFGSMemory, gamma: Any = 1.0) -> jax.Array:
-  """The initial scale ``gamma`` of ``H_0 = gamma I``: ``gamma`` itself, or
-  for ``"scaled"`` ``s^T y / y^T y`` of the newest pair (1 while the memory
-  is empty)."""
+  """The initial scale ``gamma`` of ``H_0 = gamma W``: ``gamma`` itself, or
+  for ``"scaled"`` ``s^T y / y^T W y`` of the newest pair (1 while the
+  memory is empty)."""
   if not (isinstance(gamma, str) and gamma == SCALED):
     return gamma
   sy, yy = memory.sy[-1], memory.yy[-1, -1]
@@ -443,8 +471,8 @@ def lbfgs_gamma(memory: LBFGSMemory, gamma: Any = 1.0) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class LimitedMemory:
   """K-BFGS(L)'s ``H_g``: the L-BFGS operator of the last ``memory_size``
-  pairs with initial matrix ``gamma I`` (``gamma="scaled"``: ``s^T y / y^T
-  y`` of the newest pair). A pair that would put the operator below
+  pairs with initial matrix ``gamma W`` (``W = I``, or K-BFGS's diagonal
+  start; ``gamma="scaled"``: ``s^T y / y^T W y`` of the newest pair). A pair that would put the operator below
   ``floor`` along its ``y`` (:func:`below_floor`) empties the memory instead
   (reported as a skipped update)."""
   memory_size: int
@@ -461,6 +489,22 @@ class LimitedMemory:
 
   def apply(self, h: LBFGSMemory, v: jax.Array, dtype=None) -> jax.Array:
     return lbfgs_apply(h, v, lbfgs_gamma(h, self.gamma), dtype)
+
+  def input_dtype(self, dtype):
+    """``None``: :meth:`apply` takes its input in the memory's dtype (its
+    ``p x p`` work stays there)."""
+    del dtype
+    return None
+
+  def start(self, h: LBFGSMemory, first: jax.Array,
+            w: jax.Array) -> LBFGSMemory:
+    """``h``, or with ``H_0 = gamma diag(w)`` where ``first`` (K-BFGS's
+    diagonal start; the memory is then empty, so ``yy`` stays 0)."""
+    return h._replace(w=jnp.where(first, w.astype(h.w.dtype), h.w))
+
+  def apply_started(self, h: LBFGSMemory, first: jax.Array, w: jax.Array,
+                    v: jax.Array, dtype=None) -> jax.Array:
+    return self.apply(self.start(h, first, w), v, dtype)
 
   def update(self, h: LBFGSMemory, s: jax.Array, y: jax.Array, hy=None,
              **skip_rule):

@@ -505,13 +505,10 @@ def _diagonal_start(tap, dtype) -> Optional[jax.Array]:
 
 def _h_g_apply(cfg: _Config, ls: KBFGSLayerState, start: Optional[_Start],
                v: jax.Array, dtype=None) -> jax.Array:
-  """``H_g v`` (rows: ``v H_g``), ``H_g`` being ``diag(w)`` on the step of
-  the diagonal start: selected on the product, so that the ``(d_out,
-  d_out)`` matrix is not rewritten on every step."""
-  out = cfg.h_g.apply(ls.h_g, v, dtype=dtype)
+  """``H_g v`` (rows: ``v H_g``), from the diagonal start on its step."""
   if start is None:
-    return out
-  return jnp.where(start.first, (v * start.w).astype(out.dtype), out)
+    return cfg.h_g.apply(ls.h_g, v, dtype=dtype)
+  return cfg.h_g.apply_started(ls.h_g, start.first, start.w, v, dtype=dtype)
 
 
 def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
@@ -545,9 +542,11 @@ def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
                 mom_leaves, leaves, lr):
   """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
   dtype = _precondition_dtype(cfg.precondition_dtype, spec, ls.h_a.dtype)
-  step = -lr * _h_g_apply(
-      cfg, ls, work.start,
-      _bfgs.product(work.h_a, _matrix(mom_leaves, spec), dtype), dtype)
+  # H_a M comes out in the dtype H_g's product casts it to (for a dense H_g
+  # one pass over a (k, d_out) array fewer).
+  step = -lr * _h_g_apply(cfg, ls, work.start, _bfgs.product(
+      work.h_a, _matrix(mom_leaves, spec), dtype,
+      out_dtype=cfg.h_g.input_dtype(dtype)), dtype)
   if cfg.max_relative_change is None:
     return step, jnp.asarray(jnp.inf, step.dtype)
   theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)
@@ -688,8 +687,8 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
   hy = _h_g_apply(cfg, ls, start, y_bar)
   s_d, y_d, powell, lm = _bfgs.double_damping(s_bar, y_bar, hy, mu1=cfg.mu1,
                                               mu2=cfg.mu2)
-  h_g = ls.h_g if start is None else jnp.where(  # fused into the update's
-      start.first, jnp.diag(start.w), ls.h_g)    # elementwise pass
+  h_g = ls.h_g if start is None else cfg.h_g.start(  # fused into the
+      ls.h_g, start.first, start.w)                  # update's pass
   h_g, updated = cfg.h_g.update(
       h_g, s_d, y_d, hy=_h_g_apply(cfg, ls, start, y_d),
       grad_norm=jnp.linalg.norm(tap.output_grad).astype(ls.s.dtype),
@@ -738,17 +737,9 @@ def _check_precondition_dtype(dtype) -> None:
         f"jnp.float32, ...) or None (automatic), got {dtype!r}.")
 
 
-def _h_g_init(h_g_init: Optional[str], memory_size) -> bool:
-  """Whether ``H_g`` starts from the diagonal (K-BFGS's default)."""
-  if h_g_init is None:
-    return memory_size is None
+def _h_g_init(h_g_init: str) -> bool:
+  """Whether ``H_g`` starts from the diagonal (the default)."""
   _checks.check_one_of(h_g_init, "h_g_init", H_G_INITS, transform=_NAME)
-  if h_g_init == "diagonal" and memory_size is not None:
-    raise ValueError(
-        f"{_NAME}: h_g_init='diagonal' needs the dense H_g of K-BFGS, but "
-        f"memory_size={memory_size} asks for K-BFGS(L), whose initial matrix "
-        "is lbfgs_gamma * I. Pass h_g_init='identity' (or None), or "
-        "memory_size=None.")
   return h_g_init == "diagonal"
 
 
@@ -1010,7 +1001,7 @@ def kbfgs(
     mu2: Optional[float] = None,
     skip_tol: float = _bfgs.SKIP_TOL,
     lbfgs_gamma: Union[float, str] = 1.0,
-    h_g_init: Optional[str] = None,
+    h_g_init: str = "diagonal",
     max_relative_change: Optional[float] = 0.05,
     step_rule: str = "layerwise",
     max_step_scale: float = 10.0,
@@ -1075,21 +1066,22 @@ def kbfgs(
     mu2: Levenberg-Marquardt threshold, ``sqrt(damping)`` by default; must lie
       in ``(0, 1)``.
     skip_tol: tolerance of the BFGS skip rule (1e-4).
-    lbfgs_gamma: K-BFGS(L)'s initial matrix ``gamma I`` (1), or
-      ``"scaled"`` for ``gamma = s^T y / y^T y`` of the newest pair (Nocedal
-      and Wright, eq. (7.20); docs/kbfgs.md says when it helps).
-    h_g_init: ``H_g``'s first value. ``"diagonal"`` (ours; the default for
-      K-BFGS): ``diag(1 / (D + 0.1))`` with ``D`` the first mini-batch's
-      ``mean_i gh_i * gh_i`` per output unit (the diagonal of the
-      Gauss-Newton factor ``H_g`` approximates the inverse of), normalised
-      to mean 1 and taken from the rows ``A``'s second moment is; layers
-      called inside ``nn.scan`` / ``nn.RNN`` / ``nn.remat`` start from
-      ``I``. On Fashion-MNIST it cut the epochs to tuned Adam's loss from
-      1.17-1.23 to 1.13-1.15 (three seeds, evaluated every 6 steps;
-      docs/kbfgs.md, "The first H_g"). ``"identity"``: the paper's
-      ``I`` (the default for K-BFGS(L), whose initial matrix is
-      ``lbfgs_gamma * I``; ``"diagonal"`` with ``memory_size`` is an
-      error). Resets of ``H_g`` go to ``I`` either way.
+    lbfgs_gamma: the scale of K-BFGS(L)'s initial matrix ``gamma W`` (1),
+      or ``"scaled"`` for ``gamma = s^T y / y^T W y`` of the newest pair
+      (Nocedal and Wright, eq. (7.20); docs/kbfgs.md says when it helps);
+      ``W`` is ``h_g_init``'s matrix.
+    h_g_init: ``H_g``'s first value. ``"diagonal"`` (ours, the default):
+      ``diag(1 / (D + 0.1))`` with ``D`` the first mini-batch's ``mean_i
+      gh_i * gh_i`` per output unit (the diagonal of the Gauss-Newton factor
+      ``H_g`` approximates the inverse of), normalised to mean 1 and taken
+      from the rows ``A``'s second moment is; K-BFGS(L) uses it as its
+      initial matrix ``lbfgs_gamma * diag(w)`` (Byrd, Nocedal and Schnabel
+      1994, eq. (2.17)). Layers called inside ``nn.scan`` / ``nn.RNN`` /
+      ``nn.remat`` start from ``I``. On Fashion-MNIST it cut the epochs to
+      tuned Adam's loss from 1.17-1.23 to 1.13-1.15 for K-BFGS, and for
+      K-BFGS(L) from 1.17-1.24 to 1.12-1.15 (Glorot: 1.31-1.42 to
+      1.19-1.32; three seeds each; docs/kbfgs.md, "The first H_g"). ``"identity"``: the paper's ``I``
+      (``lbfgs_gamma * I``). Resets of ``H_g`` go to ``I`` either way.
     max_relative_change: bounds each dense layer's step (ours, not the
       paper's): ``delta_l`` is shortened to ``||delta_l|| <= rho ||[W; b]||``
       (default ``rho = 0.05``). While ``H_g`` still sits at its initial ``I``
@@ -1244,7 +1236,7 @@ def kbfgs(
       mu2=_sqrt(damping) if mu2 is None else mu2, skip_tol=skip_tol,
       max_relative_change=max_relative_change,
       layerwise=step_rule == "layerwise", max_step_scale=max_step_scale,
-      diagonal_h_g=_h_g_init(h_g_init, memory_size),
+      diagonal_h_g=_h_g_init(h_g_init),
       input_factor_interval=input_factor_interval,
       step_size_interval=step_size_interval,
       input_factor_rows=_sampling(input_factor_row_stride,

@@ -10,7 +10,8 @@ pair was damped by Powell (threshold ``mu1``) then Levenberg-Marquardt
     lmax(H+) <= lmax(H) R^2 / mu2^2 + 1 / mu2                        (U)
     lmin(H+) >= 1 / (1 / lmin(H) + R^2 / mu2)                        (D)
 
-For the L-BFGS operator of stored (damped) pairs from ``gamma I``, the same
+For the L-BFGS operator of stored (damped) pairs from ``gamma W`` (``W``
+diagonal, ``I`` or the diagonal start), the same
 per-update argument with each pair's own ratios ``||y||^2 / s^T y`` and
 ``||s||^2 / s^T y`` gives the bounds of :func:`lbfgs_operator_bounds`.
 """
@@ -36,14 +37,15 @@ def dense_update_bounds(lam_min, lam_max, mu1, mu2):
   return lo, hi
 
 
-def lbfgs_operator_bounds(s, y, num_pairs, gamma=1.0):
+def lbfgs_operator_bounds(s, y, num_pairs, w=None, gamma=1.0):
   """Eigenvalue bounds of L-BFGS operators from their stored pairs.
 
   Args:
     s, y: ``(..., p, d)`` stored pairs, oldest first; the last ``num_pairs``
       rows are valid (the layout of ``_bfgs.LBFGSMemory``).
     num_pairs: ``(...,)`` valid rows.
-    gamma: the initial matrix ``gamma I``.
+    w: ``(..., d)`` the diagonal of ``W`` (``None``: ones).
+    gamma: the initial matrix ``gamma W``.
 
   Returns:
     ``(lo, hi)``, each ``(...,)``.
@@ -52,8 +54,10 @@ def lbfgs_operator_bounds(s, y, num_pairs, gamma=1.0):
   y = np.asarray(y, np.float64)
   num_pairs = np.asarray(num_pairs)
   p = s.shape[-2]
-  lo = np.full(num_pairs.shape, float(gamma))
-  hi = np.full(num_pairs.shape, float(gamma))
+  w = np.ones(s.shape[:-2] + s.shape[-1:]) if w is None else np.asarray(
+      w, np.float64)
+  lo = float(gamma) * w.min(-1) * np.ones(num_pairs.shape)
+  hi = float(gamma) * w.max(-1) * np.ones(num_pairs.shape)
   for j in range(p):
     valid = j >= p - num_pairs
     sj, yj = s[..., j, :], y[..., j, :]

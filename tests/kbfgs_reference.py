@@ -36,7 +36,9 @@ def bfgs(h, s, y, gnorm, tol):
 
 
 def two_loop(pairs, v, gamma):
-  """L-BFGS H v by the two-loop recursion, pairs oldest first."""
+  """L-BFGS H v by the two-loop recursion, pairs oldest first; H_0 =
+  diag(gamma) (Nocedal and Wright, Algorithm 7.4; gamma a number or a
+  vector)."""
   q = v.copy()
   alphas = []
   for s, y in reversed(pairs):
@@ -88,6 +90,7 @@ class KBFGSReference:
     self.Ha = [np.eye(k) for k in self.k]
     self.Hg = [np.eye(d) for d in d_out]
     self.pairs = [[] for _ in range(num)]
+    self.H0 = [np.ones(d) for d in d_out]  # K-BFGS(L)'s diagonal H_0
     self.s = [np.zeros(d) for d in d_out]
     self.y = [np.zeros(d) for d in d_out]
     self.Mw = [np.zeros_like(x) for x in self.w]
@@ -104,8 +107,8 @@ class KBFGSReference:
     if self.memory is None:
       return self.Hg[l] @ v
     if v.ndim == 1:
-      return two_loop(self.pairs[l], v, 1.0)
-    return np.stack([two_loop(self.pairs[l], c, 1.0) for c in v.T], 1)
+      return two_loop(self.pairs[l], v, self.H0[l])
+    return np.stack([two_loop(self.pairs[l], c, self.H0[l]) for c in v.T], 1)
 
   def _stride(self, stride, rows):
     """The stride raised until it is coprime with the rows per example."""
@@ -155,7 +158,8 @@ class KBFGSReference:
           n = rows[l].shape[0]
           g = n * dh[l][::self._stride(self.a_stride, rows[l])]
           d = (g * g).mean(0)
-          self.Hg[l] = np.diag(1.0 / (d / d.mean() + 0.1))
+          self.H0[l] = 1.0 / (d / d.mean() + 0.1)
+          self.Hg[l] = np.diag(self.H0[l])
     # 2-3. Momentum of the regularised gradient; the trial step.
     trial, caps = [], []
     for l in range(self.num):
@@ -240,8 +244,9 @@ class KBFGSReference:
           self.resets[l] += 1
         else:
           self.Hg[l] = new
-      elif sy < H_FLOOR * (y @ y):
+      elif sy < H_FLOOR * (y @ y):  # a reset to H_0 = I
         self.pairs[l], self.skipped[l] = [], self.skipped[l] + 1
+        self.H0[l] = np.ones_like(self.H0[l])
         self.resets[l] += 1
       else:
         self.pairs[l] = (self.pairs[l] + [(s, y)])[-self.memory:]

@@ -244,8 +244,18 @@ def per_device_step(txs: Dict[str, Any], *, check_vma: bool,
   return step
 
 
-def run_steps(fn, params, states, batch, steps=STEPS):
-  compiled = jax.jit(fn).lower(params, states, batch).compile()
+def run_steps(fn, params, states, batch, steps=STEPS, keep_shardings=False):
+  """``steps`` calls of one compiled step. ``keep_shardings``: the outputs
+  keep the inputs' shardings (``out_shardings``, as an FSDP loop pins them):
+  under automatic axes XLA may otherwise shard a state leaf the input had
+  replicated (measured: K-BFGS(L)'s memory along ``d_out``), which the
+  compiled step then rejects on the next call."""
+  out_shardings = None
+  if keep_shardings:
+    out_shardings = jax.tree_util.tree_map(lambda a: a.sharding,
+                                           (params, states))
+  compiled = jax.jit(fn, out_shardings=out_shardings).lower(
+      params, states, batch).compile()
   for _ in range(steps):
     params, states = compiled(params, states, batch)
   jax.block_until_ready((params, states))
@@ -446,7 +456,8 @@ def main(argv=None) -> Dict[str, Any]:
     ss = {n: jax.device_put(ss[n], like_params(ss[n], params, fsdp, rep))
           for n in FSDP}
     out = run_steps(global_step({n: txs_none[n] for n in FSDP}), ps, ss,
-                    jax.device_put({"mlp": batch["mlp"]}, bat))
+                    jax.device_put({"mlp": batch["mlp"]}, bat),
+                    keep_shardings=True)
     return out, ss
 
   # 3. shard_map: check_vma=True (default) and False (pmap semantics).

@@ -91,8 +91,8 @@ def test_double_damping_postconditions(x64):
   assert fired["powell"] > 0 and fired["lm"] > 0
 
 
-def _dense_lbfgs(pairs, gamma, d):
-  h = gamma * np.eye(d)
+def _dense_lbfgs(pairs, gamma, d, w=None):
+  h = gamma * np.diag(np.ones(d) if w is None else w)
   for s, y in pairs:
     rho = 1 / (s @ y)
     v = np.eye(d) - rho * np.outer(y, s)
@@ -101,11 +101,16 @@ def _dense_lbfgs(pairs, gamma, d):
 
 
 @pytest.mark.parametrize("num_pairs", [0, 2, 4])
-def test_lbfgs_compact_form_equals_bfgs_recursion(x64, num_pairs):
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_lbfgs_compact_form_equals_bfgs_recursion(x64, num_pairs, diagonal):
   rng = _rng()
   d, p, gamma = 6, 4, 0.7
   b = _spd(rng, d)
   memory = _bfgs.lbfgs_init(p, d, jnp.float64)
+  # H_0 = gamma diag(w) (K-BFGS's diagonal start), set while empty.
+  w = rng.uniform(0.1, 10.0, size=d) if diagonal else np.ones(d)
+  memory = _bfgs.LimitedMemory(p).start(memory, jnp.asarray(diagonal),
+                                        jnp.asarray(w))
   pairs = []
   for _ in range(num_pairs):
     s = rng.normal(size=d)
@@ -114,7 +119,7 @@ def test_lbfgs_compact_form_equals_bfgs_recursion(x64, num_pairs):
                                     grad_norm=1.0)
     assert bool(ok)
     pairs.append((s, y))
-  dense = _dense_lbfgs(pairs, gamma, d)
+  dense = _dense_lbfgs(pairs, gamma, d, w)
   v = rng.normal(size=(3, d))  # rows
   # Float64; compact form vs product form differ by round-off only.
   np.testing.assert_allclose(_bfgs.lbfgs_apply(memory, jnp.asarray(v), gamma),

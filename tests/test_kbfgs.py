@@ -217,7 +217,7 @@ def _ref_lr(count):
     "framework,memory,bounded,rule,interval,ss,strides,init", [
         ("plain", None, False, "fixed", 1, 1, (1, 1), "identity"),
         ("plain", 2, False, "fixed", 1, 1, (1, 1), "identity"),
-        ("linen", 2, False, "fixed", 1, 1, (1, 1), "identity"),
+        ("linen", 2, False, "fixed", 1, 1, (1, 1), "diagonal"),
         ("nnx", None, False, "fixed", 1, 1, (1, 1), "diagonal"),
         ("plain", None, True, "fixed", 1, 1, (3, 1), "diagonal"),
         ("plain", None, False, "layerwise", 1, 1, (1, 1), "identity"),
@@ -629,8 +629,6 @@ def test_errors():
     olw.kbfgs(damping=2.0)
   with pytest.raises(ValueError, match="h_g_init must be one of"):
     olw.kbfgs(h_g_init="diag")
-  with pytest.raises(ValueError, match="h_g_init='diagonal' needs the dense"):
-    olw.kbfgs(memory_size=5, h_g_init="diagonal")
   for name in ("input_factor_row_stride", "step_size_row_stride"):
     for bad in (0, 2.0, True):
       with pytest.raises(ValueError, match=f"{name} must be a Python int"):

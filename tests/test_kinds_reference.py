@@ -430,7 +430,7 @@ def test_kind_matches_numpy_reference_step_by_step(x64, kind, memory, rule,
   case = CASES[kind]
   config = dict(lr=0.3, decay=0.95, memory=memory, max_relative_change=rho,
                 step_rule=rule, a_stride=strides[0], q_stride=strides[1],
-                hg_init=["identity" if memory or name.startswith("stack")
+                hg_init=["identity" if name.startswith("stack")
                          else "diagonal" for name in case.layers], **HYPER)
   # Fresh draws until the (cheap, NumPy) reference sees Powell damping fire;
   # it did on 20 of 20 seeds per configuration, so 10 attempts all failing

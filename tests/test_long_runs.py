@@ -77,8 +77,8 @@ def _record(name, state):
   if name == "kbfgs":
     return tuple(layer.h_g for layer in state.layers)
   if name == "kbfgs_l":
-    return tuple((layer.h_g.s, layer.h_g.y, layer.h_g.num_pairs)
-                 for layer in state.layers)
+    return tuple((layer.h_g.s, layer.h_g.y, layer.h_g.num_pairs,
+                  layer.h_g.w) for layer in state.layers)
   return ()
 
 
@@ -132,7 +132,9 @@ def test_20k_steps_stay_finite_bounded_and_within_damping_bounds(name):
 def _check_dense_bounds(record, state):
   for layer, h in enumerate(record):
     assert int(state.num_skipped_h_g[layer]) < STEPS  # H_g was updated
-    h = np.concatenate([np.eye(h.shape[-1])[None], h]).astype(np.float64)
+    # The first update starts from the diagonal start, which the state does
+    # not keep: the bounds are checked from the second update on.
+    h = h.astype(np.float64)
     eps = np.finfo(np.float32).eps
     scale = np.abs(h).max(axis=(-1, -2))
     # Symmetric to round-off, with no drift: each update mirrors its upper
@@ -154,25 +156,26 @@ def _check_dense_bounds(record, state):
 
 
 @jax.jit
-def _operators(s, y, num_pairs):
-  """The L-BFGS operators of a batch of memories (only S, Y and the count
-  are recorded; the compact-form matrices are rebuilt by appending)."""
+def _operators(s, y, num_pairs, w):
+  """The L-BFGS operators of a batch of memories (only S, Y, the count and
+  the initial diagonal are recorded; the compact-form matrices are rebuilt
+  by appending)."""
 
-  def one(s, y, n):
+  def one(s, y, n, w):
     p, d = s.shape
-    mem = _bfgs.lbfgs_init(p, d, s.dtype)
+    mem = _bfgs.lbfgs_init(p, d, s.dtype)._replace(w=w)
     for j in range(p):
       appended, _ = _bfgs.lbfgs_append(mem, s[j], y[j], grad_norm=0.0)
       mem = jax.tree_util.tree_map(
           lambda a, b: jnp.where(j >= p - n, a, b), appended, mem)
     return _bfgs.lbfgs_apply(mem, jnp.eye(d, dtype=s.dtype))
 
-  return jax.vmap(one)(s, y, num_pairs)
+  return jax.vmap(one)(s, y, num_pairs, w)
 
 
 def _check_lbfgs_bounds(record):
-  for s, y, num_pairs in record:
-    s, y, num_pairs = s[::10], y[::10], num_pairs[::10]
+  for s, y, num_pairs, w in record:
+    s, y, num_pairs, w = s[::10], y[::10], num_pairs[::10], w[::10]
     assert num_pairs[-1] == s.shape[1]  # the memory filled up
     ss = np.sum(s.astype(np.float64) ** 2, -1)
     sy = np.sum(s.astype(np.float64) * y, -1)
@@ -186,12 +189,13 @@ def _check_lbfgs_bounds(record):
     # form's error is ~1e8 eps64 ~ 2e-8 of ||H||; 1e-6 relative slack).
     with jax.enable_x64(True):
       ops = np.asarray(_operators(
-          *(jnp.asarray(v, jnp.float64) for v in (s, y)), num_pairs))
+          *(jnp.asarray(v, jnp.float64) for v in (s, y)), num_pairs,
+          jnp.asarray(w, jnp.float64)))
     scale = np.abs(ops).max(axis=(-1, -2))
     asym = np.abs(ops - np.swapaxes(ops, -1, -2)).max(axis=(-1, -2))
     assert np.all(asym <= 1e-6 * scale), (asym / scale).max()
     lam = np.linalg.eigvalsh(0.5 * (ops + np.swapaxes(ops, -1, -2)))
-    lo, hi = bounds.lbfgs_operator_bounds(s, y, num_pairs)
+    lo, hi = bounds.lbfgs_operator_bounds(s, y, num_pairs, w)
     assert np.all(lam[:, 0] > 0)
     assert np.all(lam[:, 0] >= lo * (1 - 1e-6)), (lam[:, 0] / lo).min()
     assert np.all(lam[:, -1] <= hi * (1 + 1e-6)), (lam[:, -1] / hi).max()
