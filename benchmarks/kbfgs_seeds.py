@@ -13,13 +13,15 @@ as a ratio above 1). Writes ``results/kbfgs_seeds/results.json`` and
 ``loss_vs_step.png``::
 
     python -m benchmarks.kbfgs_seeds [--seeds 0-9] [--inits lecun,glorot,torch]
-        [--epochs 2] [--evals-per-epoch 1] [--h-g-init identity] [--quick]
+        [--epochs 2] [--evals-per-epoch 1] [--h-g-init identity]
+        [--memory-size 100] [--quick]
 
 ``--evals-per-epoch 10`` evaluates every 6 steps, so the epochs to the
 target are read off the curve rather than interpolated between epoch ends
 (which overstates them where the loss falls fast within the epoch).
 ``--h-g-init identity`` trains ``olw.kbfgs(h_g_init="identity")`` (the
-paper's first ``H_g``) instead of the defaults, for a comparison.
+paper's first ``H_g``) instead of the defaults, for a comparison;
+``--memory-size p`` trains K-BFGS(L).
 """
 
 from __future__ import annotations
@@ -87,10 +89,10 @@ def train(init: str, seeds: Sequence[int], s: argparse.Namespace
                      f"{exp.steps_per_epoch} steps of an epoch (the table "
                      "reads the loss at epoch ends).")
   registry = dict(fm.REGISTRY)
-  if s.h_g_init:
+  if kbfgs_kwargs(s):
     registry["kbfgs"] = dataclasses.replace(
-        registry["kbfgs"], label=f"K-BFGS (h_g_init={s.h_g_init})",
-        make=lambda lr: olw.kbfgs(h_g_init=s.h_g_init))
+        registry["kbfgs"], label=f"K-BFGS ({describe(s)})",
+        make=lambda lr: olw.kbfgs(**kbfgs_kwargs(s)))
   res = runner.run_benchmark(
       exp, ["kbfgs"], registry=registry, seeds=list(seeds),
       epochs=s.epochs, reference="kbfgs", evals_per_epoch=s.evals_per_epoch,
@@ -161,14 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--h-g-init", default=None, choices=("identity",
                                                       "diagonal"),
                  help="pass h_g_init to olw.kbfgs (default: its default)")
+  p.add_argument("--memory-size", type=int, default=None,
+                 help="pass memory_size to olw.kbfgs (K-BFGS(L))")
   p.add_argument("--quick", action="store_true",
                  help="smoke run: 5000 images, 1 epoch, seed 0 of each init")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--out", default=None,
                  help="default results/kbfgs_seeds, with _h_g_init_X for "
-                 "--h-g-init X")
+                 "--h-g-init X and _memory_size_P for --memory-size P")
   p.add_argument("--no-progress", action="store_true")
   return p
+
+
+def kbfgs_kwargs(s: argparse.Namespace) -> Dict[str, Any]:
+  """The ``olw.kbfgs`` arguments the command line sets (the rest default)."""
+  given = dict(h_g_init=s.h_g_init, memory_size=s.memory_size)
+  return {k: v for k, v in given.items() if v is not None}
+
+
+def describe(s: argparse.Namespace) -> str:
+  return ", ".join(f"{k}={v!r}" for k, v in kbfgs_kwargs(s).items())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -181,8 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     runs[init] = train(init, seeds, s)
     rows += [dict(init=init, **run_summary(r, s.target)) for r in runs[init]]
     print(format_table(rows, s.epochs, s.target), flush=True)
-  out = pathlib.Path(s.out or "results/kbfgs_seeds" + (
-      f"_h_g_init_{s.h_g_init}" if s.h_g_init else ""))
+  out = pathlib.Path(s.out or "results/kbfgs_seeds" + "".join(
+      f"_{k}_{v}" for k, v in kbfgs_kwargs(s).items()))
   out.mkdir(parents=True, exist_ok=True)
   reached = [r["epochs_to_target"] for r in rows
              if r["epochs_to_target"] is not None]
@@ -204,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       batch_loss={f"{i}/{r.seed}": r.batch_loss for i, rs in runs.items()
                   for r in rs}))
   write_plot(runs, out / "loss_vs_step.png",
-             f"olw.kbfgs(h_g_init={s.h_g_init!r})" if s.h_g_init
+             f"olw.kbfgs({describe(s)})" if kbfgs_kwargs(s)
              else "olw.kbfgs() defaults")
   print(f"wrote {out / 'results.json'} and {out / 'loss_vs_step.png'}")
   return dict(summary=summary, rows=rows)

@@ -581,7 +581,8 @@ def test_kbfgs_seeds_summary_and_script(tmp_path):
       "--data-dir", str(tmp_path / "fm"), "--n-train", "40", "--n-test", "8",
       "--batch-size", "20", "--widths", "784,8,3,8,784", "--epochs", "1",
       "--seeds", "0", "--inits", "lecun", "--out", str(out),
-      "--evals-per-epoch", "2", "--h-g-init", "identity", "--no-progress"])
+      "--evals-per-epoch", "2", "--h-g-init", "identity", "--memory-size",
+      "2", "--no-progress"])
   saved = json.loads((out / "results.json").read_text())
   assert [r["seed"] for r in saved["rows"]] == [0]
   assert saved["summary"]["runs"] == 1 == len(res["rows"])
@@ -589,6 +590,7 @@ def test_kbfgs_seeds_summary_and_script(tmp_path):
   assert all(r["evaluated"]["epoch"] == [0.0, 0.5, 1.0]
              and len(r["train_loss"]) == 2 for r in saved["rows"])
   assert saved["config"]["h_g_init"] == "identity"
+  assert saved["config"]["memory_size"] == 2
   assert (out / "loss_vs_step.png").exists()
 
 
