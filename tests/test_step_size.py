@@ -188,7 +188,8 @@ def test_negative_max_relative_change_is_an_error():
 @pytest.mark.parametrize("coupling", [0.0, 0.05])
 def test_full_batch_sgd_converges_linearly(coupling, x64):
   loss, params, optimum = _block_quadratic(coupling)
-  tx = olw.layerwise_sgd(momentum=0.0, **EXACT,
+  # The rule itself: no averaging of the steps (the alias's ema=0.9).
+  tx = olw.layerwise_sgd(momentum=0.0, **EXACT, ema=0.0,
                          max_relative_change=None, max_step=1e6)
   step = _jit_update(tx, loss)
   state = tx.init(params)
@@ -328,7 +329,7 @@ def test_secant_steps_on_a_quadratic_equal_b_over_q_exactly():
                        + p["u"]["w"][0] * p["v"]["w"][0])
   params = {"u": {"w": jnp.array([1.0, -2.0])}, "v": {"w": jnp.array([3.0])}}
   tx = olw.layerwise_sgd(momentum=0.5, max_step=10.0, update_interval=1,
-                         hvp="secant", max_relative_change=None)
+                         hvp="secant", max_relative_change=None, ema=0.0)
   state = tx.init(params)
   step = _jit_update(tx, loss_fn)
   for _ in range(3):
