@@ -45,8 +45,9 @@ SKIP_TOL = 1e-4
 def product(x: jax.Array, y: jax.Array, dtype=None, out_dtype=None
             ) -> jax.Array:
   """``x @ y`` with the inputs cast to ``dtype`` (``None``: as they are),
-  returned in ``out_dtype`` (default ``x``'s dtype; the accumulation is at
-  least as wide)."""
+  rounded to ``out_dtype`` (default ``x``'s dtype) at the end: XLA
+  accumulates bfloat16 products in float32 (tests/test_bfgs.py checks it on
+  the backend it runs on)."""
   out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
   if dtype is None or jnp.dtype(dtype) == x.dtype == out_dtype:
     return x @ y
