@@ -42,17 +42,13 @@ POWELL_MU1 = 0.2
 SKIP_TOL = 1e-4
 
 
-def product(x: jax.Array, y: jax.Array, dtype=None, out_dtype=None
-            ) -> jax.Array:
+def product(x: jax.Array, y: jax.Array, dtype=None) -> jax.Array:
   """``x @ y`` with the inputs cast to ``dtype`` (``None``: as they are),
-  rounded to ``out_dtype`` (default ``x``'s dtype) at the end: XLA
-  accumulates bfloat16 products in float32 (tests/test_bfgs.py checks it on
-  the backend it runs on)."""
-  out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
-  if dtype is None or jnp.dtype(dtype) == x.dtype == out_dtype:
+  accumulated and returned in ``x``'s dtype."""
+  if dtype is None or jnp.dtype(dtype) == x.dtype:
     return x @ y
   return jnp.matmul(x.astype(dtype), y.astype(dtype),
-                    preferred_element_type=out_dtype)
+                    preferred_element_type=x.dtype)
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -420,14 +416,8 @@ class DenseInverse:
 
   def apply(self, h: jax.Array, v: jax.Array, dtype=None) -> jax.Array:
     """``H v`` for a vector, ``v H`` for the rows of a matrix (inputs in
-    ``dtype``, :func:`product`), in ``h``'s dtype (``v`` may already be in
-    ``dtype``)."""
-    return product(v, h, dtype, out_dtype=h.dtype)
-
-  def input_dtype(self, dtype):
-    """The dtype :meth:`apply` casts its input to: a product that feeds it
-    may return that dtype directly."""
-    return dtype
+    ``dtype``, :func:`product`)."""
+    return product(v, h, dtype)
 
   def start(self, h: jax.Array, first: jax.Array, w: jax.Array) -> jax.Array:
     """``h``, or ``diag(w)`` where ``first`` (K-BFGS's diagonal start)."""
@@ -490,12 +480,6 @@ class LimitedMemory:
 
   def apply(self, h: LBFGSMemory, v: jax.Array, dtype=None) -> jax.Array:
     return lbfgs_apply(h, v, lbfgs_gamma(h, self.gamma), dtype)
-
-  def input_dtype(self, dtype):
-    """``None``: :meth:`apply` takes its input in the memory's dtype (its
-    ``p x p`` work stays there)."""
-    del dtype
-    return None
 
   def start(self, h: LBFGSMemory, first: jax.Array,
             w: jax.Array) -> LBFGSMemory:

@@ -542,11 +542,9 @@ def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
                 mom_leaves, leaves, lr):
   """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
   dtype = _precondition_dtype(cfg.precondition_dtype, spec, ls.h_a.dtype)
-  # H_a M comes out in the dtype H_g's product casts it to (for a dense H_g
-  # one pass over a (k, d_out) array fewer).
-  step = -lr * _h_g_apply(cfg, ls, work.start, _bfgs.product(
-      work.h_a, _matrix(mom_leaves, spec), dtype,
-      out_dtype=cfg.h_g.input_dtype(dtype)), dtype)
+  step = -lr * _h_g_apply(
+      cfg, ls, work.start,
+      _bfgs.product(work.h_a, _matrix(mom_leaves, spec), dtype), dtype)
   if cfg.max_relative_change is None:
     return step, jnp.asarray(jnp.inf, step.dtype)
   theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)

@@ -40,20 +40,6 @@ def test_bfgs_update_satisfies_secant_and_matches_product_form(x64):
                              atol=8 * np.finfo(float).eps * np.abs(h).max())
 
 
-def test_product_rounds_to_out_dtype_after_a_float32_accumulation():
-  # K-BFGS returns H_a M in bfloat16 straight from its product: the sum must
-  # still be accumulated in float32. 4096 ones: bfloat16 accumulation (8-bit
-  # significand) would stall at 256; float32's gives 4096, exact in bfloat16.
-  x = jnp.ones((3, 4096), jnp.float32)
-  y = jnp.ones((4096, 2), jnp.float32)
-  out = jax.jit(functools.partial(_bfgs.product, dtype=jnp.bfloat16,
-                                  out_dtype=jnp.bfloat16))(x, y)
-  assert out.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(out, np.float32), 4096.0)
-  # The default output is x's dtype.
-  assert _bfgs.product(x, y, jnp.bfloat16).dtype == jnp.float32
-
-
 @pytest.mark.parametrize("case", ["negative", "tiny", "nonfinite"])
 def test_bfgs_update_skip_rule(x64, case):
   rng = _rng()
