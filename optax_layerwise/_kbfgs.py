@@ -1078,8 +1078,9 @@ def kbfgs(
       ``nn.remat`` start from ``I``. On Fashion-MNIST it cut the epochs to
       tuned Adam's loss from 1.17-1.23 to 1.13-1.15 for K-BFGS, and for
       K-BFGS(L) from 1.17-1.24 to 1.12-1.15 (Glorot: 1.31-1.42 to
-      1.19-1.32; three seeds each; docs/kbfgs.md, "The first H_g"). ``"identity"``: the paper's ``I``
-      (``lbfgs_gamma * I``). Resets of ``H_g`` go to ``I`` either way.
+      1.19-1.32; three seeds each; docs/kbfgs.md, "The first H_g").
+      ``"identity"``: the paper's ``I`` (``lbfgs_gamma * I``). Resets of
+      ``H_g`` go to ``I`` either way.
     max_relative_change: bounds each dense layer's step (ours, not the
       paper's): ``delta_l`` is shortened to ``||delta_l|| <= rho ||[W; b]||``
       (default ``rho = 0.05``). While ``H_g`` still sits at its initial ``I``
