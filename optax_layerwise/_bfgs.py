@@ -463,9 +463,10 @@ def lbfgs_gamma(memory: LBFGSMemory, gamma: Any = 1.0) -> jax.Array:
 class LimitedMemory:
   """K-BFGS(L)'s ``H_g``: the L-BFGS operator of the last ``memory_size``
   pairs with initial matrix ``gamma W`` (``W = I``, or K-BFGS's diagonal
-  start; ``gamma="scaled"``: ``s^T y / y^T W y`` of the newest pair). A pair that would put the operator below
-  ``floor`` along its ``y`` (:func:`below_floor`) empties the memory instead
-  (reported as a skipped update)."""
+  start; ``gamma="scaled"``: ``s^T y / y^T W y`` of the newest pair). A pair
+  that would put the operator below ``floor`` along its ``y``
+  (:func:`below_floor`) empties the memory instead (reported as a skipped
+  update)."""
   memory_size: int
   gamma: Any = 1.0
   floor: float = H_FLOOR

@@ -29,6 +29,7 @@ import optax
 import pytest
 
 from optax_layerwise import _bfgs
+from optax_layerwise import _kbfgs
 from tests import bounds
 from tests import tiny
 
@@ -132,8 +133,6 @@ def test_20k_steps_stay_finite_bounded_and_within_damping_bounds(name):
 def _check_dense_bounds(record, state):
   for layer, h in enumerate(record):
     assert int(state.num_skipped_h_g[layer]) < STEPS  # H_g was updated
-    # The first update starts from the diagonal start, which the state does
-    # not keep: the bounds are checked from the second update on.
     h = h.astype(np.float64)
     eps = np.finfo(np.float32).eps
     scale = np.abs(h).max(axis=(-1, -2))
@@ -145,14 +144,22 @@ def _check_dense_bounds(record, state):
     assert np.all(asym <= 32 * eps * scale), (asym / scale).max() / eps
     lam = np.linalg.eigvalsh(0.5 * (h + np.swapaxes(h, -1, -2)))
     assert lam[:, 0].min() > 0
-    lo, hi = bounds.dense_update_bounds(lam[:-1, 0], lam[:-1, -1], MU1, MU2)
+    # The first update starts from the diagonal start diag(1 / (D + delta)),
+    # which the state does not keep; D is normalised to mean 1 over the d
+    # units, so D <= d and its eigenvalues lie in [1 / (d + delta), 1 /
+    # delta] (I, if unusable, too). The bounds grow looser as lmin falls
+    # and lmax rises, so that interval gives valid ones for that update.
+    delta = _kbfgs.H_G_INIT_DAMPING
+    lam_min = np.concatenate([[1.0 / (h.shape[-1] + delta)], lam[:-1, 0]])
+    lam_max = np.concatenate([[1.0 / delta], lam[:-1, -1]])
+    lo, hi = bounds.dense_update_bounds(lam_min, lam_max, MU1, MU2)
     # The factors are float32: by Weyl's inequality the eigenvalues of the
     # stored matrix are within ||E|| <= c eps32 ||H|| of the exact update's
     # (c = 64 covers the d = 4 length dot products and the mirroring).
     # (The bounds held with a margin of 17x or more when measured.)
-    slack = 64 * eps * scale[1:]
-    assert np.all(lam[1:, -1] <= hi + slack), layer                 # (U)
-    assert np.all(lam[1:, 0] >= lo - slack), layer                  # (D)
+    slack = 64 * eps * scale
+    assert np.all(lam[:, -1] <= hi + slack), layer                  # (U)
+    assert np.all(lam[:, 0] >= lo - slack), layer                   # (D)
 
 
 @jax.jit
