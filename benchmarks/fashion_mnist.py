@@ -22,13 +22,17 @@ Methods (``--methods``, comma-separated):
 * ``kbfgs-l``: ``olw.kbfgs(memory_size=100)`` (K-BFGS(L)), other defaults.
 * ``layerwise-adamw``, ``layerwise-sgd``: ``olw.layerwise_adamw()``,
   ``olw.layerwise_sgd()`` at their defaults (no learning rate).
+* ``layerwise-adamw-inputs`` (and, on request, ``layerwise-sgd-inputs``):
+  the same with ``precondition="inputs"``.
 * ``adamw`` (optional): ``optax.adamw(lr, weight_decay=1e-4)`` tuned over
   ``--adamw-grid``. Not trained by default; its step is still timed side by
   side (``--time-only``, the layer-wise AdamW's second baseline).
 
 Step times: after training, every method's compiled step (at the chosen
 learning rate) is timed side by side in interleaved rounds in the same
-process (:func:`benchmarks.timing.time_side_by_side`); the ratios are the
+process (:func:`benchmarks.timing.time_side_by_side`), 40 consecutive steps
+per method and round (:data:`benchmarks.timing.AMORTISING_CALLS`: the
+layer-wise aliases' measurement every 40 steps is amortised); the ratios are the
 median over rounds of the per-round ratio to Adam (and to AdamW). Wall times
 to the target are measured during training (excluding compilation and
 evaluation) and, since methods trained at different moments on a shared
@@ -82,21 +86,23 @@ from benchmarks.report import aligned, format_number
 from benchmarks.results import BenchmarkResult, MethodResult, Run, write_json
 from benchmarks.run import csv_list, float_list, int_list
 from benchmarks.summary import summarise
-from benchmarks.timing import Carried, time_side_by_side, time_to_target
+from benchmarks.timing import (AMORTISING_CALLS, Carried, time_side_by_side,
+                               time_to_target)
 
 __all__ = ["build_experiment", "run", "main", "format_fm_table",
            "TABLE_EPOCHS"]
 
 ALL_METHODS = ("adam", "adamw", "kbfgs", "kbfgs-l", "layerwise-adamw",
-               "layerwise-sgd")
+               "layerwise-sgd", "layerwise-adamw-inputs",
+               "layerwise-sgd-inputs")
 DEFAULT_METHODS = ("adam", "kbfgs", "kbfgs-l", "layerwise-adamw",
-                   "layerwise-sgd")
+                   "layerwise-sgd", "layerwise-adamw-inputs")
 ADAM_GRID = (3e-4, 1e-3, 3e-3)
 ADAMW_GRID = (3e-4, 1e-3, 3e-3)
 TABLE_EPOCHS = (1, 2, 3, 5, 10)
 KBFGS_L_MEMORY = 100
-FULL = dict(n_train=60_000, n_test=10_000, epochs=10, timing_rounds=7,
-            timing_calls=3)
+FULL = dict(n_train=60_000, n_test=10_000, epochs=10, timing_rounds=5,
+            timing_calls=AMORTISING_CALLS)
 QUICK = dict(n_train=5000, n_test=1000, epochs=2, timing_rounds=3,
              timing_calls=2)
 

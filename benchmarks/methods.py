@@ -60,6 +60,11 @@ def registry(kbfgs_memory: int = KBFGS_MEMORY) -> Dict[str, Method]:
              lambda lr: olw.layerwise_sgd()),
       Method("layerwise-adamw", "layer-wise AdamW",
              lambda lr: olw.layerwise_adamw()),
+      # The same, on K-BFGS's input-side H_a times the gradient.
+      Method("layerwise-sgd-inputs", "layer-wise SGD-m (inputs)",
+             lambda lr: olw.layerwise_sgd(precondition="inputs")),
+      Method("layerwise-adamw-inputs", "layer-wise AdamW (inputs)",
+             lambda lr: olw.layerwise_adamw(precondition="inputs")),
       # CBLR / MCLR: the "lr" is `learning_rate_scale`, the global multiplier
       # of the per-layer curvature rates (1 = a Newton step along g_l).
       Method("cblr", "CBLR", lambda lr: olw.cblr(learning_rate_scale=lr), 1.0,

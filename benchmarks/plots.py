@@ -18,6 +18,8 @@ _STYLE = {
     "kbfgs-l": ("tab:red", "--"),
     "layerwise-sgd": ("tab:blue", "-"),
     "layerwise-adamw": ("tab:cyan", "-"),
+    "layerwise-sgd-inputs": ("tab:blue", "--"),
+    "layerwise-adamw-inputs": ("tab:cyan", "--"),
     "cblr": ("tab:purple", "-"),
     "mclr": ("tab:purple", "--"),
     "adam": ("black", "-"),

@@ -36,7 +36,7 @@ from benchmarks.results import (BenchmarkResult, GridPoint, MethodResult, Run,
                                 environment, finite)
 from benchmarks.results import validate as validate_results  # docs cite it
 from benchmarks.summary import summarise
-from benchmarks.timing import Carried, time_side_by_side
+from benchmarks.timing import AMORTISING_CALLS, Carried, time_side_by_side
 
 __all__ = ["run_single", "run_benchmark", "validate_results"]
 
@@ -236,16 +236,18 @@ def _run_method(exp: Experiment, name: str, methods: Mapping[str, Method],
 
 def _time_side_by_side(result: BenchmarkResult, timers: Dict[str, Timer],
                        rounds: int, progress: bool) -> None:
-  """Each method's compiled step timed round-robin (5 steps a round)."""
+  """Each method's compiled step timed round-robin (``AMORTISING_CALLS``
+  steps a round, so a step measured every 40 is amortised)."""
   if not timers or rounds <= 0:
     return
   _log(f"timing {len(timers)} compiled steps round-robin ({rounds} rounds x "
-       "5 steps)", progress)
+       f"{AMORTISING_CALLS} steps)", progress)
   reference = result.config["reference"]
   try:
     times = time_side_by_side(
         timers, baseline=reference if reference in timers else next(
-            iter(timers)), rounds=rounds, calls_per_round=5, progress=False)
+            iter(timers)), rounds=rounds, calls_per_round=AMORTISING_CALLS,
+        progress=False)
   except Exception as e:  # pylint: disable=broad-except
     _log(f"[warn] interleaved timing failed: {type(e).__name__}: {e}",
          progress)

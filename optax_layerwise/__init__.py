@@ -23,6 +23,8 @@ from optax_layerwise._curvature_lr import scale_by_curvature_lr
 from optax_layerwise._curvature_lr import ScaleByCurvatureLRState
 from optax_layerwise._flax import apply_gradients
 from optax_layerwise._flax import nnx_value_fn
+from optax_layerwise._input_factor import precondition_by_inputs
+from optax_layerwise._input_factor import PreconditionByInputsState
 from optax_layerwise._diagnostics import diagnostics
 from optax_layerwise._kbfgs import kbfgs
 from optax_layerwise._kbfgs import kbfgs_layer_names
@@ -56,6 +58,7 @@ __all__ = (
     "LayerKind",
     "Layers",
     "LeafCoverage",
+    "PreconditionByInputsState",
     "ScaleByCurvatureLRState",
     "ScaleByLayerwiseStepSizeState",
     "SmallLossWeights",
@@ -73,6 +76,7 @@ __all__ = (
     "layerwise_sgd",
     "mclr",
     "nnx_value_fn",
+    "precondition_by_inputs",
     "register_layer_kind",
     "scale_by_curvature_lr",
     "scale_by_layerwise_step_size",

@@ -59,8 +59,8 @@ import optax
 
 from optax_layerwise import _bfgs
 from optax_layerwise import _checks
-from optax_layerwise import _hardware
 from optax_layerwise import _layer_kinds
+from optax_layerwise import _layer_matrices as _lm
 from optax_layerwise import _layers
 from optax_layerwise import _nonfinite
 from optax_layerwise import _parallel
@@ -182,94 +182,20 @@ def kbfgs_layer_names(params: PyTree, dense_layers=None) -> tuple:
                for spec in _layer_kinds.find_kernels(params, dense_layers))
 
 
-def _sym(x: jax.Array) -> jax.Array:
-  return 0.5 * (x + x.T)
-
-
-def _spd_inverse(x: jax.Array) -> jax.Array:
-  chol = jnp.linalg.cholesky(x)
-  eye = jnp.eye(x.shape[0], dtype=x.dtype)
-  return _sym(jax.scipy.linalg.cho_solve((chol, True), eye))
-
-
-def _homogeneous(spec: Spec, tap: _taps.DenseTap):
-  """``abar`` and ``A_batch`` with the homogeneous coordinate for a bias
-  (``A_batch``'s from the rows its second moment was formed from, so that
-  it stays positive semi-definite)."""
-  mean, second = tap.input_mean, tap.input_second_moment
-  if spec.bias_index is None:
-    return mean, second
-  one = jnp.ones((1,), mean.dtype)
-  abar = jnp.concatenate([mean, one])
-  rows_mean = mean if tap.second_moment_mean is None else (
-      tap.second_moment_mean)
-  a_batch = jnp.block([[second, rows_mean[:, None]],
-                       [rows_mean[None, :], one[None]]])
-  return abar, a_batch
-
-
-def _part(leaves: list, index: int, spec: Spec) -> jax.Array:
-  """The layer's slice of a leaf (the whole leaf unless stacked)."""
-  return leaves[index][spec.slice] if spec.slice else leaves[index]
-
-
-def _set_part(leaves: list, index: int, spec: Spec, value) -> None:
-  """Writes the layer's slice of a leaf."""
-  leaf = leaves[index]
-  if not spec.slice:
-    leaves[index] = value.reshape(jnp.shape(leaf)).astype(leaf.dtype)
-    return
-  shape = jnp.shape(leaf)[len(spec.slice):]
-  leaves[index] = leaf.at[spec.slice].set(
-      value.reshape(shape).astype(leaf.dtype))
-
-
-def _matrix(leaves: list, spec: Spec) -> jax.Array:
-  """A layer's ``(k, d_out)`` matrix ``[W; b]`` from its kernel and bias."""
-  w = _part(leaves, spec.kernel_index, spec).reshape(spec.d_in, spec.d_out)
-  if spec.bias_index is None:
-    return w
-  return jnp.concatenate([w, _part(leaves, spec.bias_index, spec).reshape(
-      1, -1)])
-
-
-def _set_matrix(leaves: list, spec: Spec, matrix: jax.Array) -> None:
-  """Writes a ``(k, d_out)`` matrix back into the kernel and bias leaves."""
-  _set_part(leaves, spec.kernel_index, spec, matrix[:spec.d_in])
-  if spec.bias_index is not None:
-    _set_part(leaves, spec.bias_index, spec, matrix[spec.d_in])
-
-
-def _layer_indices(spec: Spec) -> tuple:
-  return tuple(i for i in (spec.kernel_index, spec.bias_index)
-               if i is not None)
-
-
 def _layer_dot(a_leaves, b_leaves, spec: Spec, dtype) -> jax.Array:
   """``<a, b>_l`` over the kernel and bias of one layer."""
-  return sum(jnp.vdot(_part(a_leaves, i, spec).astype(dtype),
-                      _part(b_leaves, i, spec).astype(dtype))
-             for i in _layer_indices(spec))
+  return sum(jnp.vdot(_lm.part(a_leaves, i, spec).astype(dtype),
+                      _lm.part(b_leaves, i, spec).astype(dtype))
+             for i in _lm.layer_indices(spec))
+
+
+def _layer_tap(taps: _taps.TapResult, spec: Spec):
+  return _lm.layer_tap(taps, spec, _NAME)
 
 
 def _key(spec: Spec) -> tuple:
   """A sortable key of one layer (a pytree dict key)."""
   return (spec.kernel_index,) + spec.slice
-
-
-def _layer_tap(taps: _taps.TapResult, spec: Spec):
-  """The layer's statistics (its slice's, for a scanned stack), or
-  ``None`` if no call was tapped."""
-  tap = taps.layers.get(spec.kernel_index)
-  if tap is None or not spec.slice:
-    return tap
-  if tap.input_mean.ndim == 1:
-    raise ValueError(
-        f"{_NAME}: the layer {spec.name} was read as a slice of a stacked "
-        "kernel, but it was called unstacked. Pass a `dense_layers` "
-        "predicate returning the number of contracted leading kernel axes "
-        "for this leaf.")
-  return jax.tree_util.tree_map(lambda x: x[spec.slice], tap)
 
 
 def _step_scales(decrease: jax.Array, curvature: jax.Array,
@@ -442,7 +368,7 @@ def _tapped_layers(specs: tuple, taps: _taps.TapResult) -> tuple:
 def _preconditioned(treedef, num_leaves: int, tapped: tuple):
   flags = [False] * num_leaves
   for spec in tapped:
-    for i in _layer_indices(spec):
+    for i in _lm.layer_indices(spec):
       flags[i] = True
   return jax.tree_util.tree_unflatten(treedef,
                                       [jnp.asarray(f) for f in flags])
@@ -466,9 +392,9 @@ def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
   the first step, the only explicit inverse)."""
   # The tap's statistics dtype is the widest of all layers': cast to this
   # layer's (float32 factors next to a float64 layer, say).
-  abar, a_batch = (x.astype(ls.a.dtype) for x in _homogeneous(spec, tap))
+  abar, a_batch = (x.astype(ls.a.dtype) for x in _lm.homogeneous(spec, tap))
   h_a = jax.lax.cond(
-      first, lambda a: _spd_inverse(a + cfg.sqrt_damping * jnp.eye(
+      first, lambda a: _lm.spd_inverse(a + cfg.sqrt_damping * jnp.eye(
           spec.k, dtype=a.dtype)), lambda _, h=ls.h_a: h, a_batch)
   start = _diagonal_start(tap, ls.s.dtype) if cfg.diagonal_h_g else None
   return _Work(abar, a_batch, h_a,
@@ -519,32 +445,19 @@ def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
                     + cfg.sqrt_damping * v)
 
 
-#: Automatic ``precondition_dtype``: layers whose factors are both at least
-#: this wide take bfloat16 products (smaller ones cost little either way).
-BF16_MIN_WIDTH = 128
-
-
-def _precondition_dtype(given, spec: Spec, factor_dtype):
-  """The dtype of the preconditioning products' inputs: ``given``, or by
-  default bfloat16 for float32 factors of a layer with both factors at
-  least ``BF16_MIN_WIDTH`` wide on a backend that multiplies bfloat16
-  natively (:mod:`._hardware`), else the factors' own dtype."""
-  if given is not None:
-    return jnp.dtype(given)
-  if (jnp.dtype(factor_dtype) == jnp.float32
-      and min(spec.k, spec.d_out) >= BF16_MIN_WIDTH
-      and _hardware.native_bfloat16(jax.default_backend())):
-    return jnp.dtype(jnp.bfloat16)
-  return jnp.dtype(factor_dtype)
+#: Automatic ``precondition_dtype``
+#: (:func:`optax_layerwise._layer_matrices.precondition_dtype`).
+BF16_MIN_WIDTH = _lm.BF16_MIN_WIDTH
 
 
 def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
                 mom_leaves, leaves, lr):
   """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
-  dtype = _precondition_dtype(cfg.precondition_dtype, spec, ls.h_a.dtype)
+  dtype = _lm.precondition_dtype(cfg.precondition_dtype, spec,
+                                 ls.h_a.dtype)
   step = -lr * _h_g_apply(
       cfg, ls, work.start,
-      _bfgs.product(work.h_a, _matrix(mom_leaves, spec), dtype), dtype)
+      _bfgs.product(work.h_a, _lm.matrix(mom_leaves, spec), dtype), dtype)
   if cfg.max_relative_change is None:
     return step, jnp.asarray(jnp.inf, step.dtype)
   theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)
@@ -659,8 +572,8 @@ def _step_lost(updates, leaves, spec: Spec) -> jax.Array:
   ever change (a fixed point found on two-layer Rosenbrock in float32, with
   ``H_g`` at 2e-6; ours)."""
   nonzero, moved = [], []
-  for i in _layer_indices(spec):
-    u, p = _part(updates, i, spec), _part(leaves, i, spec)
+  for i in _lm.layer_indices(spec):
+    u, p = _lm.part(updates, i, spec), _lm.part(leaves, i, spec)
     nonzero.append(jnp.any(u != 0))
     moved.append(jnp.any((p + u).astype(p.dtype) != p))
   return jnp.any(jnp.stack(nonzero)) & ~jnp.any(jnp.stack(moved))
@@ -719,7 +632,6 @@ def _counts(flags: dict, num: int) -> tuple:
     return (jnp.zeros((0,), jnp.int32),) * 4
   return tuple(jnp.stack([row[i] for row in rows]).astype(jnp.int32)
                for i in range(4))
-
 
 
 def _check_precondition_dtype(dtype) -> None:
@@ -900,7 +812,7 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
     work[r] = _input_factor(cfg, spec, ls, _layer_tap(taps, spec), first)
     step, limits[r] = _trial_step(cfg, spec, ls, work[r], new_mom, leaves,
                                   lr)
-    _set_matrix(trial, spec, step)
+    _lm.set_matrix(trial, spec, step)
   out = [d.astype(p.dtype) for d, p in zip(trial, leaves)]
   # 4. The pair (zero for a zero step, which has none in exact arithmetic:
   # the recomputed pass may differ by round-off, and BFGS would take it).
@@ -920,8 +832,9 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
                           jax.tree_util.tree_leaves(taps.grads), grad_change,
                           trial, limits, measure)
     for r in rows:
-      for i in _layer_indices(specs[r]):
-        _set_part(out, i, specs[r], scales[0][r] * _part(trial, i, specs[r]))
+      for i in _lm.layer_indices(specs[r]):
+        _lm.set_part(out, i, specs[r],
+                     scales[0][r] * _lm.part(trial, i, specs[r]))
   # The step in the params' dtypes, after the per-layer scaling (t_l * inf
   # and 0 * inf are not finite either).
   finite = finite & _nonfinite.tree_all_finite(out)

@@ -30,6 +30,8 @@ import optax_layerwise as olw
 TRANSFORMS = {
     "layerwise_sgd": olw.layerwise_sgd,
     "layerwise_adamw": olw.layerwise_adamw,
+    "layerwise_adamw_inputs": lambda: olw.layerwise_adamw(
+        precondition="inputs"),
     "scale_by_layerwise_step_size": lambda: optax.chain(
         olw.scale_by_layerwise_step_size(), optax.scale(-1.0)),
     "cblr": olw.cblr,
@@ -41,6 +43,8 @@ TRANSFORMS = {
 # The transform's name in the error (the stage that re-runs value_fn).
 ERROR_NAMES = {"layerwise_sgd": "scale_by_layerwise_step_size",
                "layerwise_adamw": "scale_by_layerwise_step_size",
+               # Its preconditioner runs value_fn first.
+               "layerwise_adamw_inputs": "precondition_by_inputs",
                "cblr": "scale_by_curvature_lr",
                "mclr": "scale_by_curvature_lr"}
 

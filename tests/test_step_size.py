@@ -36,15 +36,17 @@ def _step_state(opt_state):
   return opt_state[0]
 
 
-@pytest.mark.parametrize("problem", ["mlp", "cnn"])
-def test_steps_equal_b_over_q_from_dense_hessian(problem, x64):
+@pytest.mark.parametrize("problem, hvp", [
+    ("mlp", "forward_over_reverse"), ("cnn", "forward_over_reverse"),
+    ("mlp", "forward_over_forward"), ("cnn", "forward_over_forward")])
+def test_steps_equal_b_over_q_from_dense_hessian(problem, hvp, x64):
   key = _fresh_key()
   params, loss_fn = {"mlp": nets.mlp, "cnn": nets.cnn}[problem](
       key, dtype=jnp.float64)
   # Adam's first direction is g / (|g| + eps): not parallel to g, so the
   # test distinguishes <g, d>_l from ||g_l||^2.
   eps = 1e-8
-  tx = olw.layerwise_adamw(**EXACT,
+  tx = olw.layerwise_adamw(**dict(EXACT, hvp=hvp),
                            max_relative_change=None, weight_decay=0.0, eps=eps,
                            max_step=1e6)
   _, updates, state = _jit_update(tx, loss_fn)(params, tx.init(params))
@@ -427,6 +429,21 @@ def test_a_layer_without_a_step_is_remeasured_in_the_first_interval():
 def test_unknown_estimator_or_hvp_lists_the_choices(bad):
   with pytest.raises(ValueError, match="must be one of .*'row'|.*'secant'"):
     olw.layerwise_sgd(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(estimator="hutchinson"),
+                                 dict(estimator="exact", coupled=True)])
+def test_forward_over_forward_needs_the_diagonal_blocks_alone(bad):
+  with pytest.raises(ValueError, match="forward_over_forward.*diagonal"):
+    olw.layerwise_sgd(hvp="forward_over_forward", **bad)
+
+
+def test_aliases_take_forward_over_reverse_where_forward_cannot_serve():
+  # hvp not given: the exact diagonal takes forward-over-forward, the
+  # other measurements the Hessian-vector product (no error).
+  for kwargs in (dict(estimator="hutchinson"), dict(coupled=True),
+                 dict(num_probes=2)):
+    olw.layerwise_adamw(**kwargs)
 
 
 def test_secant_is_only_for_the_step_sizes():

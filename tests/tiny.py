@@ -98,6 +98,9 @@ TRANSFORMS = {
     # fault and long-run tests see the measurement path on every step.
     "layerwise_sgd": lambda: olw.layerwise_sgd(update_interval=1),
     "layerwise_adamw": lambda: olw.layerwise_adamw(update_interval=1),
+    # The input-side preconditioner refreshed every step too.
+    "layerwise_sgd_inputs": lambda: olw.layerwise_sgd(
+        update_interval=1, precondition="inputs"),
     # The bound this was tuned with (the default became 0.1: 12 steps
     # of cblr at scale 0.05 then fall short of the precision tests' margin).
     "cblr": lambda: olw.cblr(0.05, max_lr=5.0, max_relative_change=1.0),
@@ -110,7 +113,8 @@ TRANSFORMS = {
 }
 
 #: Transforms whose state is a chain whose first part has ``num_skipped``.
-CHAINED = ("layerwise_sgd", "layerwise_adamw", "cblr", "mclr", "cblr_secant")
+CHAINED = ("layerwise_sgd", "layerwise_adamw", "layerwise_sgd_inputs", "cblr",
+           "mclr", "cblr_secant")
 
 
 def skip_count(name, state):

@@ -1,0 +1,244 @@
+"""Input-side Kronecker preconditioning: K-BFGS's ``H_a`` on its own.
+
+K-BFGS (Goldfarb, Ren and Bahamou, arXiv 2006.08877, section 3) preconditions
+a layer ``h = a @ W + b`` by ``H_a M H_g``. :func:`precondition_by_inputs`
+keeps the input side only (docs/step_sizes.md, "Input-side
+preconditioning")::
+
+    A   <- beta A + (1 - beta) mean_i abar_i abar_i^T,   abar_i = [a_i; 1]
+    H_a  = (A + sqrt(damping) I)^{-1}
+    u_l <- H_a [U_W; U_b]                  (the layer's updates as a matrix)
+
+``A`` is K-FAC's input factor (Martens and Grosse, arXiv 1503.05671) and the
+damping is K-BFGS's Levenberg-Marquardt ``sqrt(lambda)``; ``A`` and ``H_a``
+are refreshed every ``update_interval`` steps from one tapped pass
+(:mod:`optax_layerwise._taps`, no weight-gradient products; ``A`` from
+every 4th row of large calls, as K-BFGS forms it), so the per-step cost is
+one ``k x k`` by ``k x d_out`` product per layer (bfloat16 inputs where
+K-BFGS takes them). The
+output side is left to a per-layer scalar: under
+:func:`optax_layerwise.scale_by_layerwise_step_size` (the aliases'
+``precondition="inputs"``) that scalar is the step ``alpha_l`` measured
+along the preconditioned direction.
+
+Leaves of layers the tap does not see (norm scales, embeddings, layers of
+unsupported kinds) pass through unchanged. A refresh whose statistics are
+not finite keeps the last factors and is counted in ``num_skipped``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_layerwise import _bfgs
+from optax_layerwise import _checks
+from optax_layerwise import _layer_kinds
+from optax_layerwise import _layer_matrices as _lm
+from optax_layerwise import _layers
+from optax_layerwise import _nonfinite
+from optax_layerwise import _parallel
+from optax_layerwise import _row_samples
+from optax_layerwise import _taps
+
+__all__ = ["PreconditionByInputsState", "precondition_by_inputs"]
+
+_NAME = "precondition_by_inputs"
+#: ``A`` from every 4th row of calls with at least 256 rows, at least 64
+#: rows kept: K-BFGS's automatic sampling (``input_factor_row_stride=None``).
+ROWS = _row_samples.Sampling(4, 256, 64)
+
+
+class PreconditionByInputsState(NamedTuple):
+  """State of :func:`precondition_by_inputs`; all shapes are fixed.
+
+  Attributes:
+    count: steps taken (int32); ``A`` is refreshed when ``count %
+      update_interval == 0``.
+    factors: per layer (find order of
+      :func:`optax_layerwise.kbfgs_layer_names`), the running ``A``,
+      ``(k, k)``, ``k = d_in + 1`` with a bias; float32 (float64 for
+      float64 params).
+    inverses: per layer, ``H_a = (A + sqrt(damping) I)^{-1}``; ``I`` until
+      the first refresh that tapped the layer.
+    num_skipped: refreshes whose statistics were not finite (the factors
+      were kept), int32.
+  """
+  count: jax.Array
+  factors: tuple
+  inverses: tuple
+  num_skipped: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  sqrt_damping: Any
+  stat_decay: Any
+  update_interval: Any
+  select: Any
+  axis_name: Optional[_parallel.AxisName]
+
+
+def _init(cfg: _Config, params) -> PreconditionByInputsState:
+  _layers.check_params(params, transform=_NAME)
+  leaves = jax.tree_util.tree_leaves(params)
+  specs = _layer_kinds.find_kernels(params, cfg.select)
+  eyes = lambda: tuple(  # noqa: E731  (distinct buffers: donatable)
+      jnp.eye(s.k, dtype=_layers.stats_dtype(leaves[s.kernel_index].dtype))
+      for s in specs)
+  return PreconditionByInputsState(
+      count=jnp.zeros([], jnp.int32), factors=eyes(), inverses=eyes(),
+      num_skipped=jnp.zeros([], jnp.int32))
+
+
+def _refreshed(cfg: _Config, value_fn, params, specs, state):
+  """``(factors, inverses, finite)`` from one tapped pass at ``params``."""
+  taps = _taps.tap_dense_layers(
+      value_fn, params, kernels={s.kernel_index: s.d_out for s in specs},
+      second_moment=True, with_grads=False, axis_name=cfg.axis_name,
+      second_moment_stride=ROWS)
+  first = state.count == 0
+  factors, inverses, finite = [], [], jnp.asarray(True)
+  for spec, old, old_inverse in zip(specs, state.factors, state.inverses):
+    tap = _lm.layer_tap(taps, spec, _NAME)
+    if tap is None:  # not tapped: H_a stays I
+      factors.append(old)
+      inverses.append(old_inverse)
+      continue
+    batch = _lm.homogeneous(spec, tap)[1].astype(old.dtype)
+    a = jnp.where(first, batch,
+                  cfg.stat_decay * old + (1.0 - cfg.stat_decay) * batch)
+    eye = jnp.eye(spec.k, dtype=a.dtype)
+    factors.append(a)
+    inverses.append(_lm.spd_inverse(a + cfg.sqrt_damping * eye))
+    finite = finite & _nonfinite.tree_all_finite((a, inverses[-1]))
+  return tuple(factors), tuple(inverses), finite
+
+
+def _factors(cfg: _Config, value_fn, params, specs, state) -> tuple:
+  """``(factors, inverses, num_skipped)``: refreshed every
+  ``update_interval`` steps (under :func:`jax.lax.cond`), else kept."""
+  def refresh(_):
+    factors, inverses, finite = _refreshed(cfg, value_fn, params, specs,
+                                           state)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    return (jax.tree_util.tree_map(keep, factors, state.factors),
+            jax.tree_util.tree_map(keep, inverses, state.inverses),
+            state.num_skipped + (~finite).astype(jnp.int32))
+
+  def keep(_):
+    return state.factors, state.inverses, state.num_skipped
+
+  return jax.lax.cond(state.count % cfg.update_interval == 0, refresh, keep,
+                      None)
+
+
+def _precondition(updates, specs, inverses):
+  """``H_a [U_W; U_b]`` for every layer (bfloat16 inputs where K-BFGS
+  takes them, float32 accumulation); other leaves unchanged."""
+  leaves, treedef = jax.tree_util.tree_flatten(updates)
+  out = list(leaves)
+  for spec, h_a in zip(specs, inverses):
+    matrix = _lm.matrix(leaves, spec).astype(h_a.dtype)
+    dtype = _lm.precondition_dtype(None, spec, h_a.dtype)
+    _lm.set_matrix(out, spec, _bfgs.product(h_a, matrix, dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _update(cfg: _Config, updates, state, params, value_fn):
+  value_fn = _checks.checked_value_fn(
+      _checks.require_value_fn(value_fn, transform=_NAME), _NAME)
+  _layers.check_params(params, transform=_NAME)
+  specs = _layer_kinds.find_kernels(params, cfg.select)
+  if len(specs) != len(state.factors):
+    raise ValueError(
+        f"{_NAME}: the params have {len(specs)} layers but the state was "
+        f"initialised for {len(state.factors)}; call init with these params.")
+  factors, inverses, num_skipped = _factors(cfg, value_fn, params, specs,
+                                            state)
+  new_state = PreconditionByInputsState(
+      count=state.count + 1, factors=factors, inverses=inverses,
+      num_skipped=num_skipped)
+  return _precondition(updates, specs, inverses), new_state
+
+
+def precondition_by_inputs(
+    *,
+    damping: float = 0.3,
+    stat_decay: float = 0.8,
+    update_interval: int = 20,
+    dense_layers=None,
+    axis_name: Optional[_parallel.AxisName] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Multiplies each layer's updates by its inverse input factor ``H_a``.
+
+  K-BFGS's input side alone (Goldfarb, Ren and Bahamou, arXiv 2006.08877,
+  section 3; K-FAC's ``A``, Martens and Grosse, arXiv 1503.05671): for a
+  layer ``h = a @ W + b`` the updates' matrix ``[U_W; U_b]`` becomes
+  ``(A + sqrt(damping) I)^{-1} [U_W; U_b]``, ``A`` the running mean of
+  ``[a; 1] [a; 1]^T`` over the rows of the mini-batch. Layers are found as
+  :func:`optax_layerwise.kbfgs` finds them (dense, ``DenseGeneral``,
+  einsum, convolution and LSTM kinds, scanned stacks); every other leaf
+  passes through. The scale on the output side is left to what follows:
+  :func:`optax_layerwise.layerwise_sgd` and
+  :func:`optax_layerwise.layerwise_adamw` with ``precondition="inputs"``
+  measure a step per layer along the preconditioned direction.
+
+  Args:
+    damping: ``lambda``; ``sqrt(lambda) I`` is added to ``A`` before the
+      inverse (K-BFGS's Levenberg-Marquardt damping; K-BFGS's default).
+    stat_decay: ``beta`` of ``A``'s moving average, per refresh (the first
+      refresh takes the mini-batch's ``A`` as is).
+    update_interval: refresh ``A`` and ``H_a`` every this many steps (one
+      forward and activation-backward pass and one Cholesky per layer).
+    dense_layers: which kernels to precondition, as in
+      :func:`optax_layerwise.kbfgs`.
+    axis_name: under ``jax.shard_map`` / ``jax.pmap``, the data-parallel
+      axis over which ``A`` is averaged; ``None`` under ``jax.jit``.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
+    ``params`` and the keyword argument ``value_fn`` (the mini-batch loss).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_layerwise as olw
+    >>> x = jnp.array([[1.0, 0.0], [1.0, 2.0]])
+    >>> params = {'l': {'kernel': jnp.ones((2, 1)), 'bias': jnp.zeros(1)}}
+    >>> loss = lambda p: jnp.mean(olw.dense(x, p['l']['kernel'],
+    ...                                     p['l']['bias']) ** 2)
+    >>> tx = olw.precondition_by_inputs(damping=1.0)
+    >>> state = tx.init(params)
+    >>> u, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                      value_fn=loss)
+    >>> state.factors[0]  # mean of [a; 1] [a; 1]^T
+    Array([[1., 1., 1.],
+           [1., 2., 1.],
+           [1., 1., 1.]], dtype=float32)
+  """
+  for name, value, why in (
+      ("damping", damping, "sqrt(damping) I keeps A + sqrt(damping) I "
+       "invertible; use a small positive value for little damping."),):
+    _checks.check_non_negative(value, name, transform=_NAME, why=why)
+  _checks.check_decay(stat_decay, "stat_decay", transform=_NAME,
+                      why="0 keeps only the latest mini-batch's A.")
+  interval = _checks.concrete_int(update_interval)
+  if interval is not None and interval < 1:
+    raise ValueError(f"{_NAME}: update_interval must be >= 1, got "
+                     f"{update_interval}.")
+  cfg = _Config(sqrt_damping=damping ** 0.5, stat_decay=stat_decay,
+                update_interval=update_interval, select=dense_layers,
+                axis_name=axis_name)
+
+  def init_fn(params):
+    return _init(cfg, params)
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del extra_args
+    return _update(cfg, updates, state, params, value_fn)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,207 @@
+"""precondition_by_inputs and the aliases' precondition="inputs".
+
+References: the input factor recomputed in NumPy from the activations of
+the network written out by hand (float64), and the per-layer step from
+`jax.hessian` of the flattened loss.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import optax_layerwise as olw
+from tests import tiny
+
+
+def _fresh_key():
+  return jax.random.PRNGKey(np.random.SeedSequence().entropy % (2**31))
+
+
+def _numpy_factors(params, x):
+  """``[mean_i abar_i abar_i^T]`` per layer of tiny's tanh network."""
+  h, factors = np.asarray(x, np.float64), []
+  for i in range(len(params)):
+    abar = np.concatenate([h, np.ones((h.shape[0], 1))], axis=1)
+    factors.append(abar.T @ abar / h.shape[0])
+    layer = params[f"l{i}"]
+    h = h @ np.asarray(layer["w"]) + np.asarray(layer["b"])
+    if i < len(params) - 1:
+      h = np.tanh(h)
+  return factors
+
+
+def _numpy_precondition(grads, inverses):
+  out = {}
+  for i, h_a in enumerate(inverses):
+    g = grads[f"l{i}"]
+    m = np.concatenate([np.asarray(g["w"]), np.asarray(g["b"])[None]], 0)
+    pm = h_a @ m
+    out[f"l{i}"] = {"w": pm[:-1], "b": pm[-1]}
+  return out
+
+
+def test_matches_numpy_reference_over_refreshes(x64):
+  """Four SGD steps, refreshed on steps 0 and 2 (``A`` = the batch's, then
+  the moving average), every output against NumPy's ``H_a [g_W; g_b]``."""
+  key = _fresh_key()
+  params = tiny.init_params(key, jnp.float64)
+  xs, ts = tiny.batches(jax.random.fold_in(key, 1), 4)
+  damping, decay = 0.2, 0.7
+  tx = olw.precondition_by_inputs(damping=damping, stat_decay=decay,
+                                  update_interval=2)
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p, x, t: tx.update(
+      g, s, p, value_fn=lambda q: tiny.loss(q, x, t)))
+  ref_params = jax.tree_util.tree_map(np.asarray, params)
+  ref_a = None
+  for step in range(4):
+    x, t = xs[step], ts[step]
+    grads = jax.grad(tiny.loss)(params, x, t)
+    out, state = update(grads, state, params, x, t)
+    if step % 2 == 0:
+      batch = _numpy_factors(ref_params, x)
+      ref_a = batch if ref_a is None else [
+          decay * a + (1 - decay) * b for a, b in zip(ref_a, batch)]
+      inverses = [np.linalg.inv(a + np.sqrt(damping) * np.eye(len(a)))
+                  for a in ref_a]
+    ref_grads = jax.grad(tiny.loss)(jax.tree_util.tree_map(
+        jnp.asarray, ref_params), x, t)
+    ref_out = _numpy_precondition(ref_grads, inverses)
+    for i in range(len(params)):
+      for leaf in ("w", "b"):
+        np.testing.assert_allclose(out[f"l{i}"][leaf],
+                                   ref_out[f"l{i}"][leaf], rtol=1e-9,
+                                   atol=1e-12)
+    for a, r in zip(state.factors, ref_a):
+      np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-14)
+    params = optax.apply_updates(params, jax.tree_util.tree_map(
+        lambda u: -0.1 * u, out))
+    ref_params = jax.tree_util.tree_map(
+        lambda p, u: p - 0.1 * np.asarray(u), ref_params, ref_out)
+
+
+def test_leaves_outside_layers_pass_and_state_is_fixed_under_scan():
+  """A leaf no layer uses (a free scale) comes out unchanged; the state
+  keeps its shapes and dtypes, so ``lax.scan`` runs the transform and
+  matches a Python loop."""
+  key = _fresh_key()
+  params = dict(tiny.init_params(key), gain={"scale": jnp.ones(2)})
+  xs, ts = tiny.batches(jax.random.fold_in(key, 1), 3)
+
+  def loss(p, x, t):
+    core = {k: v for k, v in p.items() if k != "gain"}
+    return tiny.loss(core, x, t) * jnp.mean(p["gain"]["scale"])
+
+  tx = olw.precondition_by_inputs(update_interval=2)
+
+  def step(state, batch):
+    x, t = batch
+    g = jax.grad(loss)(params, x, t)
+    out, state = tx.update(g, state, params,
+                           value_fn=lambda q: loss(q, x, t))
+    return state, (out, g)
+
+  state0 = tx.init(params)
+  final, (outs, grads) = jax.lax.scan(step, state0, (xs, ts))
+  np.testing.assert_array_equal(outs["gain"]["scale"],
+                                grads["gain"]["scale"])
+  assert not np.allclose(outs["l0"]["w"], grads["l0"]["w"])
+  assert (jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), final)
+          == jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), state0))
+  state = state0
+  for i in range(3):
+    state, (out, _) = jax.jit(step)(state, (xs[i], ts[i]))
+  np.testing.assert_allclose(out["l1"]["w"], outs["l1"]["w"][-1],
+                             rtol=1e-5, atol=1e-6)
+  assert int(final.count) == 3
+
+
+def test_non_finite_statistics_keep_the_factors_and_count():
+  key = _fresh_key()
+  params = tiny.init_params(key)
+  xs, ts = tiny.batches(jax.random.fold_in(key, 1), 2)
+  tx = olw.precondition_by_inputs(update_interval=1)
+  state = tx.init(params)
+  grads = jax.grad(tiny.loss)(params, xs[0], ts[0])
+  _, state = tx.update(grads, state, params,
+                       value_fn=lambda p: tiny.loss(p, xs[0], ts[0]))
+  bad_x = xs[1].at[0, 0].set(jnp.nan)
+  out, new = tx.update(grads, state, params,
+                       value_fn=lambda p: tiny.loss(p, bad_x, ts[1]))
+  assert int(new.num_skipped) == 1
+  for old, kept in zip(state.inverses, new.inverses):
+    np.testing.assert_array_equal(old, kept)
+  assert tiny.tree_finite(out)
+
+
+def test_bfloat16_params_keep_float32_factors():
+  key = _fresh_key()
+  params = tiny.init_params(key, jnp.bfloat16)
+  xs, ts = tiny.batches(jax.random.fold_in(key, 1), 1)
+  tx = olw.precondition_by_inputs()
+  state = tx.init(params)
+  grads = jax.grad(tiny.loss)(params, xs[0], ts[0])
+  out, state = tx.update(grads, state, params,
+                         value_fn=lambda p: tiny.loss(p, xs[0], ts[0]))
+  assert all(a.dtype == jnp.float32 for a in state.factors)
+  assert out["l0"]["w"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(stat_decay=1.5), "stat_decay"),
+    (dict(damping=-1.0), "damping"),
+    (dict(update_interval=0), "update_interval"),
+])
+def test_bad_arguments_are_named(kwargs, words):
+  with pytest.raises(ValueError, match=words):
+    olw.precondition_by_inputs(**kwargs)
+
+
+def test_missing_value_fn_is_named():
+  params = tiny.init_params(jax.random.PRNGKey(0))
+  tx = olw.precondition_by_inputs()
+  with pytest.raises(ValueError, match="value_fn"):
+    tx.update(params, tx.init(params), params)
+
+
+def test_aliases_reject_an_unknown_preconditioner():
+  with pytest.raises(ValueError, match="precondition must be one of"):
+    olw.layerwise_adamw(precondition="input")
+
+
+def test_alias_step_is_b_over_q_along_the_preconditioned_gradient(x64):
+  """``layerwise_sgd(precondition="inputs")`` without momentum or bounds:
+  layer ``l`` moves by ``-alpha_l H_a g_l`` with ``alpha_l = <g, d>_l /
+  d_l^T H_ll d_l``, ``H_a`` from NumPy and ``H`` from ``jax.hessian``
+  (a layer whose tanh block has ``q_l <= 0`` is rejected: no move)."""
+  key = _fresh_key()
+  params = tiny.init_params(key, jnp.float64)
+  xs, ts = tiny.batches(jax.random.fold_in(key, 1), 1)
+  loss = lambda p: tiny.loss(p, xs[0], ts[0])  # noqa: E731
+  tx = olw.layerwise_sgd(precondition="inputs", momentum=0.0, ema=0.0,
+                         max_relative_change=None, max_step=1e6,
+                         update_interval=1)
+  grads = jax.grad(loss)(params)
+  out, _ = tx.update(grads, tx.init(params), params, value_fn=loss)
+  inverses = [np.linalg.inv(a + np.sqrt(0.3) * np.eye(len(a)))
+              for a in _numpy_factors(params, xs[0])]
+  d = _numpy_precondition(grads, inverses)
+  flat, unravel = ravel_pytree(params)
+  hessian = jax.hessian(lambda f: loss(unravel(f)))(flat)
+  accepted = []
+  for i in range(len(params)):
+    masked = {k: jax.tree_util.tree_map(
+        lambda x, keep=(k == f"l{i}"): x if keep else 0 * x, v)
+              for k, v in d.items()}
+    d_l = ravel_pytree(jax.tree_util.tree_map(jnp.asarray, masked))[0]
+    b = float(d_l @ ravel_pytree(grads)[0])
+    q = float(d_l @ hessian @ d_l)
+    accepted.append(q > 0)
+    for leaf in ("w", "b"):
+      np.testing.assert_allclose(out[f"l{i}"][leaf],
+                                 -(b / q) * d[f"l{i}"][leaf] * (q > 0),
+                                 rtol=1e-8, atol=1e-12)
+  assert any(accepted)
