@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 ValueFn = Callable[[PyTree], jax.Array]
@@ -19,7 +20,7 @@ ValueFn = Callable[[PyTree], jax.Array]
 __all__ = ["require_value_fn", "checked_value_fn", "ValueFnTraceError",
            "concrete_float", "concrete_int", "static_num_probes",
            "check_non_negative",
-           "check_decay", "check_one_of"]
+           "check_decay", "check_one_of", "value_fn_transformation"]
 
 _CALL_EXAMPLE = """
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
@@ -234,3 +235,19 @@ def check_one_of(value, name: str, choices: tuple, *,
     prefix = f"{transform}: " if transform else ""
     raise ValueError(f"{prefix}{name} must be one of {choices}, got "
                      f"{value!r}.")
+
+
+def value_fn_transformation(cfg, init, update
+                            ) -> optax.GradientTransformationExtraArgs:
+  """The transform of ``init(cfg, params)`` and ``update(cfg, updates,
+  state, params, value_fn)``: ``update`` takes the params and the keyword
+  ``value_fn`` and ignores other extra arguments (a whole ``optax.chain``
+  can be called with them)."""
+  def init_fn(params):
+    return init(cfg, params)
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del extra_args
+    return update(cfg, updates, state, params, value_fn)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

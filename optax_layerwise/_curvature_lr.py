@@ -626,15 +626,7 @@ def scale_by_curvature_lr(
       fd_scale=fd_scale, joint_step=joint_step,
       max_relative_change=max_relative_change, layers=layers, seed=seed,
       axis_name=axis_name)
-
-  def init_fn(params):
-    return _init(cfg, params)
-
-  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    del extra_args
-    return _update(cfg, updates, state, params, value_fn)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _checks.value_fn_transformation(cfg, _init, _update)
 
 
 def _chain(reduce: str, learning_rate_scale: ScalarOrSchedule,

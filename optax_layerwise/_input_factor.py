@@ -233,12 +233,4 @@ def precondition_by_inputs(
   cfg = _Config(sqrt_damping=damping ** 0.5, stat_decay=stat_decay,
                 update_interval=update_interval, select=dense_layers,
                 axis_name=axis_name)
-
-  def init_fn(params):
-    return _init(cfg, params)
-
-  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    del extra_args
-    return _update(cfg, updates, state, params, value_fn)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _checks.value_fn_transformation(cfg, _init, _update)

@@ -13,6 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import optax_layerwise as olw
+from tests import nets
 from tests import tiny
 
 
@@ -205,3 +206,19 @@ def test_alias_step_is_b_over_q_along_the_preconditioned_gradient(x64):
                                  -(b / q) * d[f"l{i}"][leaf] * (q > 0),
                                  rtol=1e-8, atol=1e-12)
   assert any(accepted)
+
+
+def test_preconditioned_defaults_stay_finite_on_the_curves_autoencoder():
+  """``layerwise_adamw(precondition="inputs")``, nothing tuned, on the
+  K-BFGS paper's CURVES autoencoder with Flax's default (LeCun normal),
+  Glorot and the authors' (PyTorch) initialisation: 50 steps (2.5 epochs of
+  2000 curves), finite, loss well down. (200 steps, measured: 543 ->
+  115-124, against tuned Adam's 129; too slow for the suite.)"""
+  run = nets.curves_autoencoder_run(
+      olw.layerwise_adamw(precondition="inputs"), 50)
+  for init in ("lecun", "glorot", "torch"):
+    state, losses = run(init)
+    print(f"{init}: loss {losses[0]:.1f} -> {losses[-10:].mean():.1f}")
+    assert np.all(np.isfinite(losses)), (init, losses)
+    assert int(state[0].num_skipped) == 0, init
+    assert losses[-10:].mean() < 0.4 * losses[0], init

@@ -19,6 +19,7 @@ from flax import nnx
 
 import optax_layerwise as olw
 from optax_layerwise import _hardware
+from tests import nets
 from tests.kbfgs_reference import KBFGSReference
 # tests/test_kbfgs_recovery.py imports the two-loop recursion from here.
 from tests.kbfgs_reference import two_loop as _two_loop  # noqa: F401
@@ -768,34 +769,9 @@ def test_defaults_stay_finite_on_the_curves_autoencoder(memory):
   """The defaults, with no learning rate tuned, on the K-BFGS paper's CURVES
   autoencoder with Flax's default (LeCun normal), Glorot and the authors'
   (PyTorch) initialisation: 200 steps, finite, loss well down."""
-  from benchmarks import data as data_lib
-  from benchmarks import models
-  x = jnp.asarray(data_lib.make_curves(2000, 10, seed=0).x_train.reshape(
-      2000, -1), jnp.float32)
-  batches = x.reshape(20, 100, -1)[jnp.arange(200) % 20]  # 10 epochs
-  tx = olw.kbfgs(memory_size=memory)
-  model = models.Autoencoder(models.CURVES_AE_WIDTHS)
-
-  def loss_fn(p, xb):
-    logits = model.apply({"params": p}, xb)
-    return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, xb),
-                            -1))
-
-  def step(carry, xb):
-    p, state = carry
-    value, grads = jax.value_and_grad(loss_fn)(p, xb)
-    updates, state = tx.update(grads, state, p,
-                               value_fn=lambda q: loss_fn(q, xb))
-    return (optax.apply_updates(p, updates), state), value
-
-  # One compilation for the three initialisations (same shapes).
-  train = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), batches))
+  run = nets.curves_autoencoder_run(olw.kbfgs(memory_size=memory), 200)
   for init in ("lecun", "glorot", "torch"):
-    params = models.Autoencoder(models.CURVES_AE_WIDTHS,
-                                weight_init=init).init(
-                                    jax.random.PRNGKey(0), x[:1])["params"]
-    (_, state), losses = train(params)
-    losses = np.asarray(losses)
+    state, losses = run(init)
     print(f"{init} memory={memory}: loss {losses[0]:.1f} -> "
           f"{losses[-1]:.1f}, t_l = {np.round(state.step_sizes, 2)}")
     assert np.all(np.isfinite(losses)), (init, losses)
