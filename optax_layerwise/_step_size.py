@@ -355,7 +355,9 @@ def scale_by_layerwise_step_size(
   Args:
     direction: the first-order transform making ``d`` from the gradient, e.g.
       ``optax.trace(0.9)`` or ``optax.scale_by_adam()``; ``None`` uses
-      ``d = g``.
+      ``d = g``. It is called with the keyword ``value_fn`` too, so it may
+      need curvature, e.g. ``optax.chain(precondition_by_inputs(),
+      optax.trace(0.9))``.
     estimator: ``"hutchinson"`` (one product per probe, the paper's; with
       one probe ``q_l`` carries the cross-layer terms ``e_l e_m M_lm`` as
       noise, so its sign is often wrong), ``"exact"`` (one product per layer,
