@@ -254,40 +254,37 @@ def layer_curvatures_forward(
     direction: PyTree,
     layers: _layers.Layers,
     *,
-    grad: PyTree,
     transform: str = "curvature",
-    axis_name: Optional[_parallel.AxisName] = None,
 ) -> LayerForms:
-  """``b_l`` and the exact diagonal blocks ``q_l = d_l^T H_ll d_l`` as second
-  directional derivatives, ``q_l = d^2/dt^2 f(theta + t d^(l))`` at ``t = 0``.
+  """``b_l`` and the exact diagonal blocks ``q_l = d_l^T H_ll d_l`` as first
+  and second directional derivatives of ``f(theta + t d^(l))`` at ``t = 0``.
 
-  ``jax.jvp`` of ``jax.jvp``, vmapped over the ``L`` layers: the numbers of
-  ``estimator="exact"`` with the forward-over-reverse oracle, without its
-  backward passes (the ``L`` products cost about 10 gradients on the MNIST
-  autoencoder, ``L = 8``, against 18; docs/step_sizes.md), but no
-  cross-layer matrix (``matrix`` is ``None``).
+  ``jax.jvp`` of ``jax.jvp``, vmapped over the ``L`` layers (the outer
+  primal is ``b_l = <grad f, d^(l)>``): the numbers of ``estimator="exact"``
+  with the forward-over-reverse oracle, without its backward passes (about
+  15 of Adam's steps on the MNIST autoencoder, ``L = 8``, against 28;
+  docs/step_sizes.md), but no cross-layer matrix (``matrix`` and ``grad``
+  are ``None``). Not under ``shard_map`` / ``pmap``: the forward tangent of
+  a ``pmean``-ed loss is already the mean over devices. A ``jax.custom_vjp``
+  in ``value_fn`` raises ``NotImplementedError`` (JAX cannot push a tangent
+  through it).
 
   Args:
     value_fn: the mini-batch loss.
     params: the point ``theta``.
     direction: ``d``.
     layers: the layer partition.
-    grad: the gradient ``g`` (global under ``axis_name``), for ``b_l``.
     transform: the caller's name, for error messages.
-    axis_name: the data-parallel axis (``q`` is averaged over it).
   """
-  loss = _checks.checked_value_fn(
-      _parallel.local_value_fn(value_fn, axis_name), transform)
-  point = _parallel.local_params(params, axis_name)
+  loss = _checks.checked_value_fn(value_fn, transform)
   dtype = _layers.tree_stats_dtype(direction)
 
-  def second_derivative(coefficients):
-    tangent = _parallel.local_params(layers.scale(direction, coefficients),
-                                     axis_name)
+  def derivatives(coefficients):
+    tangent = layers.scale(direction, coefficients)
     slope = lambda p: jax.jvp(loss, (p,), (tangent,))[1]  # noqa: E731
-    return jax.jvp(slope, (point,), (tangent,))[1].astype(dtype)
+    first, second = jax.jvp(slope, (params,), (tangent,))
+    return first.astype(dtype), second.astype(dtype)
 
-  curvature = jax.vmap(second_derivative)(
+  decrease, curvature = jax.vmap(derivatives)(
       jnp.eye(layers.num_layers, dtype=dtype))
-  curvature = _parallel.global_mean(curvature, axis_name)
-  return LayerForms(grad, layers.inner(grad, direction), curvature, None)
+  return LayerForms(None, decrease, curvature, None)

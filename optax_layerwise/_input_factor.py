@@ -101,11 +101,13 @@ def _refreshed(cfg: _Config, value_fn, params, specs, state):
       value_fn, params, kernels={s.kernel_index: s.d_out for s in specs},
       second_moment=True, with_grads=False, axis_name=cfg.axis_name,
       second_moment_stride=ROWS)
+  if not taps.layers:
+    raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
   first = state.count == 0
   factors, inverses, finite = [], [], jnp.asarray(True)
   for spec, old, old_inverse in zip(specs, state.factors, state.inverses):
     tap = _lm.layer_tap(taps, spec, _NAME)
-    if tap is None:  # not tapped: H_a stays I
+    if tap is None:  # not tapped: its factors are kept (I from init)
       factors.append(old)
       inverses.append(old_inverse)
       continue
@@ -220,10 +222,14 @@ def precondition_by_inputs(
            [1., 2., 1.],
            [1., 1., 1.]], dtype=float32)
   """
-  for name, value, why in (
-      ("damping", damping, "sqrt(damping) I keeps A + sqrt(damping) I "
-       "invertible; use a small positive value for little damping."),):
-    _checks.check_non_negative(value, name, transform=_NAME, why=why)
+  _checks.check_non_negative(
+      damping, "damping", transform=_NAME,
+      why="sqrt(damping) I keeps A + sqrt(damping) I invertible.")
+  if _checks.concrete_float(damping) == 0:
+    raise ValueError(
+        f"{_NAME}: damping must be > 0: A from a mini-batch with fewer "
+        "rows than inputs is singular, and every refresh would fail. Use a "
+        "small positive value for little damping.")
   _checks.check_decay(stat_decay, "stat_decay", transform=_NAME,
                       why="0 keeps only the latest mini-batch's A.")
   interval = _checks.concrete_int(update_interval)

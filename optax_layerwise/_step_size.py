@@ -33,6 +33,7 @@ Hessian-vector product) makes the affected layers fall back, counted in
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -86,15 +87,16 @@ PRECONDITIONS = (None, "inputs")
 AUTO_BOUNDS = {None: 0.01, "inputs": 0.02}
 
 
-def _measurement(num_probes, coupled, **given) -> dict:
+def _measurement(num_probes, coupled, axis_name, **given) -> dict:
   """The aliases' ``estimator``, ``hvp``, ``update_interval``: each one given
   (not ``None``) is kept; the others are :data:`DEFAULT_MEASUREMENT`'s, or
   :data:`PAPER_MEASUREMENT`'s when ``num_probes`` is given; ``hvp`` is
   forward-over-reverse where forward-over-forward cannot serve (another
-  estimator, or ``coupled``)."""
+  estimator, ``coupled``, or an ``axis_name``)."""
   base = DEFAULT_MEASUREMENT if num_probes is None else PAPER_MEASUREMENT
   chosen = {k: base[k] if v is None else v for k, v in given.items()}
-  if given["hvp"] is None and (coupled or chosen["estimator"] != "exact"):
+  if given["hvp"] is None and (coupled or chosen["estimator"] != "exact"
+                               or axis_name is not None):
     chosen["hvp"] = "forward_over_reverse"
   return chosen
 
@@ -171,7 +173,7 @@ class _Config:
 
 def _check_args(estimator, hvp, update_interval, num_probes, coupled,
                 max_step, initial_step, coupled_damping, ema,
-                max_relative_change) -> tuple:
+                max_relative_change, axis_name) -> tuple:
   """Clear errors for bad arguments; returns ``(static_interval,
   num_probes)`` (see :func:`optax_layerwise._curvature.check_measurement_args`).
   Values injected by :func:`optax.inject_hyperparams` arrive traced and are
@@ -186,6 +188,11 @@ def _check_args(estimator, hvp, update_interval, num_probes, coupled,
         f"{_NAME}: hvp='forward_over_forward' gives the diagonal blocks "
         "alone: use it with estimator='exact' and coupled=False, or pass "
         "hvp='forward_over_reverse'.")
+  if hvp == "forward_over_forward" and axis_name is not None:
+    raise ValueError(
+        f"{_NAME}: hvp='forward_over_forward' is not supported with "
+        "axis_name (the forward tangent of a pmean-ed loss is already the "
+        "mean over devices): pass hvp='forward_over_reverse'.")
   for name, value, why in (
       ("max_step", max_step, "It caps each layer's step alpha_l (the "
        "learning rate); a negative step would climb the loss."),
@@ -253,10 +260,16 @@ def _measure(cfg: _Config, value_fn, params, grads, d, partition, state,
   """``(b, q, raw)``: ``b_l = <g, d>_l``, ``q_l ~ d_l^T H_ll d_l`` and the
   proposed steps ``b_l / q_l`` (or the coupled system's solution)."""
   if cfg.hvp == "forward_over_forward":
-    forms = _curvature.layer_curvatures_forward(
-        value_fn, params, d, partition, grad=grads, transform=_NAME,
-        axis_name=cfg.axis_name)
-    return forms.decrease, forms.curvature, forms.decrease / forms.curvature
+    try:
+      forms = _curvature.layer_curvatures_forward(
+          value_fn, params, d, partition, transform=_NAME)
+      return forms.decrease, forms.curvature, forms.decrease / forms.curvature
+    except NotImplementedError as err:  # e.g. a jax.custom_vjp in value_fn
+      warnings.warn(
+          f"{_NAME}: value_fn cannot be differentiated forward-over-forward "
+          f"({err}); measuring with hvp='forward_over_reverse' instead. Pass "
+          "it to silence this warning.", stacklevel=2)
+      cfg = dataclasses.replace(cfg, hvp="forward_over_reverse")
   secant = cfg.hvp == "secant"
   oracle = _curvature.make_hvp(
       value_fn, params, method="gradient_difference" if secant else cfg.hvp,
@@ -377,10 +390,12 @@ def scale_by_layerwise_step_size(
       ``theta`` and where the step lands; the forms are divided back by
       ``s``, see :func:`optax_layerwise._curvature.layer_quadratic_forms`),
       or ``"forward_over_forward"`` (``estimator="exact"`` only, not
-      ``coupled``: ``q_l`` as the second directional derivative
-      ``d^2/dt^2 f(theta + t d^(l))``, ``jax.jvp`` of ``jax.jvp``; the same
-      numbers as forward-over-reverse without its backward passes, the
-      aliases' default; see
+      ``coupled``, no ``axis_name``: ``q_l`` as the second directional
+      derivative ``d^2/dt^2 f(theta + t d^(l))``, ``jax.jvp`` of
+      ``jax.jvp``; the same numbers as forward-over-reverse without its
+      backward passes, the aliases' default; a ``value_fn`` JAX cannot
+      differentiate forward (a ``jax.custom_vjp``) falls back to
+      forward-over-reverse with a warning; see
       :func:`optax_layerwise._curvature.layer_curvatures_forward`).
     max_step: upper clip of each accepted ``alpha_l``.
     max_relative_change: if set, also bounds the displacement of each layer,
@@ -436,7 +451,7 @@ def scale_by_layerwise_step_size(
   """
   static_interval, num_probes = _check_args(
       estimator, hvp, update_interval, num_probes, coupled, max_step,
-      initial_step, coupled_damping, ema, max_relative_change)
+      initial_step, coupled_damping, ema, max_relative_change, axis_name)
   cfg = _Config(
       direction=optax.with_extra_args_support(
           direction if direction is not None else optax.identity()),
@@ -509,12 +524,13 @@ _SHARED_ARGS_DOC = """    precondition: ``None`` (the paper's direction) or ``"i
       Giving it selects the paper's measurement for ``estimator`` and
       ``update_interval`` when they are ``None`` (``"hutchinson"``, 1).
     hvp: ``None``: ``"forward_over_forward"`` (the exact diagonal blocks as
-      second directional derivatives) for the exact estimator, else
-      ``"forward_over_reverse"`` (the exact Hessian-vector product);
+      second directional derivatives) for the exact estimator without
+      ``coupled`` or ``axis_name``, else ``"forward_over_reverse"`` (the
+      exact Hessian-vector product);
       ``"secant"`` (one gradient per product, at the last step) or
       ``"gradient_difference"``. The default measurement (the ``L`` exact
       blocks every 40 steps) costs about 10 gradients on the MNIST
-      autoencoder (``L = 8``; 18 forward-over-reverse), about 1.3-1.4x the
+      autoencoder (``L = 8``; 18 forward-over-reverse), about 1.45x the
       base optimizer's step amortised (``docs/step_sizes.md``), and rejected
       no curvature there.
     max_step: upper clip of each per-layer step.
@@ -605,8 +621,8 @@ def layerwise_sgd(
        optax.add_decayed_weights(weight_decay)), axis_name)
   return _with_step_sizes(
       direction, scale, num_probes=num_probes,
-      **_measurement(num_probes, coupled, estimator=estimator, hvp=hvp,
-                     update_interval=update_interval),
+      **_measurement(num_probes, coupled, axis_name, estimator=estimator,
+                     hvp=hvp, update_interval=update_interval),
       max_step=max_step,
       max_relative_change=_bound(max_relative_change, precondition),
       initial_step=initial_step, ema=ema, coupled=coupled,
@@ -681,8 +697,8 @@ def layerwise_adamw(
        optax.add_decayed_weights(weight_decay)), axis_name)
   return _with_step_sizes(
       direction, scale, num_probes=num_probes,
-      **_measurement(num_probes, coupled, estimator=estimator, hvp=hvp,
-                     update_interval=update_interval),
+      **_measurement(num_probes, coupled, axis_name, estimator=estimator,
+                     hvp=hvp, update_interval=update_interval),
       max_step=max_step,
       max_relative_change=_bound(max_relative_change, precondition),
       initial_step=initial_step, ema=ema, coupled=coupled,

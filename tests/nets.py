@@ -90,38 +90,9 @@ def ravel(tree):
   return np.asarray(ravel_pytree(tree)[0])
 
 
+
 def curves_autoencoder_run(tx, num_steps: int):
-  """``run(init) -> (state, losses)``: ``tx`` for ``num_steps`` steps on the
-  K-BFGS paper's CURVES autoencoder (2000 synthetic curves, batch 100,
-  sigmoid cross-entropy summed over the 784 pixels), jitted once for every
-  ``weight_init`` of :class:`benchmarks.models.Autoencoder` (same shapes)."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from benchmarks import data as data_lib  # pylint: disable=g-import-not-at-top
-  from benchmarks import models  # pylint: disable=g-import-not-at-top
-  x = jnp.asarray(data_lib.make_curves(2000, 10, seed=0).x_train.reshape(
-      2000, -1), jnp.float32)
-  batches = x.reshape(20, 100, -1)[jnp.arange(num_steps) % 20]
-  model = models.Autoencoder(models.CURVES_AE_WIDTHS)
-
-  def loss_fn(p, xb):
-    logits = model.apply({"params": p}, xb)
-    return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, xb),
-                            -1))
-
-  def step(carry, xb):
-    p, state = carry
-    value, grads = jax.value_and_grad(loss_fn)(p, xb)
-    updates, state = tx.update(grads, state, p,
-                               value_fn=lambda q: loss_fn(q, xb))
-    return (optax.apply_updates(p, updates), state), value
-
-  train = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), batches))
-
-  def run(init: str):
-    params = models.Autoencoder(models.CURVES_AE_WIDTHS,
-                                weight_init=init).init(
-                                    jax.random.PRNGKey(0), x[:1])["params"]
-    (_, state), losses = train(params)
-    return state, np.asarray(losses)
-
-  return run
+  """:func:`benchmarks.curves_inits.curves_autoencoder_run` (the CURVES
+  autoencoder, three initialisations, one compilation)."""
+  from benchmarks import curves_inits  # pylint: disable=g-import-not-at-top
+  return curves_inits.curves_autoencoder_run(tx, num_steps)

@@ -1,5 +1,7 @@
 """Tests for the layer-wise step sizes (_step_size.py; docs/step_sizes.md)."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -436,6 +438,32 @@ def test_unknown_estimator_or_hvp_lists_the_choices(bad):
 def test_forward_over_forward_needs_the_diagonal_blocks_alone(bad):
   with pytest.raises(ValueError, match="forward_over_forward.*diagonal"):
     olw.layerwise_sgd(hvp="forward_over_forward", **bad)
+
+
+def test_a_custom_vjp_loss_falls_back_to_forward_over_reverse():
+  """JAX cannot push a tangent through a ``jax.custom_vjp``: the default
+  measurement warns and measures forward-over-reverse instead, the same
+  steps as asking for it."""
+  @jax.custom_vjp
+  def act(x):
+    return jnp.tanh(x)
+
+  act.defvjp(lambda x: (jnp.tanh(x), x),
+             lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
+  params, loss_fn = nets.mlp(_fresh_key())
+  loss = lambda p: loss_fn(p) + jnp.sum(act(p["layer0"]["w"]) ** 2)  # noqa
+  states = []
+  for hvp in (None, "forward_over_reverse"):
+    tx = olw.layerwise_adamw(hvp=hvp)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      _, _, state = _jit_update(tx, loss)(params, tx.init(params))
+    assert any("forward_over_reverse" in str(w.message)
+               for w in caught) == (hvp is None)
+    states.append(_step_state(state))
+  np.testing.assert_allclose(states[0].step_sizes, states[1].step_sizes,
+                             rtol=1e-6)
+  assert np.any(np.asarray(states[0].step_sizes) > 0)
 
 
 def test_aliases_take_forward_over_reverse_where_forward_cannot_serve():
