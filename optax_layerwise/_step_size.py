@@ -9,8 +9,10 @@ along ``d_l`` alone (docs/step_sizes.md, "Algorithm")::
 
 so no learning rate is tuned. ``q_l`` is measured matrix-free along the
 diagonal Hessian block (see :mod:`optax_layerwise._curvature`); the aliases
-measure every block exactly (forward-over-reverse) every 40 steps (the
-paper's one-probe Hutchinson estimate every step is an option).
+measure every block exactly (forward-over-forward) every 40 steps (the
+paper's one-probe Hutchinson estimate every step is an option), optionally
+along a direction preconditioned by K-BFGS's input factor
+(:mod:`optax_layerwise._input_factor`).
 
 Calling convention: :func:`scale_by_layerwise_step_size` *wraps* the
 first-order transform that makes the direction (``direction=optax.trace(0.9)``
