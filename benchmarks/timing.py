@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
+from optax_layerwise import _step_size
+
 __all__ = ["AMORTISING_CALLS", "Carried", "time_side_by_side",
            "time_to_target"]
 
@@ -27,7 +29,7 @@ __all__ = ["AMORTISING_CALLS", "Carried", "time_side_by_side",
 #: of 3 steps (the Fashion-MNIST benchmark until session 13) mostly missed
 #: it, and the median over rounds then reported the step between
 #: measurements (1.19x AdamW's instead of about 1.7x).
-AMORTISING_CALLS = 40
+AMORTISING_CALLS = _step_size.DEFAULT_MEASUREMENT["update_interval"]
 
 
 class Carried:

@@ -37,12 +37,12 @@ import optax
 
 from optax_layerwise import _bfgs
 from optax_layerwise import _checks
+from optax_layerwise import _kbfgs
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layer_matrices as _lm
 from optax_layerwise import _layers
 from optax_layerwise import _nonfinite
 from optax_layerwise import _parallel
-from optax_layerwise import _row_samples
 from optax_layerwise import _taps
 
 __all__ = ["PreconditionByInputsState", "precondition_by_inputs"]
@@ -50,7 +50,7 @@ __all__ = ["PreconditionByInputsState", "precondition_by_inputs"]
 _NAME = "precondition_by_inputs"
 #: ``A`` from every 4th row of calls with at least 256 rows, at least 64
 #: rows kept: K-BFGS's automatic sampling (``input_factor_row_stride=None``).
-ROWS = _row_samples.Sampling(4, 256, 64)
+ROWS = _kbfgs.AUTO_INPUT_FACTOR_ROWS
 
 
 class PreconditionByInputsState(NamedTuple):
@@ -145,9 +145,9 @@ def _precondition(updates, specs, inverses):
   leaves, treedef = jax.tree_util.tree_flatten(updates)
   out = list(leaves)
   for spec, h_a in zip(specs, inverses):
-    matrix = _lm.matrix(leaves, spec).astype(h_a.dtype)
     dtype = _lm.precondition_dtype(None, spec, h_a.dtype)
-    _lm.set_matrix(out, spec, _bfgs.product(h_a, matrix, dtype))
+    _lm.set_matrix(out, spec,
+                   _bfgs.product(h_a, _lm.matrix(leaves, spec), dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

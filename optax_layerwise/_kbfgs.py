@@ -729,6 +729,11 @@ def _sampling(given: Optional[int], auto: int) -> _row_samples.Sampling:
   return _row_samples.Sampling(given)
 
 
+#: ``A``'s automatic row sampling (``input_factor_row_stride=None``), shared
+#: with :mod:`optax_layerwise._input_factor`.
+AUTO_INPUT_FACTOR_ROWS = _sampling(None, AUTO_INPUT_FACTOR_ROW_STRIDE)
+
+
 def _check_memory_size(memory_size) -> None:
   if memory_size is None:
     return

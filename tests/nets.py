@@ -88,11 +88,3 @@ def layer_matrix(hess, index, d, num_layers):
 
 def ravel(tree):
   return np.asarray(ravel_pytree(tree)[0])
-
-
-
-def curves_autoencoder_run(tx, num_steps: int):
-  """:func:`benchmarks.curves_inits.curves_autoencoder_run` (the CURVES
-  autoencoder, three initialisations, one compilation)."""
-  from benchmarks import curves_inits  # pylint: disable=g-import-not-at-top
-  return curves_inits.curves_autoencoder_run(tx, num_steps)

@@ -19,7 +19,6 @@ from flax import nnx
 
 import optax_layerwise as olw
 from optax_layerwise import _hardware
-from tests import nets
 from tests.kbfgs_reference import KBFGSReference
 # tests/test_kbfgs_recovery.py imports the two-loop recursion from here.
 from tests.kbfgs_reference import two_loop as _two_loop  # noqa: F401
@@ -769,7 +768,9 @@ def test_defaults_stay_finite_on_the_curves_autoencoder(memory):
   """The defaults, with no learning rate tuned, on the K-BFGS paper's CURVES
   autoencoder with Flax's default (LeCun normal), Glorot and the authors'
   (PyTorch) initialisation: 200 steps, finite, loss well down."""
-  run = nets.curves_autoencoder_run(olw.kbfgs(memory_size=memory), 200)
+  from benchmarks import curves_inits
+  run = curves_inits.curves_autoencoder_run(olw.kbfgs(memory_size=memory),
+                                            200)
   for init in ("lecun", "glorot", "torch"):
     state, losses = run(init)
     print(f"{init} memory={memory}: loss {losses[0]:.1f} -> "
