@@ -139,8 +139,8 @@ def _layer_medians(partition: _layers.Layers, tree: PyTree) -> jax.Array:
   medians = []
   for layer in range(partition.num_layers):  # static, one op per layer
     entries = jnp.concatenate([
-        jnp.ravel(x).astype(_layers.stats_dtype(x.dtype))
-        for x, i in zip(leaves, partition.leaf_layer) if i == layer])
+        jnp.ravel(leaves[i]).astype(_layers.stats_dtype(leaves[i].dtype))
+        for i in partition.leaf_indices(layer)])
     medians.append(jnp.nanmedian(entries))
   return jnp.stack(medians)
 

@@ -166,6 +166,10 @@ class Layers:
     """Per-layer squared norms ``||x_l||^2``, shape ``(L,)``."""
     return self.inner(x, x)
 
+  def leaf_indices(self, layer: int) -> list:
+    """The flatten-order indices of ``layer``'s leaves."""
+    return [i for i, k in enumerate(self.leaf_layer) if k == layer]
+
   def per_leaf(self, per_layer: jax.Array) -> list:
     """The entry of a length-``L`` vector that belongs to each leaf."""
     return [per_layer[i] for i in self.leaf_layer]

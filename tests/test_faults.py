@@ -199,21 +199,18 @@ def test_nonfinite_measurement_falls_back_per_layer(name):
     assert tiny.tree_finite((params, after, updates))
     # ... with the affected layers on their last step, counted per layer.
     # NaN loss: every layer's measurement is NaN. NaN second derivative
-    # through layer 0: with Hessian-vector products (CBLR, MCLR) only layer
-    # 0's (the product is NaN in layer 0's entries only); the layer-wise
-    # aliases' second directional derivatives (forward-over-forward) carry
-    # layer 1's zero tangent through layer 0's NaN derivative (NaN * 0), so
-    # both layers fall back.
-    forward = name.startswith("layerwise")
-    hit = (list(range(num_layers)) if code == NAN_VALUE or forward
-           else [0])
+    # through layer 0: only layer 0's, both with Hessian-vector products
+    # (CBLR, MCLR: the product is NaN in layer 0's entries only) and with
+    # the layer-wise aliases' per-layer second directional derivatives
+    # (layer 1's tangent enters after layer 0).
+    hit = list(range(num_layers)) if code == NAN_VALUE else [0]
     for layer in hit:
       assert fall1[layer] == fall0[layer] + 1, (code, layer)
       # The last step (rate), shortened if this step's displacement bound
       # (max_relative_change, which depends on the new direction) is lower.
       assert 0 < steps1[layer] <= steps0[layer], (code, layer)
       assert curv1[layer] == curv0[layer], (code, layer)  # last finite kept
-    if code == NAN_HVP and not forward:
+    if code == NAN_HVP:
       assert curv1[1] != curv0[1]  # layer 1 was measured as usual
   final_params, final_state, _ = run[-1]
   assert tiny.tree_finite((final_params, final_state))
