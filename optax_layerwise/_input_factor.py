@@ -22,8 +22,9 @@ output side is left to a per-layer scalar: under
 along the preconditioned direction.
 
 Leaves of layers the tap does not see (norm scales, embeddings, layers of
-unsupported kinds) pass through unchanged. A refresh whose statistics are
-not finite keeps the last factors and is counted in ``num_skipped``.
+unsupported kinds) pass through unchanged. A refresh whose statistics or
+incoming updates are not finite keeps the last factors and is counted in
+``num_skipped``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_layerwise import _bfgs
 from optax_layerwise import _checks
 from optax_layerwise import _kbfgs
 from optax_layerwise import _layer_kinds
@@ -63,11 +63,16 @@ class PreconditionByInputsState(NamedTuple):
       :func:`optax_layerwise.kbfgs_layer_names`), the running ``A``,
       ``(k, k)``, ``k = d_in + 1`` with a bias; float32 (float64 for
       float64 params).
-    inverses: per layer, ``H_a = (A + sqrt(damping) I)^{-1}``; ``I`` until
-      the first refresh that tapped the layer.
-    num_skipped: refreshes whose statistics were not finite (the factors
-      were kept), int32.
+    inverses: per layer, ``H_a = (A + sqrt(damping) I)^{-1}`` in the
+      product's input dtype (bfloat16 where K-BFGS multiplies in it, else
+      ``A``'s); ``I`` until the first refresh that tapped the layer.
+    num_skipped: refreshes whose statistics or incoming updates were not
+      finite (the factors were kept), int32.
   """
+  # Kept finite here (see above), so a skipping alias neither checks nor
+  # restores them (:func:`optax_layerwise._nonfinite.skip_non_finite_step`).
+  GUARDED_FIELDS = ("factors", "inverses")
+
   count: jax.Array
   factors: tuple
   inverses: tuple
@@ -83,20 +88,26 @@ class _Config:
   axis_name: Optional[_parallel.AxisName]
 
 
+def _product_dtype(spec, factor_dtype):
+  return _lm.precondition_dtype(None, spec, factor_dtype)
+
+
 def _init(cfg: _Config, params) -> PreconditionByInputsState:
   _layers.check_params(params, transform=_NAME)
   leaves = jax.tree_util.tree_leaves(params)
   specs = _layer_kinds.find_kernels(params, cfg.select)
-  eyes = lambda: tuple(  # noqa: E731  (distinct buffers: donatable)
-      jnp.eye(s.k, dtype=_layers.stats_dtype(leaves[s.kernel_index].dtype))
-      for s in specs)
+  dtypes = [_layers.stats_dtype(leaves[s.kernel_index].dtype) for s in specs]
   return PreconditionByInputsState(
-      count=jnp.zeros([], jnp.int32), factors=eyes(), inverses=eyes(),
+      count=jnp.zeros([], jnp.int32),
+      factors=tuple(jnp.eye(s.k, dtype=d) for s, d in zip(specs, dtypes)),
+      inverses=tuple(jnp.eye(s.k, dtype=_product_dtype(s, d))
+                     for s, d in zip(specs, dtypes)),
       num_skipped=jnp.zeros([], jnp.int32))
 
 
-def _refreshed(cfg: _Config, value_fn, params, specs, state):
-  """``(factors, inverses, finite)`` from one tapped pass at ``params``."""
+def _refreshed(cfg: _Config, value_fn, params, specs, state, updates):
+  """``(factors, inverses, finite)`` from one tapped pass at ``params``;
+  ``finite`` also needs finite incoming ``updates`` (a skipped step)."""
   taps = _taps.tap_dense_layers(
       value_fn, params, kernels={s.kernel_index: s.d_out for s in specs},
       second_moment=True, with_grads=False, axis_name=cfg.axis_name,
@@ -104,7 +115,8 @@ def _refreshed(cfg: _Config, value_fn, params, specs, state):
   if not taps.layers:
     raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
   first = state.count == 0
-  factors, inverses, finite = [], [], jnp.asarray(True)
+  factors, inverses = [], []
+  finite = _nonfinite.tree_all_finite(updates)
   for spec, old, old_inverse in zip(specs, state.factors, state.inverses):
     tap = _lm.layer_tap(taps, spec, _NAME)
     if tap is None:  # not tapped: its factors are kept (I from init)
@@ -116,17 +128,18 @@ def _refreshed(cfg: _Config, value_fn, params, specs, state):
                   cfg.stat_decay * old + (1.0 - cfg.stat_decay) * batch)
     eye = jnp.eye(spec.k, dtype=a.dtype)
     factors.append(a)
-    inverses.append(_lm.spd_inverse(a + cfg.sqrt_damping * eye))
-    finite = finite & _nonfinite.tree_all_finite((a, inverses[-1]))
+    inverse = _lm.spd_inverse(a + cfg.sqrt_damping * eye)
+    finite = finite & _nonfinite.tree_all_finite((a, inverse))
+    inverses.append(inverse.astype(old_inverse.dtype))
   return tuple(factors), tuple(inverses), finite
 
 
-def _factors(cfg: _Config, value_fn, params, specs, state) -> tuple:
+def _factors(cfg: _Config, value_fn, params, specs, state, updates) -> tuple:
   """``(factors, inverses, num_skipped)``: refreshed every
   ``update_interval`` steps (under :func:`jax.lax.cond`), else kept."""
   def refresh(_):
     factors, inverses, finite = _refreshed(cfg, value_fn, params, specs,
-                                           state)
+                                           state, updates)
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     return (jax.tree_util.tree_map(keep, factors, state.factors),
             jax.tree_util.tree_map(keep, inverses, state.inverses),
@@ -139,15 +152,15 @@ def _factors(cfg: _Config, value_fn, params, specs, state) -> tuple:
                       None)
 
 
-def _precondition(updates, specs, inverses):
-  """``H_a [U_W; U_b]`` for every layer (bfloat16 inputs where K-BFGS
-  takes them, float32 accumulation); other leaves unchanged."""
+def _precondition(updates, specs, factors, inverses):
+  """``H_a [U_W; U_b]`` for every layer (``H_a``'s dtype for the inputs,
+  ``A``'s for the accumulation and the result); other leaves unchanged."""
   leaves, treedef = jax.tree_util.tree_flatten(updates)
   out = list(leaves)
-  for spec, h_a in zip(specs, inverses):
-    dtype = _lm.precondition_dtype(None, spec, h_a.dtype)
+  for spec, a, h_a in zip(specs, factors, inverses):
+    m = _lm.matrix(leaves, spec).astype(h_a.dtype)
     _lm.set_matrix(out, spec,
-                   _bfgs.product(h_a, _lm.matrix(leaves, spec), dtype))
+                   jnp.matmul(h_a, m, preferred_element_type=a.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -161,11 +174,11 @@ def _update(cfg: _Config, updates, state, params, value_fn):
         f"{_NAME}: the params have {len(specs)} layers but the state was "
         f"initialised for {len(state.factors)}; call init with these params.")
   factors, inverses, num_skipped = _factors(cfg, value_fn, params, specs,
-                                            state)
+                                            state, updates)
   new_state = PreconditionByInputsState(
       count=state.count + 1, factors=factors, inverses=inverses,
       num_skipped=num_skipped)
-  return _precondition(updates, specs, inverses), new_state
+  return _precondition(updates, specs, factors, inverses), new_state
 
 
 def precondition_by_inputs(

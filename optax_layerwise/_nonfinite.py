@@ -39,17 +39,40 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
 
 
 def _no_new_non_finite(new_state, old_state) -> jax.Array:
-  """``True`` unless an entry finite in ``old_state`` is not in ``new_state``.
+  """``True`` unless a leaf of ``new_state`` has a non-finite entry where the
+  same leaf of ``old_state`` had none.
 
-  Entries that were already non-finite (a user transform's ``inf`` sentinel,
-  say) do not count, so such a state does not block every step.
+  A leaf that already held a non-finite entry (a user transform's ``inf``
+  sentinel, say) is not checked, so such a state does not block every step.
+  Two fused reductions per leaf (:func:`tree_all_finite`), no boolean array:
+  the state holds the preconditioners' factors, read on every step.
   """
   checks = [
-      jnp.all(jnp.isfinite(a) | ~jnp.isfinite(b))
+      tree_all_finite(a) | ~tree_all_finite(b)
       for a, b in zip(jax.tree_util.tree_leaves(new_state),
                       jax.tree_util.tree_leaves(old_state))
       if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _is_guarded(node) -> bool:
+  return hasattr(type(node), "GUARDED_FIELDS")
+
+
+def _unguarded(state):
+  """``state`` with the fields its parts guard themselves (a NamedTuple
+  state's ``GUARDED_FIELDS``) set to ``None``."""
+  return jax.tree_util.tree_map(
+      lambda x: x._replace(**dict.fromkeys(x.GUARDED_FIELDS)) if
+      _is_guarded(x) else x, state, is_leaf=_is_guarded)
+
+
+def _with_guarded(state, new_state):
+  """``state`` with the guarded fields put back from ``new_state``."""
+  return jax.tree_util.tree_map(
+      lambda x, new: x._replace(**{f: getattr(new, f)
+                                   for f in new.GUARDED_FIELDS})
+      if _is_guarded(new) else x, state, new_state, is_leaf=_is_guarded)
 
 
 def skip_non_finite_step(grads: PyTree, new_updates: PyTree, new_state,
@@ -57,24 +80,32 @@ def skip_non_finite_step(grads: PyTree, new_updates: PyTree, new_state,
   """Skips the step when the gradient, the updates or the state go non-finite.
 
   Returns ``(new_updates, new_state)``, or, if any entry of ``grads`` or
-  ``new_updates`` is NaN or infinite, or ``new_state`` has a non-finite
-  entry where ``old_state`` had a finite one (e.g. an Adam second moment
-  overflowing in float16), zero updates and ``old_state`` with only its
-  ``num_skipped`` field incremented. ``count`` does not advance: a skipped
-  step is the step of a run that never saw the bad batch, so the Hutchinson
-  probes (keyed by ``count``) and the ``update_interval`` schedule of the
-  following steps are those of that run, and the params and statistics never
-  see a NaN. Selection by ``jnp.where``: no Python branch, jit- and
-  scan-safe.
+  ``new_updates`` is NaN or infinite, or a leaf of ``new_state`` has a
+  non-finite entry where that leaf of ``old_state`` had none (e.g. an Adam
+  second moment overflowing in float16), zero updates and ``old_state`` with
+  only its ``num_skipped`` field incremented. ``count`` does not advance: a
+  skipped step is the step of a run that never saw the bad batch, so the
+  Hutchinson probes (keyed by ``count``) and the ``update_interval``
+  schedule of the following steps are those of that run, and the params and
+  statistics never see a NaN. Selection by ``jnp.where``: no Python branch,
+  jit- and scan-safe.
+
+  Exception: a part of the state that names some of its fields in a
+  ``GUARDED_FIELDS`` class attribute keeps them finite itself (they change
+  only from finite statistics of a finite-gradient step, under its own
+  ``lax.cond``), so they are neither checked nor restored: the
+  preconditioners' factors, which would otherwise be read and copied on
+  every step.
   """
+  checked_new, checked_old = _unguarded(new_state), _unguarded(old_state)
   finite = tree_all_finite((grads, new_updates)) & _no_new_non_finite(
-      new_state, old_state)
-  skipped = old_state._replace(num_skipped=old_state.num_skipped + 1)
+      checked_new, checked_old)
+  skipped = checked_old._replace(num_skipped=checked_old.num_skipped + 1)
   state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b),
-                                 new_state, skipped)
+                                 checked_new, skipped)
   updates = jax.tree_util.tree_map(
       lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-  return updates, state
+  return updates, _with_guarded(state, new_state)
 
 
 def skip_aware_chain(
