@@ -184,7 +184,7 @@ def make_transforms(axis_name) -> Dict[str, optax.GradientTransformation]:
       "layerwise_sgd_exact_fd": olw.layerwise_sgd(
           estimator="exact", hvp="gradient_difference", axis_name=axis_name),
       "kbfgs_tangent": olw.kbfgs(0.1, pair="tangent", axis_name=axis_name),
-      # A averaged over the devices (refreshed every 20 steps: step 0).
+      # A averaged over the devices (refreshed at step 0).
       "layerwise_adamw_inputs": olw.layerwise_adamw(
           precondition="inputs", axis_name=axis_name),
       "kbfgs_scan_lstm": olw.kbfgs(0.1, axis_name=axis_name, **ROWS),
