@@ -24,7 +24,8 @@ __all__ = ["AMORTISING_CALLS", "Carried", "time_side_by_side",
 
 #: Consecutive steps timed per method and round by the benchmarks: the
 #: layer-wise aliases measure their curvature every 40 steps (the measuring
-#: step costs about 15 of Adam's on the MNIST autoencoder), so a window of 40
+#: step costs about 3 of Adam's on the MNIST autoencoder; 15 before session
+#: 14's one-layer-at-a-time derivatives), so a window of 40
 #: holds exactly one measurement and its time is the amortised step. Windows
 #: of 3 steps (the Fashion-MNIST benchmark until session 13) mostly missed
 #: it, and the median over rounds then reported the step between

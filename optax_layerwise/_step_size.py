@@ -64,7 +64,8 @@ _NAME = "scale_by_layerwise_step_size"
 HVP_METHODS = _curvature.HVP_METHODS + ("secant", "forward_over_forward")
 # The aliases' measurement (docs/step_sizes.md, "Measured cost"): the exact
 # per-layer blocks, as second directional derivatives (forward-over-forward,
-# the same numbers as forward-over-reverse at 0.56x its time), every 40
+# one layer at a time: the same numbers as forward-over-reverse, about 2.7
+# gradients per measurement against 18 on the MNIST autoencoder), every 40
 # steps (no rejected curvature on the ReLU autoencoders: the blocks are
 # Gauss-Newton blocks). The paper's one-probe Hutchinson every step cost 3.3x
 # the base optimizer and rejected about 40 % of its measurements.
@@ -87,11 +88,12 @@ PRECONDITIONS = (None, "inputs")
 # faster with twice the bound (Fashion-MNIST autoencoder: tuned Adam's
 # 10-epoch loss at epoch 2.6 against 3.6 with 0.01); the plain one spiked.
 AUTO_BOUNDS = {None: 0.01, "inputs": 0.02}
-# How often the aliases' `precondition="inputs"` refreshes H_a: with the
-# step-size measurement, every 40 steps. Every 20 (the transform's own
-# default) reached tuned Adam's Fashion-MNIST loss in 2.61 epochs against
-# 2.85, but at 1.53x AdamW's step against 1.46x (docs/step_sizes.md).
-PRECONDITION_INTERVAL = DEFAULT_MEASUREMENT["update_interval"]
+# How often the aliases' `precondition="inputs"` refreshes H_a (one tapped
+# pass and a Cholesky inverse per layer): every 20 steps. Every 40 (with the
+# step-size measurement) cut the step from about 1.53x to 1.46x AdamW's, but
+# took 2.85 epochs to tuned Adam's Fashion-MNIST loss instead of 2.61: more
+# wall time (docs/step_sizes.md, "Input-side preconditioning").
+PRECONDITION_INTERVAL = 20
 
 
 def _measurement(num_probes, coupled, axis_name, **given) -> dict:
@@ -519,7 +521,7 @@ def _with_step_sizes(direction, scale, **step_size_kwargs):
 _SHARED_ARGS_DOC = """    precondition: ``None`` (the paper's direction) or ``"inputs"``: the
       direction is computed from the gradient multiplied, layer by layer, by
       K-BFGS's input-side factor ``H_a = (A + sqrt(0.3) I)^{-1}``
-      (:func:`precondition_by_inputs`, refreshed every 40 steps), and
+      (:func:`precondition_by_inputs`, refreshed every 20 steps), and
       ``alpha_l`` is measured along it; on the Fashion-MNIST autoencoder it
       reached tuned Adam's loss in fewer epochs (``docs/step_sizes.md``,
       "Input-side preconditioning").
@@ -537,10 +539,10 @@ _SHARED_ARGS_DOC = """    precondition: ``None`` (the paper's direction) or ``"i
       exact Hessian-vector product);
       ``"secant"`` (one gradient per product, at the last step) or
       ``"gradient_difference"``. The default measurement (the ``L`` exact
-      blocks every 40 steps) costs about 10 gradients on the MNIST
-      autoencoder (``L = 8``; 18 forward-over-reverse), about 1.45x the
-      base optimizer's step amortised (``docs/step_sizes.md``), and rejected
-      no curvature there.
+      blocks every 40 steps) costs about 2.7 gradients on the MNIST
+      autoencoder (``L = 8``; 18 forward-over-reverse), about 1.2-1.36x
+      the base optimizer's step amortised (``docs/step_sizes.md``), and
+      rejected no curvature there.
     max_step: upper clip of each per-layer step.
     max_relative_change: bounds each layer's displacement,
       ``alpha_l ||d_l|| <= max_relative_change * ||theta_l||``; ``"auto"``

@@ -218,3 +218,32 @@ def test_alias_step_is_b_over_q_along_the_preconditioned_gradient(x64):
                                  rtol=1e-8, atol=1e-12)
   assert any(accepted)
 
+
+
+def test_a_skipped_step_keeps_the_factors_and_the_next_step_refreshes():
+  """A non-finite gradient on a refresh step: the alias skips the step, the
+  factors (which the skip neither checks nor restores) stay as they were,
+  and the refresh happens on the next, finite step, from that batch."""
+  key = _fresh_key()
+  params = tiny.init_params(key)
+  xs, ts = tiny.batches(jax.random.fold_in(key, 1), 1)
+  loss = lambda p: tiny.loss(p, xs[0], ts[0])  # noqa: E731
+  tx = olw.layerwise_sgd(precondition="inputs")
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  bad = jax.tree_util.tree_map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan),
+                               grads)
+  step = jax.jit(lambda g, s: tx.update(g, s, params, value_fn=loss))
+  out, skipped = step(bad, state)
+  pre = lambda s: s[0].direction_state[0]  # noqa: E731
+  assert int(skipped[0].num_skipped) == 1 and int(pre(skipped).count) == 0
+  assert all(float(jnp.max(jnp.abs(u))) == 0.0
+             for u in jax.tree_util.tree_leaves(out))
+  for kept, init in zip(pre(skipped).factors + pre(skipped).inverses,
+                        pre(state).factors + pre(state).inverses):
+    np.testing.assert_array_equal(kept, init)
+  _, after = step(grads, skipped)
+  # float32 factors from the batch's activations, against float64 NumPy.
+  for a, want in zip(pre(after).factors, _numpy_factors(params, xs[0])):
+    np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-5)
+  assert int(pre(after).count) == 1 and int(pre(after).num_skipped) == 0

@@ -658,3 +658,31 @@ def test_trains_flax_nnx_model_through_optimizer_update():
 
   losses = [float(train_step(model, optimizer)) for _ in range(30)]
   assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("max_traces", [1, 2, 16])
+def test_forward_blocks_in_groups_of_layers_match_the_dense_hessian(
+    max_traces, monkeypatch, x64):
+  """Beyond MAX_FORWARD_TRACES layers, consecutive layers share a trace
+  (vmapped over masked tangents); every grouping gives the diagonal blocks
+  and the decreases of the dense Hessian, along a random direction."""
+  from jax.flatten_util import ravel_pytree
+  from optax_layerwise import _curvature
+  monkeypatch.setattr(_curvature, "MAX_FORWARD_TRACES", max_traces)
+  key = _fresh_key()
+  params, loss_fn = nets.mlp(key, sizes=(4, 3, 5, 3, 4, 2),
+                             dtype=jnp.float64)
+  layers = olw.group_layers(params)
+  flat, unravel = ravel_pytree(params)
+  d = np.asarray(jax.random.normal(jax.random.fold_in(key, 7), flat.shape,
+                                   jnp.float64))
+  forms = jax.jit(lambda p, t: _curvature.layer_curvatures_forward(
+      loss_fn, p, t, layers))(params, unravel(d))
+  g, hess, index = nets.dense_reference(loss_fn, params, layers)
+  num = layers.num_layers
+  b = np.array([np.sum((index == l) * g * d) for l in range(num)])
+  q = np.diag(nets.layer_matrix(hess, index, d, num))
+  # float64 end to end: round-off only.
+  np.testing.assert_allclose(forms.decrease, b, rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(forms.curvature, q, rtol=1e-10,
+                             atol=1e-12 * np.abs(q).max())
