@@ -44,8 +44,8 @@ def _no_new_non_finite(new_state, old_state) -> jax.Array:
 
   A leaf that already held a non-finite entry (a user transform's ``inf``
   sentinel, say) is not checked, so such a state does not block every step.
-  Two fused reductions per leaf (:func:`tree_all_finite`), no boolean array:
-  the state holds the preconditioners' factors, read on every step.
+  Two fused reductions per leaf (:func:`tree_all_finite`), no boolean array
+  (this runs on every step, over every moment buffer).
   """
   checks = [
       tree_all_finite(a) | ~tree_all_finite(b)
