@@ -295,7 +295,7 @@ def layer_curvatures_forward(
 
   def group_derivatives(group):
     index = [i for l in group for i in layers.leaf_indices(l)]
-    lane = jnp.asarray([group.index(layers.leaf_layer[i]) for i in index])
+    lane = [group.index(layers.leaf_layer[i]) for i in index]  # static
 
     def along(own):  # the loss as a function of the group's leaves
       full = list(leaves)

@@ -124,8 +124,7 @@ def _refreshed(cfg: _Config, value_fn, params, specs, state, updates):
       inverses.append(old_inverse)
       continue
     batch = _lm.homogeneous(spec, tap)[1].astype(old.dtype)
-    a = jnp.where(first, batch,
-                  cfg.stat_decay * old + (1.0 - cfg.stat_decay) * batch)
+    a = _lm.averaged(old, batch, cfg.stat_decay, first)
     eye = jnp.eye(spec.k, dtype=a.dtype)
     factors.append(a)
     inverse = _lm.spd_inverse(a + cfg.sqrt_damping * eye)

@@ -48,7 +48,6 @@ update and is counted in ``num_skipped_h_g``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -401,15 +400,6 @@ def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
                None if start is None else _Start(first, start))
 
 
-def _a_rule(cfg: _Config, old, batch, first, refresh):
-  """This step's ``A`` from the last one and ``A_batch``: ``A_batch`` on
-  the first step, else ``beta A + (1 - beta) A_batch`` when ``refresh``,
-  else unchanged. Linear, so it also gives ``A v`` from ``(A v, A_batch
-  v)``."""
-  average = cfg.beta * old + (1.0 - cfg.beta) * batch
-  return jnp.where(first, batch, jnp.where(refresh, average, old))
-
-
 def _diagonal_start(tap, dtype) -> Optional[jax.Array]:
   """``w = 1 / (D + delta)``, ``H_g``'s first value ``diag(w)`` (ours,
   ``h_g_init="diagonal"``; docs/kbfgs.md "The first H_g"): ``D`` the
@@ -441,7 +431,8 @@ def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
                      refresh):
   """``v -> (A + sqrt(lambda) I) v`` with this step's ``A``, by
   matrix-vector products: the matrix is not formed."""
-  return lambda v: (_a_rule(cfg, ls.a @ v, work.a_batch @ v, first, refresh)
+  return lambda v: (_lm.averaged(ls.a @ v, work.a_batch @ v, cfg.beta,
+                                 first, refresh)
                     + cfg.sqrt_damping * v)
 
 
@@ -613,7 +604,8 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       work.h_a, s_a, y_a, grad_norm=jnp.linalg.norm(work.abar),
       skip_tol=cfg.skip_tol, valid=refresh)
   new = KBFGSLayerState(
-      a=jnp.where(take, _a_rule(cfg, ls.a, work.a_batch, first, refresh),
+      a=jnp.where(take, _lm.averaged(ls.a, work.a_batch, cfg.beta, first,
+                                     refresh),
                   ls.a),
       # On a skipped first step work.h_a is the new inverse, not ls.h_a.
       h_a=jnp.where(take, h_a, ls.h_a),
@@ -1164,9 +1156,4 @@ def kbfgs(
       precondition_dtype=precondition_dtype,
       select=dense_layers, axis_name=axis_name)
 
-  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    del extra_args
-    return _update(cfg, updates, state, params, value_fn)
-
-  return optax.GradientTransformationExtraArgs(
-      functools.partial(_init, cfg), update_fn)
+  return _checks.value_fn_transformation(cfg, _init, _update)

@@ -26,7 +26,7 @@ Spec = _layer_kinds.LayerSpec
 BF16_MIN_WIDTH = 128
 
 __all__ = ["BF16_MIN_WIDTH", "precondition_dtype", "Spec", "sym",
-           "spd_inverse", "homogeneous", "part", "set_part", "matrix",
+           "spd_inverse", "homogeneous", "averaged", "part", "set_part", "matrix",
            "set_matrix", "layer_indices", "layer_tap"]
 
 
@@ -54,6 +54,15 @@ def homogeneous(spec: Spec, tap: _taps.DenseTap):
   a_batch = jnp.block([[second, rows_mean[:, None]],
                        [rows_mean[None, :], one[None]]])
   return abar, a_batch
+
+
+def averaged(old, batch, beta, first, refresh=True):
+  """The running input factor: ``A_batch`` on the first step, else ``beta A
+  + (1 - beta) A_batch`` when ``refresh``, else ``A`` unchanged (K-BFGS's
+  moving average, arXiv 2006.08877, section 3). Linear, so it also gives
+  ``A v`` from ``(A v, A_batch v)``."""
+  average = beta * old + (1.0 - beta) * batch
+  return jnp.where(first, batch, jnp.where(refresh, average, old))
 
 
 def part(leaves: list, index: int, spec: Spec) -> jax.Array:
