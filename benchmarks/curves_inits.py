@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import optax_layerwise as olw
-from benchmarks import data as data_lib
+from benchmarks import experiments
 from benchmarks import models
 from benchmarks.report import aligned
 
@@ -42,23 +42,18 @@ TRANSFORMS: Dict[str, Callable[[], optax.GradientTransformation]] = {
 
 def curves_autoencoder_run(tx, num_steps: int):
   """``run(init) -> (state, losses)``: ``tx`` for ``num_steps`` steps on the
-  CURVES autoencoder, one compilation for every ``weight_init`` of
+  CURVES autoencoder (:func:`benchmarks.experiments.curves_ae`'s data and
+  loss), one compilation for every ``weight_init`` of
   :class:`benchmarks.models.Autoencoder` (same shapes)."""
-  x = jnp.asarray(data_lib.make_curves(2000, 10, seed=0).x_train.reshape(
-      2000, -1), jnp.float32)
+  exp = experiments.curves_ae(n_train=2000, n_test=10, batch_size=100)
+  x = jnp.asarray(exp.train["x"], jnp.float32)
   batches = x.reshape(20, 100, -1)[jnp.arange(num_steps) % 20]
-  model = models.Autoencoder(models.CURVES_AE_WIDTHS)
-
-  def loss_fn(p, xb):
-    logits = model.apply({"params": p}, xb)
-    return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, xb),
-                            -1))
 
   def step(carry, xb):
     p, state = carry
-    value, grads = jax.value_and_grad(loss_fn)(p, xb)
-    updates, state = tx.update(grads, state, p,
-                               value_fn=lambda q: loss_fn(q, xb))
+    loss = lambda q: exp.loss_fn(q, {"x": xb})  # noqa: E731
+    value, grads = jax.value_and_grad(loss)(p)
+    updates, state = tx.update(grads, state, p, value_fn=loss)
     return (optax.apply_updates(p, updates), state), value
 
   train = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), batches))
