@@ -43,15 +43,34 @@ def _numpy_precondition(grads, inverses):
   return out
 
 
-def test_matches_numpy_reference_over_refreshes(x64):
+def _numpy_block_ranges(k, block_size):
+  """``[(start, stop)]``: ``k`` cut into the fewest equal consecutive
+  blocks of at most ``block_size`` (the last one shorter)."""
+  n = 1 if block_size is None else int(np.ceil(k / block_size))
+  size = int(np.ceil(k / n))
+  return [(i * size, min(k, (i + 1) * size)) for i in range(n)]
+
+
+def _numpy_block_diagonal(a, block_size):
+  out = np.zeros_like(a)
+  for lo, hi in _numpy_block_ranges(len(a), block_size):
+    out[lo:hi, lo:hi] = a[lo:hi, lo:hi]
+  return out
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_matches_numpy_reference_over_refreshes(x64, block_size):
   """Four SGD steps, refreshed on steps 0 and 2 (``A`` = the batch's, then
-  the moving average), every output against NumPy's ``H_a [g_W; g_b]``."""
+  the moving average), every output against NumPy's ``H_a [g_W; g_b]``;
+  with ``block_size=2``, ``H_a`` the inverse of ``A``'s block-diagonal part
+  (tiny's layers have ``k`` = 4 and 5: two blocks, and three with a padded
+  last one)."""
   key = _fresh_key()
   params = tiny.init_params(key, jnp.float64)
   xs, ts = tiny.batches(jax.random.fold_in(key, 1), 4)
   damping, decay = 0.2, 0.7
   tx = olw.precondition_by_inputs(damping=damping, stat_decay=decay,
-                                  update_interval=2)
+                                  update_interval=2, block_size=block_size)
   state = tx.init(params)
   update = jax.jit(lambda g, s, p, x, t: tx.update(
       g, s, p, value_fn=lambda q: tiny.loss(q, x, t)))
@@ -65,7 +84,8 @@ def test_matches_numpy_reference_over_refreshes(x64):
       batch = _numpy_factors(ref_params, x)
       ref_a = batch if ref_a is None else [
           decay * a + (1 - decay) * b for a, b in zip(ref_a, batch)]
-      inverses = [np.linalg.inv(a + np.sqrt(damping) * np.eye(len(a)))
+      inverses = [np.linalg.inv(_numpy_block_diagonal(a, block_size)
+                                + np.sqrt(damping) * np.eye(len(a)))
                   for a in ref_a]
     ref_grads = jax.grad(tiny.loss)(jax.tree_util.tree_map(
         jnp.asarray, ref_params), x, t)
@@ -75,8 +95,12 @@ def test_matches_numpy_reference_over_refreshes(x64):
         np.testing.assert_allclose(out[f"l{i}"][leaf],
                                    ref_out[f"l{i}"][leaf], rtol=1e-9,
                                    atol=1e-12)
-    for a, r in zip(state.factors, ref_a):
-      np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-14)
+    for blocks, r in zip(state.factors, ref_a):
+      ranges = _numpy_block_ranges(len(r), block_size)
+      assert blocks.shape[0] == len(ranges)
+      for block, (lo, hi) in zip(blocks, ranges):
+        np.testing.assert_allclose(block[:hi - lo, :hi - lo], r[lo:hi, lo:hi],
+                                   rtol=1e-12, atol=1e-14)
     params = optax.apply_updates(params, jax.tree_util.tree_map(
         lambda u: -0.1 * u, out))
     ref_params = jax.tree_util.tree_map(
@@ -155,6 +179,8 @@ def test_bfloat16_params_keep_float32_factors():
     (dict(damping=-1.0), "damping"),
     (dict(damping=0.0), "damping must be > 0"),
     (dict(update_interval=0), "update_interval"),
+    (dict(block_size=0), "block_size"),
+    (dict(block_size=2.5), "block_size"),
 ])
 def test_bad_arguments_are_named(kwargs, words):
   with pytest.raises(ValueError, match=words):
@@ -245,5 +271,5 @@ def test_a_skipped_step_keeps_the_factors_and_the_next_step_refreshes():
   _, after = step(grads, skipped)
   # float32 factors from the batch's activations, against float64 NumPy.
   for a, want in zip(pre(after).factors, _numpy_factors(params, xs[0])):
-    np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a[0], want, rtol=1e-5, atol=1e-5)
   assert int(pre(after).count) == 1 and int(pre(after).num_skipped) == 0
