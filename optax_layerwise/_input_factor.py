@@ -17,7 +17,8 @@ every 4th row of large calls, as K-BFGS forms it). ``A`` is kept as its
 diagonal blocks of at most ``block_size`` (256) inputs
 (:mod:`optax_layerwise._blocks`), so the per-step cost is one
 ``(n, s, s)`` by ``(n, s, d_out)`` batched product per layer, ``n s ~ k``
-(bfloat16 inputs where K-BFGS takes them). The output side is left to a per-layer scalar: under
+(bfloat16 inputs where K-BFGS takes them). The output side is left to a
+per-layer scalar: under
 :func:`optax_layerwise.scale_by_layerwise_step_size` (the aliases'
 ``precondition="inputs"``) that scalar is the step ``alpha_l`` measured
 along the preconditioned direction.
@@ -263,7 +264,8 @@ def precondition_by_inputs(
   if interval is not None and interval < 1:
     raise ValueError(f"{_NAME}: update_interval must be >= 1, got "
                      f"{update_interval}.")
-  if block_size is not None and (not isinstance(block_size, int)
+  if block_size is not None and (isinstance(block_size, bool) or not
+                                 isinstance(block_size, int)
                                  or block_size < 1):
     raise ValueError(f"{_NAME}: block_size must be a positive int or None, "
                      f"got {block_size!r}.")

@@ -181,6 +181,7 @@ def test_bfloat16_params_keep_float32_factors():
     (dict(update_interval=0), "update_interval"),
     (dict(block_size=0), "block_size"),
     (dict(block_size=2.5), "block_size"),
+    (dict(block_size=True), "block_size"),
 ])
 def test_bad_arguments_are_named(kwargs, words):
   with pytest.raises(ValueError, match=words):
