@@ -38,9 +38,10 @@ def layout(k: int, block_size: Optional[int]) -> Tuple[int, int]:
 
 
 def identity(k: int, block_size: Optional[int], dtype) -> jax.Array:
-  """The identity as ``(n, s, s)`` blocks."""
+  """The identity as ``(n, s, s)`` blocks (a buffer of its own on every
+  call, so that a jitted step may donate the state)."""
   n, s = layout(k, block_size)
-  return jnp.broadcast_to(jnp.eye(s, dtype=dtype), (n, s, s)) + 0
+  return jnp.tile(jnp.eye(s, dtype=dtype), (n, 1, 1))
 
 
 def diagonal_blocks(a: jax.Array, block_size: Optional[int]) -> jax.Array:

@@ -59,6 +59,12 @@ ROWS = _kbfgs.AUTO_INPUT_FACTOR_ROWS
 #: losses as the whole ``A`` (228.1 against 228.2 after 2 epochs), 128 a
 #: little behind (229.9); the 785- and 1001-input layers cost a quarter.
 BLOCK_SIZE = 256
+#: ``A`` and ``H_a`` refreshed every 20 steps (one tapped pass and a Cholesky
+#: inverse per block). Every 40 (with the aliases' step-size measurement)
+#: cut the step from about 1.53x to 1.46x AdamW's, but took 2.85 epochs to
+#: tuned Adam's Fashion-MNIST loss instead of 2.61: more wall time
+#: (docs/step_sizes.md, "Input-side preconditioning").
+UPDATE_INTERVAL = 20
 
 
 class PreconditionByInputsState(NamedTuple):
@@ -195,7 +201,7 @@ def precondition_by_inputs(
     *,
     damping: float = 0.3,
     stat_decay: float = 0.8,
-    update_interval: int = 20,
+    update_interval: int = UPDATE_INTERVAL,
     block_size: Optional[int] = BLOCK_SIZE,
     dense_layers=None,
     axis_name: Optional[_parallel.AxisName] = None,

@@ -26,8 +26,8 @@ Spec = _layer_kinds.LayerSpec
 BF16_MIN_WIDTH = 128
 
 __all__ = ["BF16_MIN_WIDTH", "precondition_dtype", "Spec", "sym",
-           "spd_inverse", "homogeneous", "averaged", "part", "set_part", "matrix",
-           "set_matrix", "layer_indices", "layer_tap"]
+           "spd_inverse", "homogeneous", "averaged", "part", "set_part",
+           "matrix", "set_matrix", "layer_indices", "layer_tap"]
 
 
 def sym(x: jax.Array) -> jax.Array:

@@ -88,12 +88,6 @@ PRECONDITIONS = (None, "inputs")
 # faster with twice the bound (Fashion-MNIST autoencoder: tuned Adam's
 # 10-epoch loss at epoch 2.6 against 3.6 with 0.01); the plain one spiked.
 AUTO_BOUNDS = {None: 0.01, "inputs": 0.02}
-# How often the aliases' `precondition="inputs"` refreshes H_a (one tapped
-# pass and a Cholesky inverse per layer): every 20 steps. Every 40 (with the
-# step-size measurement) cut the step from about 1.53x to 1.46x AdamW's, but
-# took 2.85 epochs to tuned Adam's Fashion-MNIST loss instead of 2.61: more
-# wall time (docs/step_sizes.md, "Input-side preconditioning").
-PRECONDITION_INTERVAL = 20
 
 
 def _measurement(num_probes, coupled, axis_name, **given) -> dict:
@@ -505,8 +499,7 @@ def _preconditioned(name: str, precondition, direction: tuple, axis_name):
   _checks.check_one_of(precondition, "precondition", PRECONDITIONS,
                        transform=name)
   if precondition == "inputs":
-    direction = (_input_factor.precondition_by_inputs(
-        update_interval=PRECONDITION_INTERVAL, axis_name=axis_name),
+    direction = (_input_factor.precondition_by_inputs(axis_name=axis_name),
                  ) + direction
   return optax.chain(*direction)
 
