@@ -23,8 +23,17 @@ import jax.numpy as jnp
 
 from optax_layerwise import _layer_matrices as _lm
 
-__all__ = ["layout", "identity", "diagonal_blocks", "spd_inverse",
-           "multiply"]
+__all__ = ["check_block_size", "layout", "identity", "diagonal_blocks",
+           "spd_inverse", "multiply", "vector", "matvec"]
+
+
+def check_block_size(block_size, transform: str) -> None:
+  """A clear error unless ``block_size`` is a positive int or ``None``."""
+  if block_size is not None and (isinstance(block_size, bool) or not
+                                 isinstance(block_size, int)
+                                 or block_size < 1):
+    raise ValueError(f"{transform}: block_size must be a positive int or "
+                     f"None, got {block_size!r}.")
 
 
 def layout(k: int, block_size: Optional[int]) -> Tuple[int, int]:
@@ -74,3 +83,14 @@ def multiply(blocks: jax.Array, m: jax.Array, out_dtype) -> jax.Array:
   out = jnp.matmul(blocks, padded.reshape(n, s, -1),
                    preferred_element_type=out_dtype)
   return out.reshape(n * s, -1)[:k]
+
+
+def vector(v: jax.Array, block_size: Optional[int]) -> jax.Array:
+  """A ``(k,)`` vector as ``(n, s)`` blocks, padded with zeros."""
+  n, s = layout(v.shape[0], block_size)
+  return jnp.pad(v, (0, n * s - v.shape[0])).reshape(n, s)
+
+
+def matvec(blocks: jax.Array, v: jax.Array) -> jax.Array:
+  """Each ``(s, s)`` block times its ``(s,)`` slice of ``v`` ``(n, s)``."""
+  return jnp.einsum("nij,nj->ni", blocks, v)

@@ -270,11 +270,7 @@ def precondition_by_inputs(
   if interval is not None and interval < 1:
     raise ValueError(f"{_NAME}: update_interval must be >= 1, got "
                      f"{update_interval}.")
-  if block_size is not None and (isinstance(block_size, bool) or not
-                                 isinstance(block_size, int)
-                                 or block_size < 1):
-    raise ValueError(f"{_NAME}: block_size must be a positive int or None, "
-                     f"got {block_size!r}.")
+  _blocks.check_block_size(block_size, _NAME)
   cfg = _Config(sqrt_damping=damping ** 0.5, stat_decay=stat_decay,
                 update_interval=update_interval, block_size=block_size,
                 select=dense_layers,

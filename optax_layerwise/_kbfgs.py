@@ -36,6 +36,11 @@ kernel layout). Per step, on the mini-batch of ``value_fn``:
    s_a``, BFGS update with the same skip rule (``||abar||`` in place of
    ``||mean gh||``, as in the authors' code).
 
+``A`` and ``H_a`` are kept as their diagonal blocks of at most ``block_size``
+inputs (ours, Shampoo's blocking, :mod:`optax_layerwise._blocks`; one block,
+the paper's factor, for ``k <= block_size``): steps 1, 3 and 7 act on each
+block on its own, step 7 with the block's slice of ``abar``.
+
 A whole step is skipped (zero update, state unchanged but for
 ``num_skipped`` and ``preconditioned``, which reports the leaves the step
 would have preconditioned; ``count`` does not advance) when the gradient, the
@@ -57,6 +62,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_layerwise import _bfgs
+from optax_layerwise import _blocks
 from optax_layerwise import _checks
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layer_matrices as _lm
@@ -87,8 +93,11 @@ class KBFGSLayerState(NamedTuple):
   """The Kronecker factors of one layer (statistics dtype).
 
   Attributes:
-    a: ``(k, k)`` running ``A = mean a a^T`` (``k = d_in + 1`` with a bias).
-    h_a: ``(k, k)`` ``H_a ~ (A + sqrt(lambda) I)^-1``.
+    a: ``(n, s, s)`` the diagonal blocks of the running ``A = mean a a^T``
+      (``k = d_in + 1`` inputs with a bias, in ``n`` blocks of ``s``:
+      :func:`optax_layerwise._blocks.layout`; ``(1, k, k)`` for ``k <=
+      block_size``).
+    h_a: ``(n, s, s)`` ``H_a ~ (A + sqrt(lambda) I)^-1``, block by block.
     h_g: ``(d_out, d_out)`` ``H_g`` (K-BFGS), or the
       :class:`optax_layerwise._bfgs.LBFGSMemory` of the last ``p`` pairs
       (K-BFGS(L)).
@@ -236,6 +245,7 @@ class _Config:
   max_step_scale: Any
   input_factor_interval: Any
   step_size_interval: Any
+  block_size: Optional[int]
   input_factor_rows: Any  # _row_samples.Sampling
   step_size_rows: Any  # _row_samples.Sampling
   pair: str
@@ -387,14 +397,16 @@ def _momentum(cfg: _Config, grad_leaves, leaves, mom_leaves) -> list:
 
 def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
                   first) -> _Work:
-  """``abar``, ``A_batch`` and ``H_a`` (``(A_batch + sqrt(lambda) I)^-1`` on
-  the first step, the only explicit inverse)."""
+  """``abar``, ``A_batch``'s blocks and ``H_a`` (``(A_batch + sqrt(lambda)
+  I)^-1`` on the first step, the only explicit inverse)."""
   # The tap's statistics dtype is the widest of all layers': cast to this
   # layer's (float32 factors next to a float64 layer, say).
   abar, a_batch = (x.astype(ls.a.dtype) for x in _lm.homogeneous(spec, tap))
+  a_batch = _blocks.diagonal_blocks(a_batch, cfg.block_size)
+  eye = jnp.eye(a_batch.shape[-1], dtype=a_batch.dtype)
   h_a = jax.lax.cond(
-      first, lambda a: _lm.spd_inverse(a + cfg.sqrt_damping * jnp.eye(
-          spec.k, dtype=a.dtype)), lambda _, h=ls.h_a: h, a_batch)
+      first, lambda a: _blocks.spd_inverse(a + cfg.sqrt_damping * eye),
+      lambda _, h=ls.h_a: h, a_batch)
   start = _diagonal_start(tap, ls.s.dtype) if cfg.diagonal_h_g else None
   return _Work(abar, a_batch, h_a,
                None if start is None else _Start(first, start))
@@ -429,12 +441,18 @@ def _h_g_apply(cfg: _Config, ls: KBFGSLayerState, start: Optional[_Start],
 
 def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
                      refresh):
-  """``v -> (A + sqrt(lambda) I) v`` with this step's ``A``, by
-  matrix-vector products: the matrix is not formed."""
-  return lambda v: (_lm.averaged(ls.a @ v, work.a_batch @ v, cfg.beta,
+  """``v -> (A + sqrt(lambda) I) v`` with this step's ``A``, block by block
+  (``v`` ``(n, s)``), by matrix-vector products: the matrix is not
+  formed."""
+  return lambda v: (_lm.averaged(_blocks.matvec(ls.a, v),
+                                 _blocks.matvec(work.a_batch, v), cfg.beta,
                                  first, refresh)
                     + cfg.sqrt_damping * v)
 
+
+#: ``block_size``'s default: ``A`` and ``H_a`` in blocks of at most 512
+#: inputs (docs/kbfgs.md, "Input factor in blocks").
+BLOCK_SIZE = 512
 
 #: Automatic ``precondition_dtype``
 #: (:func:`optax_layerwise._layer_matrices.precondition_dtype`).
@@ -446,9 +464,11 @@ def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
   """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
   dtype = _lm.precondition_dtype(cfg.precondition_dtype, spec,
                                  ls.h_a.dtype)
+  h_a = work.h_a if dtype is None else work.h_a.astype(dtype)
   step = -lr * _h_g_apply(
       cfg, ls, work.start,
-      _bfgs.product(work.h_a, _lm.matrix(mom_leaves, spec), dtype), dtype)
+      _blocks.multiply(h_a, _lm.matrix(mom_leaves, spec), ls.h_a.dtype),
+      dtype)
   if cfg.max_relative_change is None:
     return step, jnp.asarray(jnp.inf, step.dtype)
   theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)
@@ -597,12 +617,9 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       skip_tol=cfg.skip_tol, valid=pair_ok)
   lost = lost & take
   h_g = cfg.h_g.reset_where(h_g, lost)
-  s_a, y_a = _bfgs.hessian_action_pair(
-      work.h_a, _damped_a_action(cfg, ls, work, first, refresh), work.abar)
+  h_a, updated_a = _update_h_a(cfg, ls, work, first, refresh,
+                               valid=refresh & take)
   refresh = refresh & take
-  h_a, updated_a = _bfgs.bfgs_inverse_update(
-      work.h_a, s_a, y_a, grad_norm=jnp.linalg.norm(work.abar),
-      skip_tol=cfg.skip_tol, valid=refresh)
   new = KBFGSLayerState(
       a=jnp.where(take, _lm.averaged(ls.a, work.a_batch, cfg.beta, first,
                                      refresh),
@@ -613,6 +630,22 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
   flags = (powell & pair_ok, lm & pair_ok, take & (~updated | lost),
            refresh & ~updated_a)
   return new, flags
+
+
+def _update_h_a(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
+                refresh, valid):
+  """``H_a``'s Hessian-action BFGS update, block by block, each with its
+  slice of ``abar`` in the pair and the skip rule; ``updated``: no block
+  skipped."""
+  abar = _blocks.vector(work.abar, cfg.block_size)
+  s_a, y_a = _bfgs.hessian_action_pair(
+      work.h_a, _damped_a_action(cfg, ls, work, first, refresh), abar,
+      matvec=_blocks.matvec)
+  update = lambda h, s, y, g: _bfgs.bfgs_inverse_update(  # noqa: E731
+      h, s, y, grad_norm=g, skip_tol=cfg.skip_tol, valid=valid)
+  h_a, updated = jax.vmap(update)(work.h_a, s_a, y_a,
+                                  jnp.linalg.norm(abar, axis=-1))
+  return h_a, jnp.all(updated)
 
 
 def _counts(flags: dict, num: int) -> tuple:
@@ -745,11 +778,12 @@ def _sqrt(value):
   return jnp.sqrt(value) if number is None else math.sqrt(number)
 
 
-def _init_layer(spec: Spec, kernel, h_g_factor) -> KBFGSLayerState:
+def _init_layer(spec: Spec, kernel, h_g_factor,
+                block_size) -> KBFGSLayerState:
   dtype = _layers.stats_dtype(kernel.dtype)
-  eye_k = jnp.eye(spec.k, dtype=dtype)
+  eye = _blocks.identity(spec.k, block_size, dtype)
   return KBFGSLayerState(
-      a=jnp.zeros_like(eye_k), h_a=eye_k,
+      a=jnp.zeros_like(eye), h_a=eye,
       h_g=h_g_factor.init(spec.d_out, dtype),
       s=jnp.zeros((spec.d_out,), dtype), y=jnp.zeros((spec.d_out,), dtype))
 
@@ -767,8 +801,8 @@ def _init(cfg: _Config, params) -> KBFGSState:
       momentum=jax.tree_util.tree_unflatten(treedef, [
           jnp.zeros(jnp.shape(x), _layers.stats_dtype(x.dtype))
           for x in leaves]),
-      layers=tuple(_init_layer(s, leaves[s.kernel_index], cfg.h_g)
-                   for s in specs),
+      layers=tuple(_init_layer(s, leaves[s.kernel_index], cfg.h_g,
+                               cfg.block_size) for s in specs),
       preconditioned=jax.tree_util.tree_unflatten(
           treedef, [jnp.zeros([], bool) for _ in leaves]),
       num_powell=counts(), num_lm=counts(), num_skipped_h_g=counts(),
@@ -917,6 +951,7 @@ def kbfgs(
     step_size_interval: int = 1,
     input_factor_row_stride: Optional[int] = None,
     step_size_row_stride: Optional[int] = None,
+    block_size: Optional[int] = BLOCK_SIZE,
     precondition_dtype: Optional[Any] = None,
     dense_layers: Optional[Callable[[tuple, Any], bool]] = None,
     axis_name: Optional[_parallel.AxisName] = None,
@@ -1060,6 +1095,17 @@ def kbfgs(
       sampled when each shard's rows are a multiple of the stride, else all
       its rows are used. The automatic strides' 256-row threshold and
       64-row floor count each device's rows under ``shard_map``.
+    block_size: keep ``A`` and ``H_a`` as their diagonal blocks of at most
+      this many inputs (ours; Shampoo's blocking, Anil et al., arXiv
+      2002.09018, section 3.4): a layer's ``k`` inputs are cut into ``n =
+      ceil(k / block_size)`` consecutive blocks of equal size (the last one
+      padded), each block is averaged, inverted on the first step and
+      BFGS-updated with its slice of ``abar`` on its own, and the
+      off-diagonal blocks are dropped. ``H_a M`` then costs ``k^2 d_out /
+      n`` and the ``H_a`` update ``k^2 / n``. A Python int (it sets the
+      state's shapes), or ``None``: the whole factor (the paper), which is
+      also what any layer with ``k <= block_size`` gets (docs/kbfgs.md,
+      "Input factor in blocks").
     precondition_dtype: the dtype the inputs of the products ``H_a M`` and
       ``(H_a M) H_g`` that form the step are cast to, accumulated in the
       factors' dtype (ours). ``None`` (default): bfloat16 for float32
@@ -1129,7 +1175,7 @@ def kbfgs(
     >>> bool(state.preconditioned['l1']['kernel'])
     True
     >>> olw.kbfgs_layer_names(params), state.layers[0].h_a.shape  # d_in + 1
-    (("['l1']", "['l2']"), (5, 5))
+    (("['l1']", "['l2']"), (1, 5, 5))
   """
   _check_args(learning_rate, damping, mu1, mu2, momentum, stat_decay,
               weight_decay, max_relative_change, memory_size, pair, step_rule,
@@ -1137,6 +1183,7 @@ def kbfgs(
               {"input_factor_row_stride": input_factor_row_stride,
                "step_size_row_stride": step_size_row_stride})
   _check_precondition_dtype(precondition_dtype)
+  _blocks.check_block_size(block_size, _NAME)
   h_g = _bfgs.DenseInverse() if memory_size is None else _bfgs.LimitedMemory(
       int(memory_size), lbfgs_gamma)
   cfg = _Config(
@@ -1147,7 +1194,7 @@ def kbfgs(
       layerwise=step_rule == "layerwise", max_step_scale=max_step_scale,
       diagonal_h_g=_h_g_init(h_g_init),
       input_factor_interval=input_factor_interval,
-      step_size_interval=step_size_interval,
+      step_size_interval=step_size_interval, block_size=block_size,
       input_factor_rows=_sampling(input_factor_row_stride,
                                   AUTO_INPUT_FACTOR_ROW_STRIDE),
       step_size_rows=_sampling(step_size_row_stride,

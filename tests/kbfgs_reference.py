@@ -11,7 +11,8 @@ action, the pairs from the row means of h and g_h, double damping, BFGS /
 two-loop L-BFGS of H_g with the library's floor, momentum, the per-layer step
 t_l = -b_l / q_l, the displacement bound, the factor and step-size intervals,
 and the row-sampled estimates (A and the q_l's gradients from every s-th row,
-scaled by n / k).
+scaled by n / k), and A and H_a in diagonal blocks (`block_size`: A's
+off-diagonal blocks zeroed, H_a's Hessian-action update block by block).
 It shares no code with the library (L-BFGS is the two-loop recursion here,
 the compact representation there; BFGS the textbook product form here).
 """
@@ -33,6 +34,35 @@ def bfgs(h, s, y, gnorm, tol):
   new = (eye - rho * np.outer(s, y)) @ h @ (eye - rho * np.outer(y, s)) + (
       rho * np.outer(s, s))
   return new if np.all(np.isfinite(new)) else None
+
+
+def block_slices(k, block_size):
+  """The index ranges of k inputs in n = ceil(k / block_size) consecutive
+  blocks of ceil(k / n), the last one shorter; one block for None."""
+  if block_size is None or k <= block_size:
+    return [slice(0, k)]
+  n = -(-k // block_size)
+  size = -(-k // n)
+  return [slice(i * size, min((i + 1) * size, k)) for i in range(n)]
+
+
+def block_mask(k, block_size):
+  """1 on the diagonal blocks of a (k, k) matrix, 0 off them."""
+  mask = np.zeros((k, k))
+  for sl in block_slices(k, block_size):
+    mask[sl, sl] = 1.0
+  return mask
+
+
+def from_blocks(blocks, k):
+  """The (k, k) block-diagonal matrix of the library's (n, s, s) blocks
+  (padded indices dropped)."""
+  blocks = np.asarray(blocks)
+  n, s, _ = blocks.shape
+  full = np.zeros((n * s, n * s), blocks.dtype)
+  for i in range(n):
+    full[i * s:(i + 1) * s, i * s:(i + 1) * s] = blocks[i]
+  return full[:k, :k]
 
 
 def two_loop(pairs, v, gamma):
@@ -68,7 +98,7 @@ class KBFGSReference:
                memory, mu1=0.2, skip_tol=1e-4, max_relative_change=None,
                step_rule="layerwise", max_step_scale=10.0, factor_interval=1,
                step_size_interval=1, a_stride=1, q_stride=1,
-               hg_init="identity"):
+               hg_init="identity", block_size=None):
     self.net = net
     self.w = [np.array(x, np.float64) for x in w]
     self.b = [None if x is None else np.array(x, np.float64) for x in b]
@@ -86,6 +116,7 @@ class KBFGSReference:
     num = self.num = len(self.w)
     self.k = [x.shape[0] + (bb is not None) for x, bb in zip(self.w, self.b)]
     d_out = [x.shape[1] for x in self.w]
+    self.block_size = block_size
     self.A = [np.zeros((k, k)) for k in self.k]
     self.Ha = [np.eye(k) for k in self.k]
     self.Hg = [np.eye(d) for d in d_out]
@@ -142,7 +173,8 @@ class KBFGSReference:
         at = np.concatenate([at, np.ones((n, 1))], 1)
       # Every s-th row, with its bias coordinate.
       sub = at[::self._stride(self.a_stride, at)]
-      a_batch = sub.T @ sub / len(sub)
+      a_batch = sub.T @ sub / len(sub) * block_mask(self.k[l],
+                                                    self.block_size)
       if refresh:
         self.A[l] = a_batch if self.count == 0 else (
             self.beta * self.A[l] + (1 - self.beta) * a_batch)
@@ -253,12 +285,16 @@ class KBFGSReference:
       # 7. H_a by Hessian action.
       if not refresh:
         continue
-      s_a = self.Ha[l] @ abar[l]
-      new = bfgs(self.Ha[l], s_a, a_lm[l] @ s_a, np.linalg.norm(abar[l]),
-                 self.tol)
-      if new is None:
-        self.skipped_a[l] += 1
-      else:
-        self.Ha[l] = new
+      skipped = False
+      for sl in block_slices(self.k[l], self.block_size):
+        h, a = self.Ha[l][sl, sl], abar[l][sl]
+        s_a = h @ a
+        new = bfgs(h, s_a, a_lm[l][sl, sl] @ s_a, np.linalg.norm(a),
+                   self.tol)
+        if new is None:
+          skipped = True
+        else:
+          self.Ha[l][sl, sl] = new
+      self.skipped_a[l] += skipped
     self.w, self.b = new_w, new_b
     self.count += 1

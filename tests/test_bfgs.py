@@ -35,7 +35,7 @@ def test_bfgs_update_satisfies_secant_and_matches_product_form(x64):
   np.testing.assert_allclose(new, v.T @ h @ v + rho * np.outer(s, s),
                              rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(new @ y, s, rtol=1e-10, atol=1e-12)  # secant
-  # Symmetric to round-off (an ulp or two, see _bfgs._mirror_upper).
+  # Symmetric to round-off (see _bfgs._symmetric_update).
   np.testing.assert_allclose(new, np.asarray(new).T, rtol=0,
                              atol=8 * np.finfo(float).eps * np.abs(h).max())
 
@@ -236,8 +236,8 @@ def test_double_damping_keeps_h_g_spd_and_bounded(x64):
   assert ok.sum() > steps // 2  # most damped pairs are usable
   for i in range(steps):
     h, new = before[i], after[i]
-    # Symmetric to round-off, with no drift over the 500 updates: XLA may
-    # round the mirrored entries by an ulp differently, never more.
+    # Symmetric to round-off, with no drift over the 500 updates (every
+    # term of the update is the same product at (i, j) and (j, i)).
     assert np.abs(new - new.T).max() <= 8 * np.finfo(float).eps * np.abs(
         new).max()
     lam = np.linalg.eigvalsh(h)

@@ -20,6 +20,7 @@ from flax import nnx
 import optax_layerwise as olw
 from optax_layerwise import _hardware
 from tests.kbfgs_reference import KBFGSReference
+from tests.kbfgs_reference import from_blocks
 # tests/test_kbfgs_recovery.py imports the two-loop recursion from here.
 from tests.kbfgs_reference import two_loop as _two_loop  # noqa: F401
 
@@ -212,20 +213,23 @@ def _ref_lr(count):
 # both K-BFGS and K-BFGS(L) run in plain JAX. (Four compilations keep it fast.)
 # `strides`: A's and q_l's row strides (12 rows a batch: 5 keeps rows 0, 5,
 # 10, standing for 4 each). `init`: H_g's first value (K-BFGS's default is
-# the diagonal; "identity" is the paper's).
+# the diagonal; "identity" is the paper's). `block`: A and H_a in diagonal
+# blocks of at most this many inputs (the layers have k = 6, 7, 5 with their
+# biases: 2 gives 3, 4 and 3 blocks, 3 gives 2, 3 and 2, with padded last
+# blocks); 256 (like the default 512) gives one block here, the whole factor.
 @pytest.mark.parametrize(
-    "framework,memory,bounded,rule,interval,ss,strides,init", [
-        ("plain", None, False, "fixed", 1, 1, (1, 1), "identity"),
-        ("plain", 2, False, "fixed", 1, 1, (1, 1), "identity"),
-        ("linen", 2, False, "fixed", 1, 1, (1, 1), "diagonal"),
-        ("nnx", None, False, "fixed", 1, 1, (1, 1), "diagonal"),
-        ("plain", None, True, "fixed", 1, 1, (3, 1), "diagonal"),
-        ("plain", None, False, "layerwise", 1, 1, (1, 1), "identity"),
-        ("plain", None, True, "layerwise", 2, 3, (2, 5), "diagonal"),
-        ("linen", 2, True, "layerwise", 3, 2, (1, 3), "identity")])
+    "framework,memory,bounded,rule,interval,ss,strides,init,block", [
+        ("plain", None, False, "fixed", 1, 1, (1, 1), "identity", 256),
+        ("plain", 2, False, "fixed", 1, 1, (1, 1), "identity", None),
+        ("linen", 2, False, "fixed", 1, 1, (1, 1), "diagonal", 256),
+        ("nnx", None, False, "fixed", 1, 1, (1, 1), "diagonal", 256),
+        ("plain", None, True, "fixed", 1, 1, (3, 1), "diagonal", 2),
+        ("plain", None, False, "layerwise", 1, 1, (1, 1), "identity", 256),
+        ("plain", None, True, "layerwise", 2, 3, (2, 5), "diagonal", 2),
+        ("linen", 2, True, "layerwise", 3, 2, (1, 3), "identity", 3)])
 def test_matches_numpy_reference_step_by_step(x64, framework, memory,
                                               bounded, rule, interval, ss,
-                                              strides, init):
+                                              strides, init, block):
   # damping = 0.81 makes mu2 = sqrt(0.81) = 0.9; momentum and stat_decay
   # differ, so swapping the two decays would show.
   hyper = dict(damping=0.81, momentum=0.8, weight_decay=1e-2)
@@ -254,7 +258,7 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
                 max_relative_change=rho, step_rule=rule, max_step_scale=max_t,
                 factor_interval=interval, step_size_interval=ss,
                 a_stride=strides[0], q_stride=strides[1], hg_init=init,
-                **hyper)
+                block_size=block, **hyper)
 
   def run_reference(w, b, batches, **kwargs):
     ref = _Reference(w, b, **kwargs)
@@ -279,7 +283,8 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
     probe = run_reference(w, b, batches, lr=_ref_lr, decay=0.95,
                           memory=memory, step_rule=rule,
                           step_size_interval=ss, a_stride=strides[0],
-                          q_stride=strides[1], hg_init=init, **hyper)
+                          q_stride=strides[1], hg_init=init,
+                          block_size=block, **hyper)
     kwargs = config(probe)
     check = run_reference(w, b, batches, **kwargs)
     if informative(check):
@@ -292,7 +297,8 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
                  max_step_scale=kwargs["max_step_scale"],
                  input_factor_interval=interval, step_size_interval=ss,
                  input_factor_row_stride=strides[0],
-                 step_size_row_stride=strides[1], h_g_init=init, **hyper)
+                 step_size_row_stride=strides[1], h_g_init=init,
+                 block_size=block, **hyper)
   history = _run(framework, tx, w, b, batches)
   assert olw.kbfgs_layer_names(_plain_params(w, b)) == ("['l1']", "['l2']",
                                                         "['l3']")
@@ -318,8 +324,9 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
         np.testing.assert_allclose(
             _by_name(state.momentum)[(name, "bias")], ref.Mb[l], **tol)
       ls = state.layers[l]
-      np.testing.assert_allclose(ls.a, ref.A[l], **tol)
-      np.testing.assert_allclose(ls.h_a, ref.Ha[l], **tol)
+      np.testing.assert_allclose(from_blocks(ls.a, ref.k[l]), ref.A[l], **tol)
+      np.testing.assert_allclose(from_blocks(ls.h_a, ref.k[l]), ref.Ha[l],
+                                 **tol)
       np.testing.assert_allclose(ls.s, ref.s[l], **tol)
       np.testing.assert_allclose(ls.y, ref.y[l], **tol)
       if memory is None:
@@ -347,7 +354,7 @@ def test_matches_numpy_reference_step_by_step(x64, framework, memory,
       # Initialisation: A from the first batch, H_g skipped on the zero pair.
       np.testing.assert_array_equal(state.num_skipped_h_g, [1, 1, 1])
       np.testing.assert_allclose(
-          state.layers[0].h_a,
+          from_blocks(state.layers[0].h_a, ref.k[0]),
           np.linalg.inv(ref.A[0] + math.sqrt(0.81) * np.eye(ref.k[0])), **tol)
     saw_powell |= bool(np.any(ref.powell))
     saw_skip |= bool(np.any(ref.skipped))

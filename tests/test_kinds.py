@@ -256,7 +256,7 @@ def test_nnx_conv_and_linear_general_are_preconditioned():
   state = tx.init(params)
   assert olw.kbfgs_layer_names(params) == ("['conv']", "['heads']", "['out']")
   # H_a sizes: 3*3*2 + 1 patches, 3 + 1, 4 (no bias... out has one): +1.
-  assert [ls.h_a.shape[0] for ls in state.layers] == [19, 4, 5]
+  assert [ls.h_a.shape[-1] for ls in state.layers] == [19, 4, 5]
   step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p,
                                         value_fn=loss))
   losses = []

@@ -136,10 +136,10 @@ def _check_dense_bounds(record, state):
     h = h.astype(np.float64)
     eps = np.finfo(np.float32).eps
     scale = np.abs(h).max(axis=(-1, -2))
-    # Symmetric to round-off, with no drift: each update mirrors its upper
-    # triangle, but XLA may recompute a mirrored entry in another fusion
-    # (other FMA contractions). Measured: at most 11 ulps of the largest
-    # entry, in 5 of the 20,000 updates; 32 allowed.
+    # Symmetric to round-off, with no drift: every term of an update is the
+    # same product x_i x_j at (i, j) and (j, i) (_bfgs._symmetric_update);
+    # XLA may still fuse an entry differently (the earlier mirrored form
+    # measured at most 11 ulps of the largest entry); 32 allowed.
     asym = np.abs(h - np.swapaxes(h, -1, -2)).max(axis=(-1, -2))
     assert np.all(asym <= 32 * eps * scale), (asym / scale).max() / eps
     lam = np.linalg.eigvalsh(0.5 * (h + np.swapaxes(h, -1, -2)))
@@ -155,7 +155,7 @@ def _check_dense_bounds(record, state):
     lo, hi = bounds.dense_update_bounds(lam_min, lam_max, MU1, MU2)
     # The factors are float32: by Weyl's inequality the eigenvalues of the
     # stored matrix are within ||E|| <= c eps32 ||H|| of the exact update's
-    # (c = 64 covers the d = 4 length dot products and the mirroring).
+    # (c = 64 covers the d = 4 length dot products and the rank-two terms).
     # (The bounds held with a margin of 17x or more when measured.)
     slack = 64 * eps * scale
     assert np.all(lam[:, -1] <= hi + slack), layer                  # (U)

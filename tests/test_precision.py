@@ -114,18 +114,19 @@ def test_float16_overflowing_step_is_skipped_not_written():
 #
 # Tolerances. Every check is in float64 (eps = 2.2e-16) on problems whose
 # condition numbers are drawn up to 1e3:
-# * symmetry: the BFGS update mirrors its upper triangle, so it is symmetric
-#   up to XLA re-rounding a fused entry (an ulp or two; 8 ulps of the largest
-#   entry allowed). The compact L-BFGS form is not mirrored: its asymmetry is
-#   round-off of a few matrix products, bounded by ~d p eps times the terms'
-#   magnitudes (1e-9 of the largest entry is generous and still ~1e6 times
+# * symmetry: every term of the BFGS update is some x_i x_j, the same
+#   product at (i, j) and (j, i), so a symmetric H stays symmetric up to XLA
+#   re-rounding a fused entry (none measured; 8 ulps of the largest entry
+#   allowed). The compact L-BFGS form is not symmetric by construction:
+#   its asymmetry is round-off of a few matrix products, bounded by ~d p eps
+#   times the terms' magnitudes (1e-9 of the largest entry is generous and still ~1e6 times
 #   smaller than any real asymmetry would be).
 # * positive definiteness: the smallest eigenvalue is > 0 (exact theory for
 #   s^T y > 0; the computed matrices have condition numbers < 1e10, far from
 #   float64's 1e16 limit).
 # * the secant equation H+ y = s: H+ y is a sum of terms that cancel to s;
 #   its round-off is a few eps times the sum of the terms' norms (``scale``
-#   below), and 1e3 eps covers the d <= 8 products and the mirroring.
+#   below), and 1e3 eps covers the d <= 8 products and the rank-two terms.
 # ---------------------------------------------------------------------------
 
 _SETTINGS = hypothesis.settings(
@@ -245,7 +246,10 @@ def test_kbfgs_factor_updates_keep_invariants_on_random_layer_shapes(
       a = a_batch if step == 0 else 0.9 * a + 0.1 * a_batch
       a_damped = a + np.sqrt(damping) * np.eye(k)
       if h_a is None:
-        h_a = jnp.asarray(np.linalg.inv(a_damped))
+        # Symmetrised, as the library's first inverse is: the update keeps
+        # a symmetric H symmetric, it does not repair an asymmetric one.
+        inverse = np.linalg.inv(a_damped)
+        h_a = jnp.asarray(0.5 * (inverse + inverse.T))
         h_g = jnp.eye(d_out)
       abar = inputs.mean(axis=0)
       s_a, y_a = _action_pair(h_a, jnp.asarray(a_damped), jnp.asarray(abar))
