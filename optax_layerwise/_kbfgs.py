@@ -402,7 +402,9 @@ def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
   # The tap's statistics dtype is the widest of all layers': cast to this
   # layer's (float32 factors next to a float64 layer, say).
   abar, a_batch = (x.astype(ls.a.dtype) for x in _lm.homogeneous(spec, tap))
-  a_batch = _blocks.diagonal_blocks(a_batch, cfg.block_size)
+  # The blocks' size from the state (block_size may arrive traced from
+  # optax.inject_hyperparams; _blocks.layout(k, s) gives back (n, s)).
+  a_batch = _blocks.diagonal_blocks(a_batch, ls.a.shape[-1])
   eye = jnp.eye(a_batch.shape[-1], dtype=a_batch.dtype)
   h_a = jax.lax.cond(
       first, lambda a: _blocks.spd_inverse(a + cfg.sqrt_damping * eye),
@@ -637,7 +639,7 @@ def _update_h_a(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
   """``H_a``'s Hessian-action BFGS update, block by block, each with its
   slice of ``abar`` in the pair and the skip rule; ``updated``: no block
   skipped."""
-  abar = _blocks.vector(work.abar, cfg.block_size)
+  abar = _blocks.vector(work.abar, ls.a.shape[-1])
   s_a, y_a = _bfgs.hessian_action_pair(
       work.h_a, _damped_a_action(cfg, ls, work, first, refresh), abar,
       matvec=_blocks.matvec)
@@ -788,8 +790,29 @@ def _init_layer(spec: Spec, kernel, h_g_factor,
       s=jnp.zeros((spec.d_out,), dtype), y=jnp.zeros((spec.d_out,), dtype))
 
 
+def _block_size(block_size):
+  """``block_size`` checked, as a Python int (``"auto"``: ``BLOCK_SIZE``,
+  a string so that optax.inject_hyperparams leaves it static; an injected
+  int arrives as an array); a traced one is kept (only ``init`` needs it)."""
+  if isinstance(block_size, str) and block_size == "auto":
+    return BLOCK_SIZE
+  if block_size is None or isinstance(block_size, (bool, int)):
+    _blocks.check_block_size(block_size, _NAME)
+    return block_size
+  number = _checks.concrete_int(block_size)
+  if number is None:
+    return block_size
+  _blocks.check_block_size(number, _NAME)
+  return number
+
+
 def _init(cfg: _Config, params) -> KBFGSState:
   _layers.check_params(params, transform=_NAME)
+  if not (cfg.block_size is None or isinstance(cfg.block_size, int)):
+    raise ValueError(
+        f"{_NAME}: block_size sets the shapes of the state and must be a "
+        "Python int or None at init. With optax.inject_hyperparams, pass "
+        "static_args=('block_size',).")
   leaves, treedef = jax.tree_util.tree_flatten(params)
   specs = _layer_kinds.find_kernels(params, cfg.select)
   num = len(specs)
@@ -951,7 +974,7 @@ def kbfgs(
     step_size_interval: int = 1,
     input_factor_row_stride: Optional[int] = None,
     step_size_row_stride: Optional[int] = None,
-    block_size: Optional[int] = BLOCK_SIZE,
+    block_size: Union[int, str, None] = "auto",
     precondition_dtype: Optional[Any] = None,
     dense_layers: Optional[Callable[[tuple, Any], bool]] = None,
     axis_name: Optional[_parallel.AxisName] = None,
@@ -1096,8 +1119,8 @@ def kbfgs(
       its rows are used. The automatic strides' 256-row threshold and
       64-row floor count each device's rows under ``shard_map``.
     block_size: keep ``A`` and ``H_a`` as their diagonal blocks of at most
-      this many inputs (ours; Shampoo's blocking, Anil et al., arXiv
-      2002.09018, section 3.4): a layer's ``k`` inputs are cut into ``n =
+      this many inputs (``"auto"``: 512, ``BLOCK_SIZE``; ours; Shampoo's
+      blocking, Anil et al., arXiv 2002.09018, section 3.4): a layer's ``k`` inputs are cut into ``n =
       ceil(k / block_size)`` consecutive blocks of equal size (the last one
       padded), each block is averaged, inverted on the first step and
       BFGS-updated with its slice of ``abar`` on its own, and the
@@ -1183,7 +1206,7 @@ def kbfgs(
               {"input_factor_row_stride": input_factor_row_stride,
                "step_size_row_stride": step_size_row_stride})
   _check_precondition_dtype(precondition_dtype)
-  _blocks.check_block_size(block_size, _NAME)
+  block_size = _block_size(block_size)
   h_g = _bfgs.DenseInverse() if memory_size is None else _bfgs.LimitedMemory(
       int(memory_size), lbfgs_gamma)
   cfg = _Config(

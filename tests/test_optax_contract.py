@@ -381,7 +381,11 @@ def test_inject_hyperparams_and_schedules(name):
   assert set(injected) == set(hparams) - set(case.static_args)
   if scheduled:
     assert cp.tree_max_abs_diff(final, params) > 0, "no step taken"
-    optax_test_utils.assert_trees_all_close(final_schedule, final)
+    # The schedule's rate is a float32 array, the plain one a folded Python
+    # float; K-BFGS amplifies that round-off over HYPER_STEPS steps (1.4e-6
+    # relative measured, K-BFGS(L)): _common_test's rtol 1e-5.
+    optax_test_utils.assert_trees_all_close(final_schedule, final,
+                                            rtol=1e-5)
   else:
     assert name.startswith("scale_by_"), (
         f"{name} has no argument annotated ScalarOrSchedule")
