@@ -452,9 +452,10 @@ def _damped_a_action(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
                     + cfg.sqrt_damping * v)
 
 
-#: ``block_size``'s default: ``A`` and ``H_a`` in blocks of at most 512
-#: inputs (docs/kbfgs.md, "Input factor in blocks").
-BLOCK_SIZE = 512
+#: ``block_size="auto"``: ``A`` and ``H_a`` in blocks of at most 1024
+#: inputs, the whole factor for narrower layers (docs/kbfgs.md, "Input
+#: factor in blocks").
+BLOCK_SIZE = 1024
 
 #: Automatic ``precondition_dtype``
 #: (:func:`optax_layerwise._layer_matrices.precondition_dtype`).
@@ -1119,7 +1120,7 @@ def kbfgs(
       its rows are used. The automatic strides' 256-row threshold and
       64-row floor count each device's rows under ``shard_map``.
     block_size: keep ``A`` and ``H_a`` as their diagonal blocks of at most
-      this many inputs (``"auto"``: 512, ``BLOCK_SIZE``; ours; Shampoo's
+      this many inputs (``"auto"``: 1024, ``BLOCK_SIZE``; ours; Shampoo's
       blocking, Anil et al., arXiv 2002.09018, section 3.4): a layer's ``k`` inputs are cut into ``n =
       ceil(k / block_size)`` consecutive blocks of equal size (the last one
       padded), each block is averaged, inverted on the first step and
