@@ -59,7 +59,8 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
 def _symmetric_update(h, s, hy, rho, coef) -> jax.Array:
   """``h + coef s s^T - rho (s hy^T + hy s^T)`` as ``h +- u u^T - p p^T + q
   q^T``: ``u = sqrt(|coef|) s``, ``p, q = sqrt(rho / 2) (c s +- hy / c)``,
-  ``c = sqrt(||hy|| / ||s||)``.
+  ``c = sqrt(max|hy| / max|s|)``, for ``rho >= 0`` (an accepted pair has
+  ``s^T y > 0``; a skipped one ``rho = 1``).
 
   The update is symmetric, but XLA may round its ``(i, j)`` and ``(j, i)``
   entries differently (fused multiply-adds, scalars moved between
@@ -68,9 +69,10 @@ def _symmetric_update(h, s, hy, rho, coef) -> jax.Array:
   the result is symmetric to the last bit with no pass over the transpose
   (whose strided reads cost 3-5x the update on XLA:CPU). ``c`` gives ``c s``
   and ``hy / c`` equal norms, so ``p p^T - q q^T`` cancels no more than the
-  products ``s hy^T`` themselves would.
+  products ``s hy^T`` themselves would; from the largest entries, which
+  cannot overflow where ``s hy^T`` does not (``||hy||^2`` could).
   """
-  ns, nh = jnp.linalg.norm(s), jnp.linalg.norm(hy)
+  ns, nh = jnp.max(jnp.abs(s)), jnp.max(jnp.abs(hy))
   c = jnp.sqrt(_safe_div(nh, ns))
   c = jnp.where((ns > 0) & (nh > 0), c, 1.0)
   w = jnp.sqrt(0.5 * jnp.abs(rho))
@@ -198,7 +200,8 @@ def hessian_action_pair(h_a: jax.Array, a_damped, abar: jax.Array, *,
     h_a: ``(k, k)`` current ``H_a``.
     a_damped: ``(k, k)`` ``A + sqrt(lambda) I``, or a function applying it
       to a vector (so that the damped matrix need not be formed).
-    abar: ``(k,)`` mean (homogeneous) layer input.
+    abar: ``(k,)`` mean (homogeneous) layer input (``h_a`` ``(n, s, s)``
+      and ``abar`` ``(n, s)`` with ``matvec=_blocks.matvec``).
     matvec: ``(h_a, v) -> H_a v`` (the blocked form's, say).
 
   Returns:

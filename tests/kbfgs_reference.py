@@ -288,6 +288,8 @@ class KBFGSReference:
       skipped = False
       for sl in block_slices(self.k[l], self.block_size):
         h, a = self.Ha[l][sl, sl], abar[l][sl]
+        if not np.any(a):  # no pair (zero inputs' mean): not a skip
+          continue
         s_a = h @ a
         new = bfgs(h, s_a, a_lm[l][sl, sl] @ s_a, np.linalg.norm(a),
                    self.tol)

@@ -40,6 +40,19 @@ def test_bfgs_update_satisfies_secant_and_matches_product_form(x64):
                              atol=8 * np.finfo(float).eps * np.abs(h).max())
 
 
+def test_bfgs_update_is_finite_where_its_terms_are():
+  """Float32 with ``H y`` of 1e20 entries: ``s (H y)^T`` (1e8) is finite,
+  but ``||H y||^2`` (2e40) is not; the symmetric form balances ``s`` and
+  ``H y`` by their largest entries, so it does not overflow (``||H y||``
+  gave an all-NaN ``H`` with ``ok`` true)."""
+  new, ok = _bfgs.bfgs_inverse_update(
+      jnp.eye(3), jnp.asarray([1e-12, 0.0, 0.0]), jnp.asarray([1e6, 0.0, 0.0]),
+      grad_norm=1.0, hy=jnp.asarray([0.0, 1e20, 1e20]))
+  assert np.all(np.isfinite(np.asarray(new)))
+  if bool(ok):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(new).T)
+
+
 @pytest.mark.parametrize("case", ["negative", "tiny", "nonfinite"])
 def test_bfgs_update_skip_rule(x64, case):
   rng = _rng()

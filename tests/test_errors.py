@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -148,6 +149,33 @@ def test_kbfgs_memory_size_below_one(bad):
       "kbfgs: memory_size must be None (K-BFGS) or an integer >= 1 "
       f"(K-BFGS(L)), got {bad!r}.")):
     olw.kbfgs(memory_size=bad)
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True, "Auto", "256",
+                                 np.bool_(True), jnp.asarray(2.5),
+                                 jnp.asarray([2, 3])])
+def test_kbfgs_block_size_not_a_positive_int(bad):
+  with pytest.raises(ValueError, match=re.escape(
+      "kbfgs: block_size must be a positive int or None, got")):
+    olw.kbfgs(block_size=bad)
+
+
+def test_kbfgs_block_size_injected_needs_static_args():
+  """An int ``block_size`` under optax.inject_hyperparams arrives as an
+  array: fine when concrete, a named error at a traced ``init``; listed in
+  ``static_args`` it is a plain int. The default ``"auto"`` is a string,
+  so it is never injected."""
+  params = {"d": {"kernel": jnp.ones((3, 2))}}
+  injected = optax.inject_hyperparams(olw.kbfgs)(block_size=2)
+  assert injected.init(params).inner_state.layers[0].a.shape == (2, 2, 2)
+  with pytest.raises(ValueError, match=re.escape(
+      "static_args=('block_size',)")):
+    jax.jit(injected.init)(params)
+  static = optax.inject_hyperparams(olw.kbfgs, static_args=("block_size",))
+  assert jax.jit(static(block_size=2).init)(params).inner_state.layers[
+      0].a.shape == (2, 2, 2)
+  assert "block_size" not in optax.inject_hyperparams(olw.kbfgs)().init(
+      params).hyperparams
 
 
 @pytest.mark.parametrize("make,match", [

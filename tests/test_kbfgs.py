@@ -216,7 +216,8 @@ def _ref_lr(count):
 # the diagonal; "identity" is the paper's). `block`: A and H_a in diagonal
 # blocks of at most this many inputs (the layers have k = 6, 7, 5 with their
 # biases: 2 gives 3, 4 and 3 blocks, 3 gives 2, 3 and 2, with padded last
-# blocks); 256 (like the default 512) gives one block here, the whole factor.
+# blocks); 256 (like the default 1024) gives one block here, the whole
+# factor.
 @pytest.mark.parametrize(
     "framework,memory,bounded,rule,interval,ss,strides,init,block", [
         ("plain", None, False, "fixed", 1, 1, (1, 1), "identity", 256),

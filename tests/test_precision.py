@@ -119,8 +119,8 @@ def test_float16_overflowing_step_is_skipped_not_written():
 #   re-rounding a fused entry (none measured; 8 ulps of the largest entry
 #   allowed). The compact L-BFGS form is not symmetric by construction:
 #   its asymmetry is round-off of a few matrix products, bounded by ~d p eps
-#   times the terms' magnitudes (1e-9 of the largest entry is generous and still ~1e6 times
-#   smaller than any real asymmetry would be).
+#   times the terms' magnitudes (1e-9 of the largest entry is generous and
+#   still ~1e6 times smaller than any real asymmetry would be).
 # * positive definiteness: the smallest eigenvalue is > 0 (exact theory for
 #   s^T y > 0; the computed matrices have condition numbers < 1e10, far from
 #   float64's 1e16 limit).
