@@ -73,6 +73,8 @@ import numpy as np
 import optax
 
 import optax_layerwise as olw
+from optax_layerwise import _blocks
+from optax_layerwise import _kbfgs
 from benchmarks import data as data_lib
 from benchmarks import loop
 from benchmarks import methods as methods_lib
@@ -206,16 +208,17 @@ def layer_dims(coverage, params) -> List[Dict[str, Any]]:
 def state_bytes_formula(dims: List[Dict[str, Any]], num_params: int,
                         num_leaves: int, memory_size: Optional[int] = None,
                         float_bytes: int = 4,
-                        block_size: Optional[int] = 1024) -> Dict[str, int]:
+                        block_size: Optional[int] = _kbfgs.BLOCK_SIZE
+                        ) -> Dict[str, int]:
   """K-BFGS's state bytes by the formula of docs/kbfgs.md, "State memory
   per kind" (float32 statistics, int32 counters, one bool per leaf).
 
   Per layer, with ``k = d_in + 1`` (``d_in`` without a bias): ``A`` and
-  ``H_a``, ``2 n s^2`` (``n = ceil(k / block_size)`` blocks of ``s =
-  ceil(k / n)``; ``2 k^2`` for ``k <= block_size``, the default's 1024);
-  ``s`` and ``y``, ``2 d_out``; ``H_g``: ``d_out^2`` floats, or for K-BFGS(L) ``2 p d_out + 2 p^2 + p + d_out`` floats plus one
-  int32;
-  nine per-layer scalars (three floats, six int32 counters). Plus the
+  ``H_a``, ``2 n s^2`` (``n`` blocks of ``s``, :func:`_blocks.layout`;
+  ``2 k^2`` for ``k <= block_size``, the default's 1024);
+  ``s`` and ``y``, ``2 d_out``; ``H_g``: ``d_out^2`` floats, or for
+  K-BFGS(L) ``2 p d_out + 2 p^2 + p + d_out`` floats plus one int32; nine
+  per-layer scalars (three floats, six int32 counters). Plus the
   momentum (``P`` floats), ``count`` and ``num_skipped`` (int32) and the
   ``preconditioned`` flags (one byte per params leaf).
   """
@@ -228,9 +231,7 @@ def state_bytes_formula(dims: List[Dict[str, Any]], num_params: int,
       h_g, h_g_ints = 2 * p * n + 2 * p * p + p + n, 1
     else:
       h_g, h_g_ints = n * n, 0
-    blocks = 1 if block_size is None or k <= block_size else (
-        -(-k // block_size))
-    size = -(-k // blocks)
+    blocks, size = _blocks.layout(k, block_size)
     layer_floats = 2 * blocks * size * size + h_g + 2 * n + 3
     layer_ints = 6 + h_g_ints
     per_layer.append((layer_floats + layer_ints) * float_bytes)

@@ -111,11 +111,11 @@ def bfgs_inverse_update(
 
   the second, ``O(d^2)`` form being what is computed, with its rank-two
   term written so that round-off cannot make it asymmetric
-  (:func:`_symmetric_update`). The
-  update is skipped (``H`` returned unchanged) when ``s^T y <= skip_tol *
-  s^T s * grad_norm`` (the authors' rule, ``grad_norm`` being the norm of the
-  mean pre-activation gradient for ``H_g`` and of the mean layer input for
-  ``H_a``) or when the result is not finite.
+  (:func:`_symmetric_update`). The update is skipped (``H`` returned
+  unchanged) when ``s^T y <= skip_tol * s^T s * grad_norm`` (the authors'
+  rule, ``grad_norm`` being the norm of the mean pre-activation gradient for
+  ``H_g`` and of the mean layer input for ``H_a``) or when the result is not
+  finite.
 
   Args:
     h: ``(d, d)`` symmetric positive definite ``H``.

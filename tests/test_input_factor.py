@@ -14,6 +14,8 @@ from jax.flatten_util import ravel_pytree
 
 import optax_layerwise as olw
 from tests import tiny
+from tests.kbfgs_reference import block_mask
+from tests.kbfgs_reference import block_slices
 
 
 def _fresh_key():
@@ -43,21 +45,6 @@ def _numpy_precondition(grads, inverses):
   return out
 
 
-def _numpy_block_ranges(k, block_size):
-  """``[(start, stop)]``: ``k`` cut into the fewest equal consecutive
-  blocks of at most ``block_size`` (the last one shorter)."""
-  n = 1 if block_size is None else int(np.ceil(k / block_size))
-  size = int(np.ceil(k / n))
-  return [(i * size, min(k, (i + 1) * size)) for i in range(n)]
-
-
-def _numpy_block_diagonal(a, block_size):
-  out = np.zeros_like(a)
-  for lo, hi in _numpy_block_ranges(len(a), block_size):
-    out[lo:hi, lo:hi] = a[lo:hi, lo:hi]
-  return out
-
-
 @pytest.mark.parametrize("block_size", [None, 2])
 def test_matches_numpy_reference_over_refreshes(x64, block_size):
   """Four SGD steps, refreshed on steps 0 and 2 (``A`` = the batch's, then
@@ -84,7 +71,7 @@ def test_matches_numpy_reference_over_refreshes(x64, block_size):
       batch = _numpy_factors(ref_params, x)
       ref_a = batch if ref_a is None else [
           decay * a + (1 - decay) * b for a, b in zip(ref_a, batch)]
-      inverses = [np.linalg.inv(_numpy_block_diagonal(a, block_size)
+      inverses = [np.linalg.inv(a * block_mask(len(a), block_size)
                                 + np.sqrt(damping) * np.eye(len(a)))
                   for a in ref_a]
     ref_grads = jax.grad(tiny.loss)(jax.tree_util.tree_map(
@@ -96,10 +83,11 @@ def test_matches_numpy_reference_over_refreshes(x64, block_size):
                                    ref_out[f"l{i}"][leaf], rtol=1e-9,
                                    atol=1e-12)
     for blocks, r in zip(state.factors, ref_a):
-      ranges = _numpy_block_ranges(len(r), block_size)
+      ranges = block_slices(len(r), block_size)
       assert blocks.shape[0] == len(ranges)
-      for block, (lo, hi) in zip(blocks, ranges):
-        np.testing.assert_allclose(block[:hi - lo, :hi - lo], r[lo:hi, lo:hi],
+      for block, sl in zip(blocks, ranges):
+        size = sl.stop - sl.start
+        np.testing.assert_allclose(block[:size, :size], r[sl, sl],
                                    rtol=1e-12, atol=1e-14)
     params = optax.apply_updates(params, jax.tree_util.tree_map(
         lambda u: -0.1 * u, out))
