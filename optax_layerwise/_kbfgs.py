@@ -581,28 +581,41 @@ def _layer_steps(cfg: _Config, state: KBFGSState, rows: list, specs: tuple,
 # --- Phases 6-7: damping and the factor updates -----------------------------
 
 
-def _step_lost(updates, leaves, spec: Spec) -> jax.Array:
-  """Whether the layer's step is nonzero but leaves its params unchanged
-  (every entry below their float spacing): then the pair at ``theta +
-  delta`` is zero, BFGS skips it and ``q_l`` is rejected, so nothing would
-  ever change (a fixed point found on two-layer Rosenbrock in float32, with
-  ``H_g`` at 2e-6; ours)."""
+def _step_motion(updates, leaves, spec: Spec) -> tuple:
+  """``(nonzero, moved)``: whether the layer's step is nonzero, and whether
+  it changes any of its params (an entry at least half their float
+  spacing)."""
   nonzero, moved = [], []
   for i in _lm.layer_indices(spec):
     u, p = _lm.part(updates, i, spec), _lm.part(leaves, i, spec)
     nonzero.append(jnp.any(u != 0))
     moved.append(jnp.any((p + u).astype(p.dtype) != p))
-  return jnp.any(jnp.stack(nonzero)) & ~jnp.any(jnp.stack(moved))
+  return jnp.any(jnp.stack(nonzero)), jnp.any(jnp.stack(moved))
+
+
+def _measures_nothing(motion: tuple, s_bar, pair_ok) -> jax.Array:
+  """Whether the layer's trial steps measure nothing, so that nothing would
+  ever change its ``H_g`` (ours; docs/kbfgs.md, "A step lost to
+  rounding"): a nonzero step that leaves its params unchanged (below their
+  float spacing: the pair at ``theta + delta`` is zero, BFGS skips it and
+  ``q_l`` is rejected), or one that moves them only because ``t_l`` scales
+  it while the smoothed ``s_bar`` of a finite pair is exactly zero (the
+  trial steps' pairs have been zero for as long as ``beta^n`` takes to
+  underflow, about 900 steps at ``beta = 0.9``). Both froze two-layer
+  Rosenbrock in float32."""
+  nonzero, moved = motion
+  return nonzero & (~moved | (pair_ok & jnp.all(s_bar == 0)))
 
 
 def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
-                    pair, first, refresh, take, lost):
+                    pair, first, refresh, take, motion):
   """Double damping, BFGS of ``H_g`` and the Hessian-action BFGS of
   ``H_a``; returns the layer's new state and its (powell, lm, skipped,
   skipped_a) flags. ``take`` false (a skipped step) returns ``ls`` and no
   flags: the selections sit inside the updates' own elementwise passes, so
-  a step costs no extra copy of the factors. ``lost`` (:func:`_step_lost`)
-  resets ``H_g`` to ``I``, counted as a skipped update."""
+  a step costs no extra copy of the factors. A layer whose steps measure
+  nothing (``motion``: :func:`_step_motion`; :func:`_measures_nothing`)
+  has ``H_g`` reset to ``I``, counted as a skipped update."""
   s_new, y_new = (x.astype(ls.s.dtype) for x in pair)
   pair_ok = _nonfinite.tree_all_finite((s_new, y_new)) & take
   # A skipped first step leaves H_g at I (the diagonal start is redone).
@@ -620,7 +633,7 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       h_g, s_d, y_d, hy=_h_g_apply(cfg, ls, start, y_d),
       grad_norm=jnp.linalg.norm(tap.output_grad).astype(ls.s.dtype),
       skip_tol=cfg.skip_tol, valid=pair_ok)
-  lost = lost & take
+  lost = _measures_nothing(motion, s_bar, pair_ok) & take
   h_g = cfg.h_g.reset_where(h_g, lost)
   h_a, updated_a = _update_h_a(cfg, ls, work, first, refresh,
                                valid=refresh & take)
@@ -902,7 +915,7 @@ def _update(cfg: _Config, updates, state: KBFGSState, params, value_fn):
     new_layers[r], flags[r] = _update_factors(
         cfg, state.layers[r], work[r], _layer_tap(taps, specs[r]),
         pairs[_key(specs[r])], first, refresh, finite,
-        _step_lost(out, leaves, specs[r]))
+        _step_motion(out, leaves, specs[r]))
   new_state = _next_state(
       cfg, state, finite, new_mom=new_mom, treedef=treedef,
       layers=tuple(new_layers), flags=_counts(flags, len(specs)),

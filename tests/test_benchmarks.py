@@ -486,6 +486,30 @@ def test_kbfgs_init_script(tmp_path):
   assert runs["torch/0.1"]["losses"][-1] < runs["torch/0.1"]["losses"][0]
 
 
+def test_rosenbrock_starts_script(tmp_path):
+  """benchmarks.rosenbrock_starts at toy size: the usual start's first loss
+  is Rosenbrock(-1.2, 1) = 24.2 (by hand), the counts agree with the
+  minimum losses, and the PNG is written."""
+  import optax_layerwise as olw
+  from benchmarks import rosenbrock_starts
+  results = rosenbrock_starts.main(["--starts", "3", "--steps", "400",
+                                    "--out", str(tmp_path)])
+  saved = json.loads((tmp_path / "rosenbrock_starts.json").read_text())
+  assert saved["starts"][0] == [-1.2000000476837158, 1.0]
+  assert (tmp_path / "rosenbrock_starts.png").stat().st_size > 0
+  losses = rosenbrock_starts.losses_from_starts(
+      olw.kbfgs(), np.asarray(saved["starts"], np.float32), 2)
+  np.testing.assert_allclose(losses[:, 0], [
+      (1 - a) ** 2 + 100 * (b - a * a) ** 2 for a, b in saved["starts"]],
+                             rtol=1e-6)
+  for name, r in results.items():
+    assert r["finite"], name
+    mins = np.asarray(r["min_losses"])
+    assert mins.max() < 24.2
+    for target in rosenbrock_starts.TARGETS:
+      assert r[f"{target:g}"]["reached"] == int(np.sum(mins < target))
+
+
 def test_fashion_mnist_quick_smoke(tmp_path, capsys):
   """benchmarks.fashion_mnist --quick on a tiny IDX directory written here
   (no Debian package needed), tiny widths; then --reuse of a cached run, and
