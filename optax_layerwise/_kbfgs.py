@@ -290,11 +290,12 @@ class _Start(NamedTuple):
 
 
 class _Work(NamedTuple):
-  """One layer's input-side quantities, computed once per step, and the
-  diagonal start of ``H_g`` (``None`` without one)."""
+  """One layer's input-side quantities, computed once per step, whether
+  this is the first step (``H_a`` is then inverted: :func:`_with_h_a`),
+  and the diagonal start of ``H_g`` (``None`` without one)."""
   abar: jax.Array
   a_batch: jax.Array
-  h_a: jax.Array
+  first: jax.Array
   start: Optional[_Start] = None
 
 
@@ -399,21 +400,29 @@ def _momentum(cfg: _Config, grad_leaves, leaves, mom_leaves) -> list:
 
 def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
                   first) -> _Work:
-  """``abar``, ``A_batch``'s blocks and ``H_a`` (``(A_batch + sqrt(lambda)
-  I)^-1`` on the first step, the only explicit inverse)."""
+  """``abar`` and ``A_batch``'s blocks."""
   # The tap's statistics dtype is the widest of all layers': cast to this
   # layer's (float32 factors next to a float64 layer, say).
   abar, a_batch = (x.astype(ls.a.dtype) for x in _lm.homogeneous(spec, tap))
   # The blocks' size from the state (block_size may arrive traced from
   # optax.inject_hyperparams; _blocks.layout(k, s) gives back (n, s)).
   a_batch = _blocks.diagonal_blocks(a_batch, ls.a.shape[-1])
-  eye = jnp.eye(a_batch.shape[-1], dtype=a_batch.dtype)
-  h_a = jax.lax.cond(
-      first, lambda a: _blocks.spd_inverse(a + cfg.sqrt_damping * eye),
-      lambda _, h=ls.h_a: h, a_batch)
   start = _diagonal_start(tap, ls.s.dtype) if cfg.diagonal_h_g else None
-  return _Work(abar, a_batch, h_a,
+  return _Work(abar, a_batch, first,
                None if start is None else _Start(first, start))
+
+
+def _with_h_a(cfg: _Config, ls: KBFGSLayerState, work: _Work, fn):
+  """``fn(H_a)`` with this step's ``H_a``: ``(A_batch + sqrt(lambda) I)^-1``
+  on the first step (the only explicit inverse), else the state's. ``fn``
+  runs inside both branches of the :func:`jax.lax.cond`: a cond that
+  returned ``H_a`` itself would copy the state's on every step (its output
+  cannot alias the jitted step's argument)."""
+  def inverted(_, a):
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    return fn(_blocks.spd_inverse(a + cfg.sqrt_damping * eye))
+  return jax.lax.cond(work.first, inverted, lambda h, _: fn(h), ls.h_a,
+                      work.a_batch)
 
 
 def _diagonal_start(tap, dtype) -> Optional[jax.Array]:
@@ -469,11 +478,10 @@ def _trial_step(cfg: _Config, spec: Spec, ls: KBFGSLayerState, work: _Work,
   """``delta_l = -lr H_a M_l H_g``, bounded; and the cap on ``t_l``."""
   dtype = _lm.precondition_dtype(cfg.precondition_dtype, spec,
                                  ls.h_a.dtype)
-  h_a = work.h_a if dtype is None else work.h_a.astype(dtype)
-  step = -lr * _h_g_apply(
-      cfg, ls, work.start,
-      _blocks.multiply(h_a, _lm.matrix(mom_leaves, spec), ls.h_a.dtype),
-      dtype)
+  m = _lm.matrix(mom_leaves, spec)
+  h_a_m = _with_h_a(cfg, ls, work, lambda h: _blocks.multiply(
+      h if dtype is None else h.astype(dtype), m, ls.h_a.dtype))
+  step = -lr * _h_g_apply(cfg, ls, work.start, h_a_m, dtype)
   if cfg.max_relative_change is None:
     return step, jnp.asarray(jnp.inf, step.dtype)
   theta_sq = _layer_dot(leaves, leaves, spec, step.dtype)
@@ -635,35 +643,38 @@ def _update_factors(cfg: _Config, ls: KBFGSLayerState, work: _Work, tap,
       skip_tol=cfg.skip_tol, valid=pair_ok)
   lost = _measures_nothing(motion, s_bar, pair_ok) & take
   h_g = cfg.h_g.reset_where(h_g, lost)
-  h_a, updated_a = _update_h_a(cfg, ls, work, first, refresh,
-                               valid=refresh & take)
+  h_a, updated_a = _update_h_a(cfg, ls, work, first, refresh, take)
   refresh = refresh & take
   new = KBFGSLayerState(
       a=jnp.where(take, _lm.averaged(ls.a, work.a_batch, cfg.beta, first,
                                      refresh),
                   ls.a),
-      # On a skipped first step work.h_a is the new inverse, not ls.h_a.
-      h_a=jnp.where(take, h_a, ls.h_a),
-      h_g=h_g, s=s_bar, y=y_bar)
+      h_a=h_a, h_g=h_g, s=s_bar, y=y_bar)
   flags = (powell & pair_ok, lm & pair_ok, take & (~updated | lost),
            refresh & ~updated_a)
   return new, flags
 
 
 def _update_h_a(cfg: _Config, ls: KBFGSLayerState, work: _Work, first,
-                refresh, valid):
+                refresh, take):
   """``H_a``'s Hessian-action BFGS update, block by block, each with its
   slice of ``abar`` in the pair and the skip rule; ``updated``: no block
   skipped (a block with a zero slice of ``abar`` has no pair: not a
-  skip)."""
+  skip). A skipped step (``take`` false) keeps the state's ``H_a``, also on
+  the first step."""
   abar = _blocks.vector(work.abar, ls.a.shape[-1])
-  s_a, y_a = _bfgs.hessian_action_pair(
-      work.h_a, _damped_a_action(cfg, ls, work, first, refresh), abar,
-      matvec=_blocks.matvec)
-  update = lambda h, s, y, g: _bfgs.bfgs_inverse_update(  # noqa: E731
-      h, s, y, grad_norm=g, skip_tol=cfg.skip_tol, valid=valid)
   norms = jnp.linalg.norm(abar, axis=-1)
-  h_a, updated = jax.vmap(update)(work.h_a, s_a, y_a, norms)
+  update = lambda h, s, y, g: _bfgs.bfgs_inverse_update(  # noqa: E731
+      h, s, y, grad_norm=g, skip_tol=cfg.skip_tol, valid=refresh & take)
+
+  def updated_h_a(h_a):
+    s_a, y_a = _bfgs.hessian_action_pair(
+        h_a, _damped_a_action(cfg, ls, work, first, refresh), abar,
+        matvec=_blocks.matvec)
+    new, updated = jax.vmap(update)(h_a, s_a, y_a, norms)
+    return jnp.where(take, new, ls.h_a), updated
+
+  h_a, updated = _with_h_a(cfg, ls, work, updated_h_a)
   return h_a, jnp.all(updated | (norms == 0))
 
 
