@@ -128,8 +128,9 @@ class KBFGSState(NamedTuple):
       that took the fallback ``-lr M``.
     num_powell: per layer, steps on which Powell damping fired (int32).
     num_lm: per layer, steps on which Levenberg-Marquardt damping fired.
-    num_skipped_h_g: per layer, ``H_g`` updates skipped (skip rule or non-finite
-      pair).
+    num_skipped_h_g: per layer, ``H_g`` updates skipped (skip rule,
+      non-finite pair, or ``H_g`` reset: the floor, a step that measures
+      nothing).
     num_skipped_h_a: per layer, ``H_a`` refreshes in which a block's update
       was skipped (blocks with a zero slice of ``abar`` aside).
     num_skipped: whole steps skipped for a non-finite gradient, tapped
@@ -400,7 +401,8 @@ def _momentum(cfg: _Config, grad_leaves, leaves, mom_leaves) -> list:
 
 def _input_factor(cfg: _Config, spec: Spec, ls: KBFGSLayerState, tap,
                   first) -> _Work:
-  """``abar`` and ``A_batch``'s blocks."""
+  """``abar``, ``A_batch``'s blocks, ``first`` and ``H_g``'s diagonal
+  start."""
   # The tap's statistics dtype is the widest of all layers': cast to this
   # layer's (float32 factors next to a float64 layer, say).
   abar, a_batch = (x.astype(ls.a.dtype) for x in _lm.homogeneous(spec, tap))
@@ -417,7 +419,9 @@ def _with_h_a(cfg: _Config, ls: KBFGSLayerState, work: _Work, fn):
   on the first step (the only explicit inverse), else the state's. ``fn``
   runs inside both branches of the :func:`jax.lax.cond`: a cond that
   returned ``H_a`` itself would copy the state's on every step (its output
-  cannot alias the jitted step's argument)."""
+  cannot alias the jitted step's argument). Under :func:`jax.vmap` with a
+  batched step count the cond becomes a select, which runs both branches
+  (the inverse on every step)."""
   def inverted(_, a):
     eye = jnp.eye(a.shape[-1], dtype=a.dtype)
     return fn(_blocks.spd_inverse(a + cfg.sqrt_damping * eye))
@@ -591,7 +595,7 @@ def _layer_steps(cfg: _Config, state: KBFGSState, rows: list, specs: tuple,
 
 def _step_motion(updates, leaves, spec: Spec) -> tuple:
   """``(nonzero, moved)``: whether the layer's step is nonzero, and whether
-  it changes any of its params (an entry at least half their float
+  it changes any of its params (an entry more than half their float
   spacing)."""
   nonzero, moved = [], []
   for i in _lm.layer_indices(spec):
@@ -603,14 +607,14 @@ def _step_motion(updates, leaves, spec: Spec) -> tuple:
 
 def _measures_nothing(motion: tuple, s_bar, pair_ok) -> jax.Array:
   """Whether the layer's trial steps measure nothing, so that nothing would
-  ever change its ``H_g`` (ours; docs/kbfgs.md, "A step lost to
-  rounding"): a nonzero step that leaves its params unchanged (below their
+  ever change its ``H_g`` (ours; docs/kbfgs.md, "When H_g collapses: the
+  floor and the reset"): a nonzero step that leaves its params unchanged (below their
   float spacing: the pair at ``theta + delta`` is zero, BFGS skips it and
   ``q_l`` is rejected), or one that moves them only because ``t_l`` scales
   it while the smoothed ``s_bar`` of a finite pair is exactly zero (the
   trial steps' pairs have been zero for as long as ``beta^n`` takes to
-  underflow, about 900 steps at ``beta = 0.9``). Both froze two-layer
-  Rosenbrock in float32."""
+  underflow: about 900 steps in float32 at ``beta = 0.9``). Both froze
+  two-layer Rosenbrock in float32."""
   nonzero, moved = motion
   return nonzero & (~moved | (pair_ok & jnp.all(s_bar == 0)))
 
