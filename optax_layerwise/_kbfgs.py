@@ -608,13 +608,13 @@ def _step_motion(updates, leaves, spec: Spec) -> tuple:
 def _measures_nothing(motion: tuple, s_bar, pair_ok) -> jax.Array:
   """Whether the layer's trial steps measure nothing, so that nothing would
   ever change its ``H_g`` (ours; docs/kbfgs.md, "When H_g collapses: the
-  floor and the reset"): a nonzero step that leaves its params unchanged (below their
-  float spacing: the pair at ``theta + delta`` is zero, BFGS skips it and
-  ``q_l`` is rejected), or one that moves them only because ``t_l`` scales
-  it while the smoothed ``s_bar`` of a finite pair is exactly zero (the
-  trial steps' pairs have been zero for as long as ``beta^n`` takes to
-  underflow: about 900 steps in float32 at ``beta = 0.9``). Both froze
-  two-layer Rosenbrock in float32."""
+  floor and the reset"): a nonzero step that leaves its params unchanged
+  (below their float spacing: the pair at ``theta + delta`` is zero, BFGS
+  skips it and ``q_l`` is rejected), or one that moves them only because
+  ``t_l`` scales it while the smoothed ``s_bar`` of a finite pair is
+  exactly zero (the trial steps' pairs have been zero for as long as
+  ``beta^n`` takes to underflow: about 900 steps in float32 at ``beta =
+  0.9``). Both froze two-layer Rosenbrock in float32."""
   nonzero, moved = motion
   return nonzero & (~moved | (pair_ok & jnp.all(s_bar == 0)))
 
