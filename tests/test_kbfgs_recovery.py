@@ -205,6 +205,30 @@ def test_rosenbrock_two_layers_converges(memory):
     assert h_b.min() >= _bfgs.H_FLOOR
 
 
+def _dense_problem(rng, big):
+  """A 3 -> 2 dense least-squares loss, and its kernel at ``big`` plus
+  standard normal draws (float32 spacing ``~big * 1.2e-7``)."""
+  x = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)
+  loss = lambda p: jnp.mean((olw.dense(x, p["l"]["kernel"]) - t) ** 2)
+  return loss, {"l": {"kernel": jnp.asarray(big + rng.normal(size=(3, 2)),
+                                            jnp.float32)}}
+
+
+def _one_update(tx, h_scale, step_size=None, *, loss, params):
+  """The first update of ``tx`` from a state with ``H_g = h_scale I`` (and
+  every ``t_l = step_size`` if given): the kernel's update and the state."""
+  state = tx.init(params)
+  state = state._replace(
+      layers=(state.layers[0]._replace(h_g=h_scale * jnp.eye(2)),))
+  if step_size is not None:
+    state = state._replace(step_sizes=jnp.full(
+        state.step_sizes.shape, step_size, state.step_sizes.dtype))
+  updates, new = jax.jit(lambda p, s: tx.update(
+      jax.grad(loss)(p), s, p, value_fn=loss))(params, state)
+  return np.asarray(updates["l"]["kernel"]), new
+
+
 def test_a_trial_step_lost_to_rounding_resets_h_g():
   """The same when only the trial step is lost: t_l (q_l = 0 is rejected, the
   last t_l = 10 reused) makes the applied step move the params, but the
@@ -214,22 +238,9 @@ def test_a_trial_step_lost_to_rounding_resets_h_g():
   of 48 starts under some of XLA's roundings:
   benchmarks/rosenbrock_starts.py)."""
   rng = np.random.default_rng(np.random.SeedSequence().entropy)
-  x = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-  t = jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)
-  loss = lambda p: jnp.mean((olw.dense(x, p["l"]["kernel"]) - t) ** 2)
-  params = {"l": {"kernel": jnp.asarray(1e4 + rng.normal(size=(3, 2)),
-                                        jnp.float32)}}
+  loss, params = _dense_problem(rng, 1e4)
   p = np.asarray(params["l"]["kernel"])
-
-  def update(tx, h_scale, step_size):
-    state = tx.init(params)
-    layer = state.layers[0]._replace(h_g=h_scale * jnp.eye(2))
-    state = state._replace(layers=(layer,), step_sizes=jnp.full(
-        state.step_sizes.shape, step_size, state.step_sizes.dtype))
-    updates, new = jax.jit(lambda p, s: tx.update(
-        jax.grad(loss)(p), s, p, value_fn=loss))(params, state)
-    return np.asarray(updates["l"]["kernel"]), new
-
+  update = functools.partial(_one_update, loss=loss, params=params)
   kw = dict(max_relative_change=None, h_g_init="identity")
   # The trial step is linear in H_g: scale it to 0.3 of the params' spacing
   # (lost), so that 10 times it (3 spacings) moves them.
@@ -291,20 +302,11 @@ def test_a_step_lost_to_rounding_resets_h_g():
   on two-layer Rosenbrock (H_g of layer a at 2e-6, steps of 2.5e-8 on a ~
   1); here the params are ~1e4 (spacing 1e-3) and H_g is 1e-9 I."""
   rng = np.random.default_rng(np.random.SeedSequence().entropy)
-  x = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-  t = jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)
-  loss = lambda p: jnp.mean((olw.dense(x, p["l"]["kernel"]) - t) ** 2)
   # H_g is set in the state, so the first step must not replace it.
   tx = olw.kbfgs(max_relative_change=None, h_g_init="identity")
   for big, h_scale, lost in ((1e4, 1e-9, True), (1.0, 1.0, False)):
-    params = {"l": {"kernel": jnp.asarray(
-        big + rng.normal(size=(3, 2)), jnp.float32)}}
-    state = tx.init(params)
-    layer = state.layers[0]._replace(h_g=h_scale * jnp.eye(2))
-    state = state._replace(layers=(layer,))
-    updates, new = jax.jit(lambda p, s: tx.update(
-        jax.grad(loss)(p), s, p, value_fn=loss))(params, state)
-    u = np.asarray(updates["l"]["kernel"])
+    loss, params = _dense_problem(rng, big)
+    u, new = _one_update(tx, h_scale, loss=loss, params=params)
     p = np.asarray(params["l"]["kernel"])
     assert np.any(u != 0)
     assert np.array_equal(p + u == p, np.full(p.shape, lost)), (big, u)
