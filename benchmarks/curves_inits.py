@@ -30,11 +30,10 @@ from benchmarks.report import aligned
 
 INITS = ("lecun", "glorot", "torch")
 TRANSFORMS: Dict[str, Callable[[], optax.GradientTransformation]] = {
-    "layerwise_adamw(precondition='inputs')": lambda: olw.layerwise_adamw(
-        precondition="inputs"),
-    "layerwise_sgd(precondition='inputs')": lambda: olw.layerwise_sgd(
-        precondition="inputs"),
     "layerwise_adamw()": olw.layerwise_adamw,
+    "layerwise_sgd()": olw.layerwise_sgd,
+    "layerwise_adamw(precondition=None)": lambda: olw.layerwise_adamw(
+        precondition=None),
     "kbfgs()": olw.kbfgs,
     "adam(1e-3)": lambda: optax.adam(1e-3),
 }

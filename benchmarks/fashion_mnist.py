@@ -21,9 +21,10 @@ Methods (``--methods``, comma-separated):
 * ``kbfgs``: ``olw.kbfgs()`` at its defaults (nothing passed).
 * ``kbfgs-l``: ``olw.kbfgs(memory_size=100)`` (K-BFGS(L)), other defaults.
 * ``layerwise-adamw``, ``layerwise-sgd``: ``olw.layerwise_adamw()``,
-  ``olw.layerwise_sgd()`` at their defaults (no learning rate).
-* ``layerwise-adamw-inputs`` (and, on request, ``layerwise-sgd-inputs``):
-  the same with ``precondition="inputs"``.
+  ``olw.layerwise_sgd()`` at their defaults (no learning rate; every layer
+  is a ``nn.Dense``, so ``precondition="auto"`` preconditions them all).
+* ``layerwise-adamw-plain`` (and, on request, ``layerwise-sgd-plain``):
+  the same with ``precondition=None`` (the paper's direction).
 * ``adamw`` (optional): ``optax.adamw(lr, weight_decay=1e-4)`` tuned over
   ``--adamw-grid``. Not trained by default; its step is still timed side by
   side (``--time-only``, the layer-wise AdamW's second baseline).
@@ -93,10 +94,10 @@ __all__ = ["build_experiment", "run", "main", "format_fm_table",
            "TABLE_EPOCHS"]
 
 ALL_METHODS = ("adam", "adamw", "kbfgs", "kbfgs-l", "layerwise-adamw",
-               "layerwise-sgd", "layerwise-adamw-inputs",
-               "layerwise-sgd-inputs")
+               "layerwise-sgd", "layerwise-adamw-plain",
+               "layerwise-sgd-plain")
 DEFAULT_METHODS = ("adam", "kbfgs", "kbfgs-l", "layerwise-adamw",
-                   "layerwise-sgd", "layerwise-adamw-inputs")
+                   "layerwise-sgd", "layerwise-adamw-plain")
 ADAM_GRID = (3e-4, 1e-3, 3e-3)
 ADAMW_GRID = (3e-4, 1e-3, 3e-3)
 TABLE_EPOCHS = (1, 2, 3, 5, 10)

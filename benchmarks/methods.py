@@ -60,11 +60,12 @@ def registry(kbfgs_memory: int = KBFGS_MEMORY) -> Dict[str, Method]:
              lambda lr: olw.layerwise_sgd()),
       Method("layerwise-adamw", "layer-wise AdamW",
              lambda lr: olw.layerwise_adamw()),
-      # The same, on K-BFGS's input-side H_a times the gradient.
-      Method("layerwise-sgd-inputs", "layer-wise SGD-m (inputs)",
-             lambda lr: olw.layerwise_sgd(precondition="inputs")),
-      Method("layerwise-adamw-inputs", "layer-wise AdamW (inputs)",
-             lambda lr: olw.layerwise_adamw(precondition="inputs")),
+      # The same on the paper's direction, without the default input-side
+      # H_a (precondition="auto" preconditions the layers a tap sees).
+      Method("layerwise-sgd-plain", "layer-wise SGD-m (paper's direction)",
+             lambda lr: olw.layerwise_sgd(precondition=None)),
+      Method("layerwise-adamw-plain", "layer-wise AdamW (paper's direction)",
+             lambda lr: olw.layerwise_adamw(precondition=None)),
       # CBLR / MCLR: the "lr" is `learning_rate_scale`, the global multiplier
       # of the per-layer curvature rates (1 = a Newton step along g_l).
       Method("cblr", "CBLR", lambda lr: olw.cblr(learning_rate_scale=lr), 1.0,

@@ -176,7 +176,7 @@ def estimator_accuracy(params, loss, x, batch: int, seed: int,
   samples = {}
   for point in range(num_points):
     _train(trainer, 25)
-    d = trainer.state[0].direction_state[0].trace
+    d = optax.tree.get(trainer.state[0].direction_state, "trace")
     out = forms(trainer.params, d, next(batches),
                 jax.random.PRNGKey(point))
     for name, value in out.items():

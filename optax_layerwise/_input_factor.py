@@ -26,7 +26,7 @@ along the preconditioned direction.
 Leaves of layers the tap does not see (norm scales, embeddings, layers of
 unsupported kinds) pass through unchanged. A refresh whose statistics or
 incoming updates are not finite keeps the last factors and is counted in
-``num_skipped``.
+``num_skipped_h_a``.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class PreconditionByInputsState(NamedTuple):
     inverses: per layer, the blocks of ``H_a = (A + sqrt(damping) I)^{-1}``
       in the product's input dtype (bfloat16 where K-BFGS multiplies in it,
       else ``A``'s); ``I`` until the first refresh that tapped the layer.
-    num_skipped: refreshes whose statistics or incoming updates were not
+    num_skipped_h_a: refreshes whose statistics or incoming updates were not
       finite (the factors were kept), int32.
   """
   # Kept finite here (see above), so a skipping alias neither checks nor
@@ -90,7 +90,7 @@ class PreconditionByInputsState(NamedTuple):
   count: jax.Array
   factors: tuple
   inverses: tuple
-  num_skipped: jax.Array
+  num_skipped_h_a: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,8 @@ class _Config:
   block_size: Optional[int]
   select: Any
   axis_name: Optional[_parallel.AxisName]
+  require_layer: bool = True  # False: no tapped layer passes all through
+  name: str = _NAME  # the transform named in errors
 
 
 def _product_dtype(spec, factor_dtype):
@@ -108,7 +110,7 @@ def _product_dtype(spec, factor_dtype):
 
 
 def _init(cfg: _Config, params) -> PreconditionByInputsState:
-  _layers.check_params(params, transform=_NAME)
+  _layers.check_params(params, transform=cfg.name)
   leaves = jax.tree_util.tree_leaves(params)
   specs = _layer_kinds.find_kernels(params, cfg.select)
   dtypes = [_layers.stats_dtype(leaves[s.kernel_index].dtype) for s in specs]
@@ -119,7 +121,7 @@ def _init(cfg: _Config, params) -> PreconditionByInputsState:
       inverses=tuple(_blocks.identity(s.k, cfg.block_size,
                                       _product_dtype(s, d))
                      for s, d in zip(specs, dtypes)),
-      num_skipped=jnp.zeros([], jnp.int32))
+      num_skipped_h_a=jnp.zeros([], jnp.int32))
 
 
 def _refreshed(cfg: _Config, value_fn, params, specs, state, updates):
@@ -129,13 +131,13 @@ def _refreshed(cfg: _Config, value_fn, params, specs, state, updates):
       value_fn, params, kernels={s.kernel_index: s.d_out for s in specs},
       second_moment=True, with_grads=False, axis_name=cfg.axis_name,
       second_moment_stride=ROWS)
-  if not taps.layers:
-    raise _taps.no_tappable_layer_error(_NAME, taps.num_untapped_calls)
+  if not taps.layers and cfg.require_layer:
+    raise _taps.no_tappable_layer_error(cfg.name, taps.num_untapped_calls)
   first = state.count == 0
   factors, inverses = [], []
   finite = _nonfinite.tree_all_finite(updates)
   for spec, old, old_inverse in zip(specs, state.factors, state.inverses):
-    tap = _lm.layer_tap(taps, spec, _NAME)
+    tap = _lm.layer_tap(taps, spec, cfg.name)
     if tap is None:  # not tapped: its factors are kept (I from init)
       factors.append(old)
       inverses.append(old_inverse)
@@ -152,7 +154,7 @@ def _refreshed(cfg: _Config, value_fn, params, specs, state, updates):
 
 
 def _factors(cfg: _Config, value_fn, params, specs, state, updates) -> tuple:
-  """``(factors, inverses, num_skipped)``: refreshed every
+  """``(factors, inverses, num_skipped_h_a)``: refreshed every
   ``update_interval`` steps (under :func:`jax.lax.cond`), else kept."""
   def refresh(_):
     factors, inverses, finite = _refreshed(cfg, value_fn, params, specs,
@@ -160,10 +162,10 @@ def _factors(cfg: _Config, value_fn, params, specs, state, updates) -> tuple:
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     return (jax.tree_util.tree_map(keep, factors, state.factors),
             jax.tree_util.tree_map(keep, inverses, state.inverses),
-            state.num_skipped + (~finite).astype(jnp.int32))
+            state.num_skipped_h_a + (~finite).astype(jnp.int32))
 
   def keep(_):
-    return state.factors, state.inverses, state.num_skipped
+    return state.factors, state.inverses, state.num_skipped_h_a
 
   return jax.lax.cond(state.count % cfg.update_interval == 0, refresh, keep,
                       None)
@@ -182,18 +184,18 @@ def _precondition(updates, specs, factors, inverses):
 
 def _update(cfg: _Config, updates, state, params, value_fn):
   value_fn = _checks.checked_value_fn(
-      _checks.require_value_fn(value_fn, transform=_NAME), _NAME)
-  _layers.check_params(params, transform=_NAME)
+      _checks.require_value_fn(value_fn, transform=cfg.name), cfg.name)
+  _layers.check_params(params, transform=cfg.name)
   specs = _layer_kinds.find_kernels(params, cfg.select)
   if len(specs) != len(state.factors):
     raise ValueError(
-        f"{_NAME}: the params have {len(specs)} layers but the state was "
+        f"{cfg.name}: the params have {len(specs)} layers but the state was "
         f"initialised for {len(state.factors)}; call init with these params.")
-  factors, inverses, num_skipped = _factors(cfg, value_fn, params, specs,
+  factors, inverses, num_skipped_h_a = _factors(cfg, value_fn, params, specs,
                                             state, updates)
   new_state = PreconditionByInputsState(
       count=state.count + 1, factors=factors, inverses=inverses,
-      num_skipped=num_skipped)
+      num_skipped_h_a=num_skipped_h_a)
   return _precondition(updates, specs, factors, inverses), new_state
 
 
@@ -256,6 +258,26 @@ def precondition_by_inputs(
            [1., 2., 1.],
            [1., 1., 1.]], dtype=float32)
   """
+  return _checks.value_fn_transformation(
+      _checked_config(damping, stat_decay, update_interval, block_size,
+                      dense_layers, axis_name), _init, _update)
+
+
+def precondition_where_tapped(axis_name=None, *, transform: str = _NAME):
+  """:func:`precondition_by_inputs` with its defaults, except that a model
+  with no tapped layer (e.g. plain ``x @ w``) passes through unchanged
+  instead of raising: the aliases' ``precondition="auto"``. Errors name
+  ``transform``."""
+  cfg = _checked_config(0.3, 0.8, UPDATE_INTERVAL, BLOCK_SIZE, None,
+                        axis_name)
+  return _checks.value_fn_transformation(
+      dataclasses.replace(cfg, require_layer=False, name=transform), _init,
+      _update)
+
+
+def _checked_config(damping, stat_decay, update_interval, block_size,
+                    dense_layers, axis_name) -> _Config:
+  """The :class:`_Config` of the arguments, with clear errors for bad ones."""
   _checks.check_non_negative(
       damping, "damping", transform=_NAME,
       why="sqrt(damping) I keeps A + sqrt(damping) I invertible.")
@@ -271,8 +293,6 @@ def precondition_by_inputs(
     raise ValueError(f"{_NAME}: update_interval must be >= 1, got "
                      f"{update_interval}.")
   _blocks.check_block_size(block_size, _NAME)
-  cfg = _Config(sqrt_damping=damping ** 0.5, stat_decay=stat_decay,
-                update_interval=update_interval, block_size=block_size,
-                select=dense_layers,
-                axis_name=axis_name)
-  return _checks.value_fn_transformation(cfg, _init, _update)
+  return _Config(sqrt_damping=damping ** 0.5, stat_decay=stat_decay,
+                 update_interval=update_interval, block_size=block_size,
+                 select=dense_layers, axis_name=axis_name)

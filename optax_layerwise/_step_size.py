@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_layerwise import _checks
+from optax_layerwise import _coverage
 from optax_layerwise import _curvature
 from optax_layerwise import _input_factor
 from optax_layerwise import _layers
@@ -81,13 +82,31 @@ PAPER_MEASUREMENT = dict(estimator="hutchinson", hvp="forward_over_reverse",
 ALIAS_EMA = 0.9
 # The aliases' `precondition` choices (docs/step_sizes.md, "Input-side
 # preconditioning"): None, the paper's first-order direction; "inputs",
-# that direction computed from K-BFGS's input-side H_a times the gradient.
-PRECONDITIONS = (None, "inputs")
+# that direction computed from K-BFGS's input-side H_a times the gradient
+# (an error if no layer is tapped); "auto" (default), "inputs" on the
+# layers a tapped pass sees and the paper's direction on the others.
+PRECONDITIONS = ("auto", None, "inputs")
 # The aliases' displacement bound for max_relative_change="auto", by
 # `precondition` (docs/step_sizes.md): the preconditioned direction moved
 # faster with twice the bound (Fashion-MNIST autoencoder: tuned Adam's
 # 10-epoch loss at epoch 2.6 against 3.6 with 0.01); the plain one spiked.
+# "auto" takes each layer's bound from whether it is preconditioned.
 AUTO_BOUNDS = {None: 0.01, "inputs": 0.02}
+
+
+class _BoundWhereTapped(NamedTuple):
+  """``max_relative_change`` per layer: ``tapped`` for the layers a tapped
+  pass of ``value_fn`` sees (those ``precondition="auto"`` preconditions),
+  ``plain`` for the others; resolved at trace time."""
+  tapped: float
+  plain: float
+
+  def per_layer(self, value_fn, params, partition) -> jax.Array:
+    tapped = _coverage.tapped_leaves(
+        _checks.checked_value_fn(value_fn, _NAME), params)
+    return jnp.asarray([
+        self.tapped if tapped.intersection(partition.leaf_indices(layer))
+        else self.plain for layer in range(partition.num_layers)])
 
 
 def _measurement(num_probes, coupled, axis_name, **given) -> dict:
@@ -206,7 +225,8 @@ def _check_args(estimator, hvp, update_interval, num_probes, coupled,
     _checks.check_non_negative(value, name, transform=_NAME, why=why)
   _checks.check_decay(ema, "ema", transform=_NAME,
                          why="0 for no averaging; 1 would freeze the steps.")
-  if max_relative_change is not None:
+  if max_relative_change is not None and not isinstance(
+      max_relative_change, _BoundWhereTapped):
     _checks.check_non_negative(
         max_relative_change, "max_relative_change", transform=_NAME,
         why="It bounds how far a layer moves relative to its norm; pass None "
@@ -248,13 +268,16 @@ def _direction(cfg: _Config, updates, state, params, value_fn,
   return d, direction_state
 
 
-def _upper(cfg: _Config, partition, params, sq_norm) -> jax.Array:
+def _upper(cfg: _Config, partition, params, sq_norm, value_fn) -> jax.Array:
   """This step's upper clip: ``max_step``, and the displacement bound
   ``max_relative_change ||theta_l|| / ||d_l||`` when given."""
   upper = jnp.asarray(cfg.max_step)
-  if cfg.max_relative_change is not None:  # bounds every path
+  bound = cfg.max_relative_change
+  if isinstance(bound, _BoundWhereTapped):
+    bound = bound.per_layer(value_fn, params, partition)
+  if bound is not None:  # bounds every path
     upper = jnp.minimum(upper, _layers.trust_ratio(
-        partition.sq_norm(params), sq_norm, cfg.max_relative_change))
+        partition.sq_norm(params), sq_norm, bound))
   return upper
 
 
@@ -303,7 +326,7 @@ def _update(cfg: _Config, updates, state: ScaleByLayerwiseStepSizeState,
   d, direction_state = _direction(cfg, updates, state, params, value_fn,
                                   extra_args)
   sq_norm = partition.sq_norm(d)
-  upper = _upper(cfg, partition, params, sq_norm)
+  upper = _upper(cfg, partition, params, sq_norm, value_fn)
   # Measured every update_interval steps (and every step of the first one
   # while a layer has no accepted step); a reused step falls back.
   measured = _safeguards.is_measured(
@@ -489,18 +512,24 @@ def _bound(max_relative_change, precondition):
     if max_relative_change != "auto":
       raise ValueError("max_relative_change must be a number, None or "
                        f"'auto', got {max_relative_change!r}.")
+    if precondition == "auto":
+      return _BoundWhereTapped(tapped=AUTO_BOUNDS["inputs"],
+                               plain=AUTO_BOUNDS[None])
     return AUTO_BOUNDS[precondition]
   return max_relative_change
 
 
 def _preconditioned(name: str, precondition, direction: tuple, axis_name):
   """``chain(*direction)``, after ``precondition_by_inputs`` when
-  ``precondition="inputs"``."""
+  ``precondition="inputs"`` (or its lenient form for ``"auto"``)."""
   _checks.check_one_of(precondition, "precondition", PRECONDITIONS,
                        transform=name)
   if precondition == "inputs":
     direction = (_input_factor.precondition_by_inputs(axis_name=axis_name),
                  ) + direction
+  elif precondition == "auto":
+    direction = (_input_factor.precondition_where_tapped(
+        axis_name, transform=_NAME),) + direction
   return optax.chain(*direction)
 
 
@@ -511,13 +540,18 @@ def _with_step_sizes(direction, scale, **step_size_kwargs):
       optax.scale_by_learning_rate(scale))
 
 
-_SHARED_ARGS_DOC = """    precondition: ``None`` (the paper's direction) or ``"inputs"``: the
-      direction is computed from the gradient multiplied, layer by layer, by
-      K-BFGS's input-side factor ``H_a = (A + sqrt(0.3) I)^{-1}``
-      (:func:`precondition_by_inputs`, refreshed every 20 steps), and
-      ``alpha_l`` is measured along it; on the Fashion-MNIST autoencoder it
-      reached tuned Adam's loss in fewer epochs (``docs/step_sizes.md``,
-      "Input-side preconditioning").
+_SHARED_ARGS_DOC = """    precondition: ``"auto"`` (default), ``"inputs"`` or ``None`` (the
+      paper's direction). ``"inputs"``: the direction is computed from the
+      gradient multiplied, layer by layer, by K-BFGS's input-side factor
+      ``H_a = (A + sqrt(0.3) I)^{-1}`` (:func:`precondition_by_inputs`,
+      refreshed every 20 steps), and ``alpha_l`` is measured along it; on
+      the Fashion-MNIST autoencoder it reached tuned Adam's loss in fewer
+      epochs and less time (``docs/step_sizes.md``, "Input-side
+      preconditioning"); it raises if no layer is tapped. ``"auto"``: the
+      same on the layers a tapped pass sees (Flax ``Dense``, ``Conv``,
+      ``DenseGeneral``, :func:`optax_layerwise.dense`, ...; see
+      :func:`optax_layerwise.kbfgs_coverage`) and the paper's direction on
+      the others (e.g. plain ``x @ w``, norm scales, embeddings).
     estimator: ``"exact"``, ``"hutchinson"`` (the paper's) or ``"row"`` (see
       :func:`scale_by_layerwise_step_size`, which documents every argument
       below). ``None``: ``"exact"``, or ``"hutchinson"`` when ``num_probes``
@@ -539,7 +573,8 @@ _SHARED_ARGS_DOC = """    precondition: ``None`` (the paper's direction) or ``"i
     max_step: upper clip of each per-layer step.
     max_relative_change: bounds each layer's displacement,
       ``alpha_l ||d_l|| <= max_relative_change * ||theta_l||``; ``"auto"``
-      (default): 0.01, or 0.02 with ``precondition="inputs"``; ``None`` for
+      (default): 0.02 on a preconditioned layer, 0.01 on the others (with
+      ``precondition="auto"``, decided layer by layer); ``None`` for
       the paper's rule alone. Without it, accurate curvature estimates
       diverged on a deep ReLU autoencoder (docs/step_sizes.md).
     initial_step: a layer's step until it has an accepted measurement.
@@ -568,7 +603,7 @@ def layerwise_sgd(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     scale: ScalarOrSchedule = 1.0,
-    precondition: Optional[str] = None,
+    precondition: Optional[str] = "auto",
     estimator: Optional[str] = None,
     num_probes: Optional[int] = None,
     hvp: Optional[str] = None,
@@ -640,7 +675,7 @@ def layerwise_adamw(
     eps: float = 1e-8,
     weight_decay: float = 1e-4,
     scale: ScalarOrSchedule = 1.0,
-    precondition: Optional[str] = None,
+    precondition: Optional[str] = "auto",
     estimator: Optional[str] = None,
     num_probes: Optional[int] = None,
     hvp: Optional[str] = None,

@@ -143,7 +143,7 @@ def test_non_finite_statistics_keep_the_factors_and_count():
   bad_x = xs[1].at[0, 0].set(jnp.nan)
   out, new = tx.update(grads, state, params,
                        value_fn=lambda p: tiny.loss(p, bad_x, ts[1]))
-  assert int(new.num_skipped) == 1
+  assert int(new.num_skipped_h_a) == 1
   for old, kept in zip(state.inverses, new.inverses):
     np.testing.assert_array_equal(old, kept)
   assert tiny.tree_finite(out)
@@ -261,4 +261,116 @@ def test_a_skipped_step_keeps_the_factors_and_the_next_step_refreshes():
   # float32 factors from the batch's activations, against float64 NumPy.
   for a, want in zip(pre(after).factors, _numpy_factors(params, xs[0])):
     np.testing.assert_allclose(a[0], want, rtol=1e-5, atol=1e-5)
-  assert int(pre(after).count) == 1 and int(pre(after).num_skipped) == 0
+  assert int(pre(after).count) == 1 and int(pre(after).num_skipped_h_a) == 0
+
+
+def _gained_problem(key, dtype=jnp.float32):
+  """tiny's network with an elementwise gain after the first layer: the two
+  dense layers are tapped, the gain (a leaf of its own layer) is not."""
+  params = tiny.init_params(key, dtype)
+  params["gain"] = {"g": (1.0 + 0.3 * jax.random.normal(
+      jax.random.fold_in(key, 7), (tiny.SIZES[1],))).astype(dtype)}
+  xs, ts = tiny.batches(jax.random.fold_in(key, 1), 1)
+  x, t = xs[0].astype(dtype), ts[0].astype(dtype)
+
+  def loss(p):
+    h = jnp.tanh(olw.dense(x, p["l0"]["w"], p["l0"]["b"]) * p["gain"]["g"])
+    err = olw.dense(h, p["l1"]["w"], p["l1"]["b"]) - t
+    return 0.5 * jnp.mean(jnp.sum(err ** 2, axis=-1))
+
+  def inputs(p):  # each dense layer's inputs, in float64
+    x64 = np.asarray(x, np.float64)
+    h = np.tanh((x64 @ np.asarray(p["l0"]["w"], np.float64)
+                 + np.asarray(p["l0"]["b"])) * np.asarray(p["gain"]["g"]))
+    return [x64, h]
+
+  return params, loss, inputs
+
+
+def test_auto_preconditions_the_tapped_layers_only(x64):
+  """The aliases' default ``precondition="auto"`` without momentum or
+  bounds: each dense layer moves by ``-alpha_l H_a g_l`` (``H_a`` from
+  NumPy), the untapped gain by ``-alpha_l g_l``, ``alpha_l = <g, d>_l /
+  d_l^T H_ll d_l`` from ``jax.hessian`` (a rejected ``q_l <= 0``: no
+  move)."""
+  params, loss, inputs = _gained_problem(_fresh_key(), jnp.float64)
+  tx = olw.layerwise_sgd(momentum=0.0, ema=0.0, max_relative_change=None,
+                         max_step=1e6, update_interval=1)
+  grads = jax.grad(loss)(params)
+  out, _ = tx.update(grads, tx.init(params), params, value_fn=loss)
+  d = {"gain": {"g": np.asarray(grads["gain"]["g"])}}
+  for i, a in enumerate(inputs(params)):
+    abar = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+    h_a = np.linalg.inv(abar.T @ abar / len(a) + np.sqrt(0.3) * np.eye(
+        abar.shape[1]))
+    g = grads[f"l{i}"]
+    pm = h_a @ np.concatenate([np.asarray(g["w"]), np.asarray(g["b"])[None]])
+    d[f"l{i}"] = {"w": pm[:-1], "b": pm[-1]}
+  flat, unravel = ravel_pytree(params)
+  hessian = jax.hessian(lambda f: loss(unravel(f)))(flat)
+  moved = []
+  for name in ("l0", "l1", "gain"):
+    only = {k: jax.tree_util.tree_map(
+        lambda v, keep=(k == name): jnp.asarray(v) * keep, d[k]) for k in d}
+    d_l = ravel_pytree(only)[0]
+    b = float(d_l @ ravel_pytree(grads)[0])
+    q = float(d_l @ hessian @ d_l)
+    moved.append(q > 0)
+    for leaf, want in d[name].items():
+      np.testing.assert_allclose(out[name][leaf], -(b / q) * want * (q > 0),
+                                 rtol=1e-8, atol=1e-12)
+  assert moved[2] and any(moved[:2])
+
+
+def test_auto_bounds_each_layer_by_whether_it_is_preconditioned():
+  """``max_relative_change="auto"`` under ``precondition="auto"``: with
+  every measurement rejected (``curvature_floor`` huge) the fallback step
+  ``initial_step`` is clipped to the bound, so each layer moves by exactly
+  0.02 of its norm where ``H_a`` preconditions it and 0.01 elsewhere."""
+  params, loss, _ = _gained_problem(_fresh_key())
+  tx = olw.layerwise_adamw(curvature_floor=1e30, initial_step=1e6,
+                           max_step=1e6)
+  grads = jax.grad(loss)(params)
+  out, state = jax.jit(lambda g: tx.update(g, tx.init(params), params,
+                                           value_fn=loss))(grads)
+  assert int(state[0].num_fallbacks.sum()) == 3
+  for name, bound in (("l0", 0.02), ("l1", 0.02), ("gain", 0.01)):
+    moved = np.sqrt(sum(np.sum(np.square(v, dtype=np.float64))
+                        for v in jax.tree_util.tree_leaves(out[name])))
+    norm = np.sqrt(sum(np.sum(np.square(v, dtype=np.float64))
+                       for v in jax.tree_util.tree_leaves(params[name])))
+    # float32 norms of a few dozen entries: 1e-5 relative.
+    np.testing.assert_allclose(moved / norm, bound, rtol=1e-5)
+
+
+def test_auto_passes_a_model_without_tapped_layers_through():
+  """Plain ``x @ w`` layers are not tapped: ``precondition="inputs"``
+  raises this library's error, the default ``"auto"`` takes the paper's
+  direction, bound 0.01 (the same steps as ``precondition=None``)."""
+  key = _fresh_key()
+  params = tiny.init_params(key)
+  xs, ts = tiny.batches(jax.random.fold_in(key, 1), 3)
+
+  def loss_on(x, t):
+    def loss(p):
+      h = jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"])
+      return jnp.mean((h @ p["l1"]["w"] + p["l1"]["b"] - t) ** 2)
+    return loss
+
+  def run(**kwargs):
+    tx = olw.layerwise_adamw(**kwargs)
+    p, state, moves = params, tx.init(params), []
+    for x, t in zip(xs, ts):
+      loss = loss_on(x, t)
+      u, state = tx.update(jax.grad(loss)(p), state, p, value_fn=loss)
+      p = optax.apply_updates(p, u)
+      moves.append(u)
+    return moves
+
+  with pytest.raises(ValueError,
+                     match="precondition_by_inputs found no layer"):
+    run(precondition="inputs")
+  for auto, plain in zip(run(), run(precondition=None)):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, auto, plain)
+  assert any(float(jnp.abs(u).max()) > 0
+             for u in jax.tree_util.tree_leaves(auto))

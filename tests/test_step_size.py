@@ -338,7 +338,7 @@ def test_secant_steps_on_a_quadratic_equal_b_over_q_exactly():
   step = _jit_update(tx, loss_fn)
   for _ in range(3):
     g = jax.grad(loss_fn)(params)
-    trace = _step_state(state).direction_state[0].trace
+    trace = optax.tree.get(_step_state(state).direction_state, "trace")
     d = jax.tree_util.tree_map(lambda t, x: 0.5 * t + x, trace, g)
     params, _, state = step(params, state)
     for name in ("u", "v"):
@@ -523,8 +523,8 @@ def test_negative_curvature_zero_direction_and_nan_never_give_nan():
       lambda g, s, p: tx.update(g, s, p, value_fn=loss))(grads, state, params)
   assert all(np.all(u == 0) for u in jax.tree_util.tree_leaves(updates))
   assert int(_step_state(state2).num_skipped) == 1
-  np.testing.assert_array_equal(
-      _step_state(state2).direction_state[0].trace["a"]["w"], 0.0)
+  np.testing.assert_array_equal(optax.tree.get(
+      _step_state(state2).direction_state, "trace")["a"]["w"], 0.0)
 
 
 def test_chains_with_clipping_inject_hyperparams_and_apply_if_finite():
