@@ -63,7 +63,7 @@ _NOT_A_KERNEL = ("not a kernel (a bias without a preconditioned kernel, a "
                  "norm scale, an embedding or another non-matrix leaf)")
 
 
-def _traced_taps(value_fn, params, dense_layers) -> tuple:
+def traced_taps(value_fn, params, dense_layers) -> tuple:
   """``(specs, taps)``: the candidate kernels and one tapped pass traced
   with :func:`jax.eval_shape` (shapes only; fine inside ``jax.jit``)."""
   specs = _layer_kinds.find_kernels(params, dense_layers)
@@ -76,7 +76,7 @@ def _traced_taps(value_fn, params, dense_layers) -> tuple:
 def tapped_leaves(value_fn, params, dense_layers=None) -> frozenset:
   """Flatten-order indices of the kernels (and their biases) that a tapped
   pass sees: the leaves K-BFGS and ``precondition_by_inputs`` precondition."""
-  specs, result = _traced_taps(value_fn, params, dense_layers)
+  specs, result = traced_taps(value_fn, params, dense_layers)
   return frozenset(
       index for s in specs if s.kernel_index in result.layers
       for index in (s.kernel_index, s.bias_index) if index is not None)
@@ -111,7 +111,7 @@ def kbfgs_coverage(value_fn: Callable[[PyTree], Any], params: PyTree, *,
     >>> round(report.fraction, 3)
     0.936
   """
-  specs, result = _traced_taps(value_fn, params, dense_layers)
+  specs, result = traced_taps(value_fn, params, dense_layers)
   reasons = dict(result.unsupported)
   kinds = {}
   for spec in specs:

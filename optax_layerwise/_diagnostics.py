@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_layerwise import _curvature_lr
+from optax_layerwise import _input_factor
 from optax_layerwise import _kbfgs
 from optax_layerwise import _step_size
 
@@ -31,6 +32,7 @@ _STATES = {
     _step_size.ScaleByLayerwiseStepSizeState: "step_size",
     _curvature_lr.ScaleByCurvatureLRState: "curvature_lr",
     _kbfgs.KBFGSState: "kbfgs",
+    _input_factor.PreconditionByInputsState: "precondition_by_inputs",
 }
 
 

@@ -40,6 +40,7 @@ import optax
 
 from optax_layerwise import _blocks
 from optax_layerwise import _checks
+from optax_layerwise import _coverage
 from optax_layerwise import _kbfgs
 from optax_layerwise import _layer_kinds
 from optax_layerwise import _layer_matrices as _lm
@@ -131,8 +132,6 @@ def _refreshed(cfg: _Config, value_fn, params, specs, state, updates):
       value_fn, params, kernels={s.kernel_index: s.d_out for s in specs},
       second_moment=True, with_grads=False, axis_name=cfg.axis_name,
       second_moment_stride=ROWS)
-  if not taps.layers and cfg.require_layer:
-    raise _taps.no_tappable_layer_error(cfg.name, taps.num_untapped_calls)
   first = state.count == 0
   factors, inverses = [], []
   finite = _nonfinite.tree_all_finite(updates)
@@ -171,12 +170,15 @@ def _factors(cfg: _Config, value_fn, params, specs, state, updates) -> tuple:
                       None)
 
 
-def _precondition(updates, specs, factors, inverses):
-  """``H_a [U_W; U_b]`` for every layer (``H_a``'s dtype for the inputs,
-  ``A``'s for the accumulation and the result); other leaves unchanged."""
+def _precondition(updates, specs, factors, inverses, tapped):
+  """``H_a [U_W; U_b]`` for every tapped layer (``H_a``'s dtype for the
+  inputs, ``A``'s for the accumulation and the result); other leaves
+  unchanged (not multiplied by their ``I``, which may round to bfloat16)."""
   leaves, treedef = jax.tree_util.tree_flatten(updates)
   out = list(leaves)
   for spec, a, h_a in zip(specs, factors, inverses):
+    if spec.kernel_index not in tapped:
+      continue
     _lm.set_matrix(out, spec, _blocks.multiply(
         h_a, _lm.matrix(leaves, spec), a.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -186,17 +188,24 @@ def _update(cfg: _Config, updates, state, params, value_fn):
   value_fn = _checks.checked_value_fn(
       _checks.require_value_fn(value_fn, transform=cfg.name), cfg.name)
   _layers.check_params(params, transform=cfg.name)
-  specs = _layer_kinds.find_kernels(params, cfg.select)
+  # Which layers a tapped pass sees, known while tracing (shapes only).
+  specs, traced = _coverage.traced_taps(value_fn, params, cfg.select)
   if len(specs) != len(state.factors):
     raise ValueError(
         f"{cfg.name}: the params have {len(specs)} layers but the state was "
         f"initialised for {len(state.factors)}; call init with these params.")
+  if not traced.layers:
+    if cfg.require_layer:
+      raise _taps.no_tappable_layer_error(cfg.name,
+                                          traced.num_untapped_calls)
+    return updates, state._replace(count=state.count + 1)
   factors, inverses, num_skipped_h_a = _factors(cfg, value_fn, params, specs,
-                                            state, updates)
+                                                state, updates)
   new_state = PreconditionByInputsState(
       count=state.count + 1, factors=factors, inverses=inverses,
       num_skipped_h_a=num_skipped_h_a)
-  return _precondition(updates, specs, factors, inverses), new_state
+  return (_precondition(updates, specs, factors, inverses, traced.layers),
+          new_state)
 
 
 def precondition_by_inputs(
