@@ -73,15 +73,6 @@ def traced_taps(value_fn, params, dense_layers) -> tuple:
   return specs, result
 
 
-def tapped_leaves(value_fn, params, dense_layers=None) -> frozenset:
-  """Flatten-order indices of the kernels (and their biases) that a tapped
-  pass sees: the leaves K-BFGS and ``precondition_by_inputs`` precondition."""
-  specs, result = traced_taps(value_fn, params, dense_layers)
-  return frozenset(
-      index for s in specs if s.kernel_index in result.layers
-      for index in (s.kernel_index, s.bias_index) if index is not None)
-
-
 def kbfgs_coverage(value_fn: Callable[[PyTree], Any], params: PyTree, *,
                    dense_layers=None) -> KBFGSCoverage:
   """Reports which leaves :func:`optax_layerwise.kbfgs` preconditions.

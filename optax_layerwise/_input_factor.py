@@ -26,12 +26,13 @@ along the preconditioned direction.
 Leaves of layers the tap does not see (norm scales, embeddings, layers of
 unsupported kinds) pass through unchanged. A refresh whose statistics or
 incoming updates are not finite keeps the last factors and is counted in
-``num_skipped_h_a``.
+``num_skipped_refreshes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -66,6 +67,10 @@ BLOCK_SIZE = 256
 #: tuned Adam's Fashion-MNIST loss instead of 2.61: more wall time
 #: (docs/step_sizes.md, "Input-side preconditioning").
 UPDATE_INTERVAL = 20
+#: ``lambda``: ``sqrt(lambda) I`` is added to ``A`` (K-BFGS's default).
+DAMPING = 0.3
+#: ``beta`` of ``A``'s moving average, per refresh.
+STAT_DECAY = 0.8
 
 
 class PreconditionByInputsState(NamedTuple):
@@ -81,8 +86,8 @@ class PreconditionByInputsState(NamedTuple):
     inverses: per layer, the blocks of ``H_a = (A + sqrt(damping) I)^{-1}``
       in the product's input dtype (bfloat16 where K-BFGS multiplies in it,
       else ``A``'s); ``I`` until the first refresh that tapped the layer.
-    num_skipped_h_a: refreshes whose statistics or incoming updates were not
-      finite (the factors were kept), int32.
+    num_skipped_refreshes: refreshes whose statistics or incoming updates
+      were not finite (the factors were kept), int32.
   """
   # Kept finite here (see above), so a skipping alias neither checks nor
   # restores them (:func:`optax_layerwise._nonfinite.skip_non_finite_step`).
@@ -91,7 +96,7 @@ class PreconditionByInputsState(NamedTuple):
   count: jax.Array
   factors: tuple
   inverses: tuple
-  num_skipped_h_a: jax.Array
+  num_skipped_refreshes: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +127,7 @@ def _init(cfg: _Config, params) -> PreconditionByInputsState:
       inverses=tuple(_blocks.identity(s.k, cfg.block_size,
                                       _product_dtype(s, d))
                      for s, d in zip(specs, dtypes)),
-      num_skipped_h_a=jnp.zeros([], jnp.int32))
+      num_skipped_refreshes=jnp.zeros([], jnp.int32))
 
 
 def _refreshed(cfg: _Config, value_fn, params, specs, state, updates):
@@ -153,7 +158,7 @@ def _refreshed(cfg: _Config, value_fn, params, specs, state, updates):
 
 
 def _factors(cfg: _Config, value_fn, params, specs, state, updates) -> tuple:
-  """``(factors, inverses, num_skipped_h_a)``: refreshed every
+  """``(factors, inverses, num_skipped_refreshes)``: refreshed every
   ``update_interval`` steps (under :func:`jax.lax.cond`), else kept."""
   def refresh(_):
     factors, inverses, finite = _refreshed(cfg, value_fn, params, specs,
@@ -161,10 +166,10 @@ def _factors(cfg: _Config, value_fn, params, specs, state, updates) -> tuple:
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     return (jax.tree_util.tree_map(keep, factors, state.factors),
             jax.tree_util.tree_map(keep, inverses, state.inverses),
-            state.num_skipped_h_a + (~finite).astype(jnp.int32))
+            state.num_skipped_refreshes + (~finite).astype(jnp.int32))
 
   def keep(_):
-    return state.factors, state.inverses, state.num_skipped_h_a
+    return state.factors, state.inverses, state.num_skipped_refreshes
 
   return jax.lax.cond(state.count % cfg.update_interval == 0, refresh, keep,
                       None)
@@ -184,34 +189,66 @@ def _precondition(updates, specs, factors, inverses, tapped):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _tapped_kernels(cfg: _Config, value_fn, params) -> tuple:
+  """``(specs, kernel indices a tapped pass sees)``, known while tracing
+  (:func:`jax.eval_shape`). No tapped layer raises, unless
+  ``require_layer=False``; so does a call the tap cannot read, which then
+  leaves every layer unpreconditioned, with a warning."""
+  specs = _layer_kinds.find_kernels(params, cfg.select)
+  try:
+    _, traced = _coverage.traced_taps(value_fn, params, cfg.select)
+  except _taps.UntappableLayer as err:
+    if cfg.require_layer:
+      raise
+    warnings.warn(
+        f"{cfg.name}: precondition='auto' preconditions no layer of this "
+        f"model: {err} Pass precondition=None to silence this warning.",
+        stacklevel=2)
+    return specs, frozenset()
+  if not traced.layers and cfg.require_layer:
+    raise _taps.no_tappable_layer_error(cfg.name, traced.num_untapped_calls)
+  return specs, frozenset(traced.layers)
+
+
+def tapped_leaves(value_fn, params) -> frozenset:
+  """Flatten-order indices of the kernels and biases that
+  :func:`precondition_where_tapped` multiplies by ``H_a`` (empty where it
+  preconditions nothing): the aliases' per-layer bound reads them."""
+  cfg = _Config(sqrt_damping=None, stat_decay=None, update_interval=None,
+                block_size=None, select=None, axis_name=None,
+                require_layer=False)
+  with warnings.catch_warnings():  # warned once, by the preconditioner
+    warnings.simplefilter("ignore")
+    specs, tapped = _tapped_kernels(cfg, value_fn, params)
+  return frozenset(
+      index for s in specs if s.kernel_index in tapped
+      for index in (s.kernel_index, s.bias_index) if index is not None)
+
+
 def _update(cfg: _Config, updates, state, params, value_fn):
   value_fn = _checks.checked_value_fn(
       _checks.require_value_fn(value_fn, transform=cfg.name), cfg.name)
   _layers.check_params(params, transform=cfg.name)
-  # Which layers a tapped pass sees, known while tracing (shapes only).
-  specs, traced = _coverage.traced_taps(value_fn, params, cfg.select)
+  specs, tapped = _tapped_kernels(cfg, value_fn, params)
   if len(specs) != len(state.factors):
     raise ValueError(
         f"{cfg.name}: the params have {len(specs)} layers but the state was "
         f"initialised for {len(state.factors)}; call init with these params.")
-  if not traced.layers:
-    if cfg.require_layer:
-      raise _taps.no_tappable_layer_error(cfg.name,
-                                          traced.num_untapped_calls)
+  if not tapped:
     return updates, state._replace(count=state.count + 1)
-  factors, inverses, num_skipped_h_a = _factors(cfg, value_fn, params, specs,
+  factors, inverses, num_skipped_refreshes = _factors(cfg, value_fn, params, specs,
                                                 state, updates)
   new_state = PreconditionByInputsState(
       count=state.count + 1, factors=factors, inverses=inverses,
-      num_skipped_h_a=num_skipped_h_a)
-  return (_precondition(updates, specs, factors, inverses, traced.layers),
+      num_skipped_refreshes=num_skipped_refreshes)
+  return (_precondition(updates, specs, factors, inverses, tapped),
           new_state)
 
 
 def precondition_by_inputs(
     *,
-    damping: float = 0.3,
-    stat_decay: float = 0.8,
+    damping: float = DAMPING,
+    stat_decay: float = STAT_DECAY,
     update_interval: int = UPDATE_INTERVAL,
     block_size: Optional[int] = BLOCK_SIZE,
     dense_layers=None,
@@ -277,8 +314,8 @@ def precondition_where_tapped(axis_name=None, *, transform: str = _NAME):
   with no tapped layer (e.g. plain ``x @ w``) passes through unchanged
   instead of raising: the aliases' ``precondition="auto"``. Errors name
   ``transform``."""
-  cfg = _checked_config(0.3, 0.8, UPDATE_INTERVAL, BLOCK_SIZE, None,
-                        axis_name)
+  cfg = _checked_config(DAMPING, STAT_DECAY, UPDATE_INTERVAL, BLOCK_SIZE,
+                        None, axis_name)
   return _checks.value_fn_transformation(
       dataclasses.replace(cfg, require_layer=False, name=transform), _init,
       _update)

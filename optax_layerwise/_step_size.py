@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import optax
 
 from optax_layerwise import _checks
-from optax_layerwise import _coverage
 from optax_layerwise import _curvature
 from optax_layerwise import _input_factor
 from optax_layerwise import _layers
@@ -90,22 +89,23 @@ PRECONDITIONS = ("auto", None, "inputs")
 # `precondition` (docs/step_sizes.md): the preconditioned direction moved
 # faster with twice the bound (Fashion-MNIST autoencoder: tuned Adam's
 # 10-epoch loss at epoch 2.6 against 3.6 with 0.01); the plain one spiked.
-# "auto" takes each layer's bound from whether it is preconditioned.
+# With the input factor ("auto", "inputs") each layer's bound follows from
+# whether it is preconditioned (a layer group all of whose leaves are).
 AUTO_BOUNDS = {None: 0.01, "inputs": 0.02}
 
 
 class _BoundWhereTapped(NamedTuple):
-  """``max_relative_change`` per layer: ``tapped`` for the layers a tapped
-  pass of ``value_fn`` sees (those ``precondition="auto"`` preconditions),
-  ``plain`` for the others; resolved at trace time."""
+  """``max_relative_change`` per layer: ``tapped`` for a layer whose every
+  leaf the input factor preconditions (``precondition="auto"`` or
+  ``"inputs"``), ``plain`` for the others; resolved while tracing."""
   tapped: float
   plain: float
 
   def per_layer(self, value_fn, params, partition) -> jax.Array:
-    tapped = _coverage.tapped_leaves(
+    tapped = _input_factor.tapped_leaves(
         _checks.checked_value_fn(value_fn, _NAME), params)
     return jnp.asarray([
-        self.tapped if tapped.intersection(partition.leaf_indices(layer))
+        self.tapped if tapped.issuperset(partition.leaf_indices(layer))
         else self.plain for layer in range(partition.num_layers)])
 
 
@@ -429,7 +429,8 @@ def scale_by_layerwise_step_size(
       (measured, averaged, fallback or reused steps; a trust ratio as in
       LARS; layers with ``theta_l = 0`` get only ``max_step``). ``None``
       here, the paper's rule; :func:`layerwise_sgd` and
-      :func:`layerwise_adamw` default to 0.01. A ``scale`` after this
+      :func:`layerwise_adamw` default to 0.01, 0.02 on the layers their
+      input factor preconditions. A ``scale`` after this
       transform multiplies the move too.
       ``max_step`` bounds ``alpha_l``, not how far a layer moves: when the
       model's curvature along ``d_l`` is tiny (e.g. a ReLU layer whose
@@ -512,10 +513,10 @@ def _bound(max_relative_change, precondition):
     if max_relative_change != "auto":
       raise ValueError("max_relative_change must be a number, None or "
                        f"'auto', got {max_relative_change!r}.")
-    if precondition == "auto":
-      return _BoundWhereTapped(tapped=AUTO_BOUNDS["inputs"],
-                               plain=AUTO_BOUNDS[None])
-    return AUTO_BOUNDS[precondition]
+    if precondition is None:
+      return AUTO_BOUNDS[None]
+    return _BoundWhereTapped(tapped=AUTO_BOUNDS["inputs"],
+                             plain=AUTO_BOUNDS[None])
   return max_relative_change
 
 
@@ -528,8 +529,8 @@ def _preconditioned(name: str, precondition, direction: tuple, axis_name):
     direction = (_input_factor.precondition_by_inputs(axis_name=axis_name),
                  ) + direction
   elif precondition == "auto":
-    direction = (_input_factor.precondition_where_tapped(
-        axis_name, transform=_NAME),) + direction
+    direction = (_input_factor.precondition_where_tapped(  # errors name
+        axis_name, transform=_NAME),) + direction  # the stage, as the rest
   return optax.chain(*direction)
 
 
@@ -551,7 +552,9 @@ _SHARED_ARGS_DOC = """    precondition: ``"auto"`` (default), ``"inputs"`` or ``
       same on the layers a tapped pass sees (Flax ``Dense``, ``Conv``,
       ``DenseGeneral``, :func:`optax_layerwise.dense`, ...; see
       :func:`optax_layerwise.kbfgs_coverage`) and the paper's direction on
-      the others (e.g. plain ``x @ w``, norm scales, embeddings).
+      the others (e.g. plain ``x @ w``, norm scales, embeddings); a call
+      the tap cannot read (one kernel with two biases) leaves every layer
+      unpreconditioned, with a warning.
     estimator: ``"exact"``, ``"hutchinson"`` (the paper's) or ``"row"`` (see
       :func:`scale_by_layerwise_step_size`, which documents every argument
       below). ``None``: ``"exact"``, or ``"hutchinson"`` when ``num_probes``
@@ -573,8 +576,8 @@ _SHARED_ARGS_DOC = """    precondition: ``"auto"`` (default), ``"inputs"`` or ``
     max_step: upper clip of each per-layer step.
     max_relative_change: bounds each layer's displacement,
       ``alpha_l ||d_l|| <= max_relative_change * ||theta_l||``; ``"auto"``
-      (default): 0.02 on a preconditioned layer, 0.01 on the others (with
-      ``precondition="auto"``, decided layer by layer); ``None`` for
+      (default): 0.02 on a layer preconditioned by ``H_a`` (every leaf of
+      it), 0.01 on the others, decided while tracing; ``None`` for
       the paper's rule alone. Without it, accurate curvature estimates
       diverged on a deep ReLU autoencoder (docs/step_sizes.md).
     initial_step: a layer's step until it has an accepted measurement.

@@ -92,6 +92,13 @@ _CONTEXTS: list = []
 _PATCH_LOCK = threading.RLock()
 
 
+class UntappableLayer(ValueError):
+  """A layer call the tap cannot read (a kernel shared with another bias,
+  outputs that do not match the kernel's guessed axes, a kernel both
+  scanned and called directly): K-BFGS and ``precondition="inputs"`` raise
+  it; the aliases' ``precondition="auto"`` skips the input factor."""
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["input_mean", "input_second_moment", "output_mean",
@@ -320,7 +327,7 @@ class _Context:
     if rec is None:
       rec = self.records[index] = _Record(index, bias_index, kind)
     elif rec.bias_index != bias_index:
-      raise ValueError(
+      raise UntappableLayer(
           "A layer was called several times with different biases "
           f"(leaf {index}); give each call its own layer.")
     positions = math.prod(y.shape[1:y.ndim - call.out_axes])
@@ -368,7 +375,7 @@ class _Context:
       how = (f"({stacked}, number of contracted axes): it is a stack of "
              f"{self.shapes[index][:stacked]} layers scanned by nn.scan"
              if stacked else "the number of contracted leading kernel axes")
-      raise ValueError(
+      raise UntappableLayer(
           f"The layer with kernel leaf {index} (shape {self.shapes[index]}) "
           f"was called with {math.prod(out_shape)} outputs per row, but "
           f"{d_out} were expected from the params: its kernel's axes were "
@@ -874,7 +881,7 @@ def _nested_tap(info: _Nested, shadow_ct, direct: Optional[DenseTap],
   scanned stack), combined with its direct calls if any."""
   if direct is not None:
     if info.stack:
-      raise ValueError(
+      raise UntappableLayer(
           f"The kernel {jax.tree_util.keystr(path)} is called both as a "
           "scanned stack and directly; give each use its own layer.")
     shadow_ct = shadow_ct + _as_sums(direct, info.layout, shadow_ct.dtype)

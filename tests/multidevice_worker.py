@@ -184,17 +184,15 @@ def make_transforms(axis_name) -> Dict[str, optax.GradientTransformation]:
       "layerwise_sgd_exact_fd": olw.layerwise_sgd(
           estimator="exact", hvp="gradient_difference", axis_name=axis_name),
       "kbfgs_tangent": olw.kbfgs(0.1, pair="tangent", axis_name=axis_name),
-      # A averaged over the devices (refreshed at step 0).
-      "layerwise_adamw_inputs": olw.layerwise_adamw(
-          precondition="inputs", axis_name=axis_name),
       "kbfgs_scan_lstm": olw.kbfgs(0.1, axis_name=axis_name, **ROWS),
   }
 
 
 MAIN = ("layerwise_sgd", "layerwise_adamw", "cblr", "mclr", "kbfgs",
         "kbfgs_l3")
-EXTRA = ("layerwise_sgd_exact_fd", "kbfgs_tangent",
-         "layerwise_adamw_inputs")
+# The layer-wise aliases of MAIN precondition by the input factor (their
+# default, precondition="auto"): A averaged over the devices.
+EXTRA = ("layerwise_sgd_exact_fd", "kbfgs_tangent")
 # Sharded params (FSDP-style) for a subset: one of each family.
 FSDP = ("layerwise_adamw", "mclr", "kbfgs_l3")
 
