@@ -29,7 +29,11 @@ Methods: ``kbfgs`` = ``olw.kbfgs()`` (nothing passed, nothing tuned),
 ``kbfgs-l`` = ``olw.kbfgs(memory_size=p)`` (``--kbfgs-memory``, 0 leaves it
 out), ``adamw`` = ``optax.adamw(lr)`` (weight decay 1e-4, Optax's default)
 over ``--adamw-grid``; the grid point with the lowest final training loss
-is "tuned AdamW", whose final loss is the target.
+is "tuned AdamW", whose final loss is the target. On request (not run by
+default): ``layerwise-adamw``, ``layerwise-sgd`` (the aliases' defaults,
+no learning rate) and ``layerwise-adamw-plain``, ``layerwise-sgd-plain``
+(``precondition=None``), e.g.
+``--methods adamw,layerwise-adamw,layerwise-adamw-plain``.
 
 Reported per model and method (:mod:`benchmarks.runner` trains and
 summarises; nothing here re-implements it):
@@ -107,15 +111,22 @@ QUICK = dict(cnn_train=512, cnn_test=256, cnn_epochs=2, cnn_channels=(4, 8),
              timing_rounds=2, timing_calls=2, cnn_evals=1, lm_evals=1)
 
 
+#: The layer-wise aliases this benchmark can also run (``--methods``).
+LAYERWISE = ("layerwise-adamw", "layerwise-sgd", "layerwise-adamw-plain",
+             "layerwise-sgd-plain")
+
+
 def registry(kbfgs_memory: int) -> Dict[str, Method]:
   """AdamW and K-BFGS at its defaults (nothing passed: a change of the
-  library's defaults is what runs), plus K-BFGS(L) with memory ``p``."""
+  library's defaults is what runs), plus K-BFGS(L) with memory ``p``, and
+  on request the layer-wise aliases (:mod:`benchmarks.methods`' rows)."""
   base = methods_lib.registry()
   out = {
       "adamw": dataclasses.replace(base["adamw"], label="AdamW",
                                    make=optax.adamw, lr_grid=ADAMW_GRID),
       "kbfgs": Method("kbfgs", "K-BFGS (defaults)", lambda lr: olw.kbfgs()),
   }
+  out.update({name: base[name] for name in LAYERWISE})
   if kbfgs_memory:
     out["kbfgs-l"] = Method(
         "kbfgs-l", f"K-BFGS(L) (memory {kbfgs_memory})",
@@ -588,6 +599,11 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
     raise SystemExit(f"error: unknown model(s) {unknown}; choose from "
                      f"{list(MODELS)}")
   s.methods = csv_list(args.methods)
+  known = registry(s.kbfgs_memory)
+  unknown = [m for m in s.methods if m not in known]
+  if unknown:
+    raise SystemExit(f"error: unknown method(s) {unknown}; choose from "
+                     f"{list(known)}")
   s.progress = not args.no_progress
   return s
 

@@ -189,24 +189,25 @@ def _precondition(updates, specs, factors, inverses, tapped):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _tapped_kernels(cfg: _Config, value_fn, params) -> tuple:
+def _tapped_kernels(value_fn, params, select, *, strict: bool,
+                    name: str) -> tuple:
   """``(specs, kernel indices a tapped pass sees)``, known while tracing
-  (:func:`jax.eval_shape`). No tapped layer raises, unless
-  ``require_layer=False``; so does a call the tap cannot read, which then
-  leaves every layer unpreconditioned, with a warning."""
-  specs = _layer_kinds.find_kernels(params, cfg.select)
+  (:func:`jax.eval_shape`). ``strict``: no tapped layer raises, and so does
+  a call the tap cannot read; else that call leaves every layer
+  unpreconditioned, with a warning."""
+  specs = _layer_kinds.find_kernels(params, select)
   try:
-    _, traced = _coverage.traced_taps(value_fn, params, cfg.select)
+    _, traced = _coverage.traced_taps(value_fn, params, select)
   except _taps.UntappableLayer as err:
-    if cfg.require_layer:
+    if strict:
       raise
     warnings.warn(
-        f"{cfg.name}: precondition='auto' preconditions no layer of this "
+        f"{name}: precondition='auto' preconditions no layer of this "
         f"model: {err} Pass precondition=None to silence this warning.",
         stacklevel=2)
     return specs, frozenset()
-  if not traced.layers and cfg.require_layer:
-    raise _taps.no_tappable_layer_error(cfg.name, traced.num_untapped_calls)
+  if not traced.layers and strict:
+    raise _taps.no_tappable_layer_error(name, traced.num_untapped_calls)
   return specs, frozenset(traced.layers)
 
 
@@ -214,12 +215,10 @@ def tapped_leaves(value_fn, params) -> frozenset:
   """Flatten-order indices of the kernels and biases that
   :func:`precondition_where_tapped` multiplies by ``H_a`` (empty where it
   preconditions nothing): the aliases' per-layer bound reads them."""
-  cfg = _Config(sqrt_damping=None, stat_decay=None, update_interval=None,
-                block_size=None, select=None, axis_name=None,
-                require_layer=False)
   with warnings.catch_warnings():  # warned once, by the preconditioner
     warnings.simplefilter("ignore")
-    specs, tapped = _tapped_kernels(cfg, value_fn, params)
+    specs, tapped = _tapped_kernels(value_fn, params, None, strict=False,
+                                    name=_NAME)
   return frozenset(
       index for s in specs if s.kernel_index in tapped
       for index in (s.kernel_index, s.bias_index) if index is not None)
@@ -229,18 +228,19 @@ def _update(cfg: _Config, updates, state, params, value_fn):
   value_fn = _checks.checked_value_fn(
       _checks.require_value_fn(value_fn, transform=cfg.name), cfg.name)
   _layers.check_params(params, transform=cfg.name)
-  specs, tapped = _tapped_kernels(cfg, value_fn, params)
+  specs, tapped = _tapped_kernels(value_fn, params, cfg.select,
+                                  strict=cfg.require_layer, name=cfg.name)
   if len(specs) != len(state.factors):
     raise ValueError(
         f"{cfg.name}: the params have {len(specs)} layers but the state was "
         f"initialised for {len(state.factors)}; call init with these params.")
   if not tapped:
     return updates, state._replace(count=state.count + 1)
-  factors, inverses, num_skipped_refreshes = _factors(cfg, value_fn, params, specs,
-                                                state, updates)
+  factors, inverses, num_skipped = _factors(cfg, value_fn, params, specs,
+                                            state, updates)
   new_state = PreconditionByInputsState(
       count=state.count + 1, factors=factors, inverses=inverses,
-      num_skipped_refreshes=num_skipped_refreshes)
+      num_skipped_refreshes=num_skipped)
   return (_precondition(updates, specs, factors, inverses, tapped),
           new_state)
 

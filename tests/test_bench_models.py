@@ -36,3 +36,13 @@ def test_state_memory_formula_matches_init(model):
   for name in ("kbfgs", "kbfgs-l"):
     m = report["methods"][name]
     assert m["formula"]["bytes"] == m["state_bytes"], (name, m)
+
+
+def test_settings_reject_an_unknown_method_and_accept_the_aliases():
+  """A typo in ``--methods`` stops the run with the known names instead of
+  training nothing for it; the layer-wise aliases are known."""
+  parse = km.build_parser().parse_args
+  with pytest.raises(SystemExit, match="unknown method.*layerwise-adam'"):
+    km.settings(parse(["--methods", "adamw,layerwise-adam"]))
+  s = km.settings(parse(["--methods", "adamw,layerwise-adamw-plain"]))
+  assert s.methods == ["adamw", "layerwise-adamw-plain"]

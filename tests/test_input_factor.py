@@ -261,7 +261,8 @@ def test_a_skipped_step_keeps_the_factors_and_the_next_step_refreshes():
   # float32 factors from the batch's activations, against float64 NumPy.
   for a, want in zip(pre(after).factors, _numpy_factors(params, xs[0])):
     np.testing.assert_allclose(a[0], want, rtol=1e-5, atol=1e-5)
-  assert int(pre(after).count) == 1 and int(pre(after).num_skipped_refreshes) == 0
+  assert int(pre(after).count) == 1
+  assert int(pre(after).num_skipped_refreshes) == 0
 
 
 def _gained_problem(key, dtype=jnp.float32):
