@@ -46,3 +46,6 @@ def test_settings_reject_an_unknown_method_and_accept_the_aliases():
     km.settings(parse(["--methods", "adamw,layerwise-adam"]))
   s = km.settings(parse(["--methods", "adamw,layerwise-adamw-plain"]))
   assert s.methods == ["adamw", "layerwise-adamw-plain"]
+  # Their curvature every 40 steps is inside each timing round.
+  assert s.timing_calls == 40
+  assert km.settings(parse(["--methods", "adamw,kbfgs"])).timing_calls == 3
