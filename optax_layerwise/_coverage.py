@@ -63,14 +63,12 @@ _NOT_A_KERNEL = ("not a kernel (a bias without a preconditioned kernel, a "
                  "norm scale, an embedding or another non-matrix leaf)")
 
 
-def traced_taps(value_fn, params, dense_layers) -> tuple:
-  """``(specs, taps)``: the candidate kernels and one tapped pass traced
-  with :func:`jax.eval_shape` (shapes only; fine inside ``jax.jit``)."""
-  specs = _layer_kinds.find_kernels(params, dense_layers)
-  result = jax.eval_shape(lambda p: _taps.tap_dense_layers(
+def traced_taps(value_fn, params, specs) -> _taps.TapResult:
+  """One tapped pass of the candidate kernels ``specs``, traced with
+  :func:`jax.eval_shape` (shapes only; fine inside ``jax.jit``)."""
+  return jax.eval_shape(lambda p: _taps.tap_dense_layers(
       value_fn, p, kernels={s.kernel_index: s.d_out for s in specs},
       second_moment=False, with_grads=False), params)
-  return specs, result
 
 
 def kbfgs_coverage(value_fn: Callable[[PyTree], Any], params: PyTree, *,
@@ -102,7 +100,8 @@ def kbfgs_coverage(value_fn: Callable[[PyTree], Any], params: PyTree, *,
     >>> round(report.fraction, 3)
     0.936
   """
-  specs, result = traced_taps(value_fn, params, dense_layers)
+  specs = _layer_kinds.find_kernels(params, dense_layers)
+  result = traced_taps(value_fn, params, specs)
   reasons = dict(result.unsupported)
   kinds = {}
   for spec in specs:

@@ -197,7 +197,7 @@ def _tapped_kernels(value_fn, params, select, *, strict: bool,
   unpreconditioned, with a warning."""
   specs = _layer_kinds.find_kernels(params, select)
   try:
-    _, traced = _coverage.traced_taps(value_fn, params, select)
+    traced = _coverage.traced_taps(value_fn, params, specs)
   except _taps.UntappableLayer as err:
     if strict:
       raise
